@@ -1,0 +1,86 @@
+//! Connections: parsing `DATABASE_URL`, building the connection pool, and
+//! opening the few dedicated (non-pooled) connections the engine needs
+//! (migration lock, LISTEN). Passwords never leave this module in any
+//! message: use [`describe`] to name a database in logs.
+
+use crate::error::{Error, Kind, Result};
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use std::str::FromStr;
+use std::time::Duration;
+use tokio_postgres::config::Host;
+use tokio_postgres::{Client, NoTls};
+
+/// Default maximum number of pooled connections (see docs/performance.md).
+pub const DEFAULT_POOL_SIZE: usize = 16;
+
+/// Parses a `postgres://…` URL or a `key=value` connection string.
+pub fn parse_url(url: &str) -> Result<tokio_postgres::Config> {
+    let mut config = tokio_postgres::Config::from_str(url).map_err(|e| {
+        // The parser's message never echoes the URL, so no password leaks.
+        Error::config(format!(
+            "invalid DATABASE_URL ({e}): expected postgres://USER:PASSWORD@HOST:5432/DBNAME \
+             or key=value form such as \"host=localhost user=postgres dbname=app\""
+        ))
+    })?;
+    if config.get_hosts().is_empty() {
+        return Err(Error::config(
+            "DATABASE_URL names no host: add one, e.g. postgres://postgres@localhost:5432/app",
+        ));
+    }
+    if config.get_connect_timeout().is_none() {
+        config.connect_timeout(Duration::from_secs(10));
+    }
+    if config.get_application_name().is_none() {
+        config.application_name("projectionist");
+    }
+    Ok(config)
+}
+
+/// Names a database for messages and logs: `user@host:port/dbname`, never
+/// the password.
+pub fn describe(config: &tokio_postgres::Config) -> String {
+    let host = match config.get_hosts().first() {
+        Some(Host::Tcp(h)) => h.clone(),
+        Some(Host::Unix(p)) => p.display().to_string(),
+        None => "?".to_owned(),
+    };
+    let port = config.get_ports().first().copied().unwrap_or(5432);
+    format!(
+        "{}@{}:{}/{}",
+        config.get_user().unwrap_or("?"),
+        host,
+        port,
+        config.get_dbname().unwrap_or("?")
+    )
+}
+
+/// Builds a pool of at most `size` connections. Connections are opened
+/// lazily, on first use.
+pub fn pool(config: &tokio_postgres::Config, size: usize) -> Result<Pool> {
+    let manager = Manager::from_config(
+        config.clone(),
+        NoTls,
+        ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        },
+    );
+    Pool::builder(manager)
+        .max_size(size.max(1))
+        .runtime(deadpool_postgres::Runtime::Tokio1)
+        .build()
+        .map_err(|e| Error::new(Kind::Other, format!("cannot build the connection pool: {e}")))
+}
+
+/// Opens a dedicated connection and drives it on a background task. The
+/// task ends when the returned client is dropped.
+pub async fn connect_dedicated(config: &tokio_postgres::Config) -> Result<Client> {
+    let (client, connection) = config.connect(NoTls).await.map_err(|e| {
+        Error::from(e).context(format!("cannot connect to {}", describe(config)))
+    })?;
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::debug!(error = %e, "dedicated connection closed");
+        }
+    });
+    Ok(client)
+}

@@ -1,0 +1,260 @@
+//! The crate's error type: opaque, with predicates instead of a public enum.
+//!
+//! Every error a user can cause carries a message that names the cause and
+//! the fix. Callers branch on predicates (`is_conflict()`, `is_retryable()`,
+//! …) so that new failure kinds can be added without breaking them.
+
+use std::error::Error as StdError;
+use std::fmt;
+
+type BoxError = Box<dyn StdError + Send + Sync + 'static>;
+
+/// The error type of every fallible projectionist operation.
+pub struct Error {
+    kind: Kind,
+    message: String,
+    source: Option<BoxError>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Kind {
+    /// Expected-version mismatch or per-stream order violation on append.
+    Conflict,
+    /// An event with this event_id already exists.
+    DuplicateEvent,
+    /// Bad configuration or input (usage error).
+    Config,
+    /// The schema has not been migrated.
+    NotMigrated,
+    /// A payload could not be encoded or decoded.
+    Payload,
+    /// A projection handler failed.
+    Handler,
+    /// The checkpoint moved under us: another runner owns this slot.
+    Fenced,
+    /// The database refused or failed a statement.
+    Database,
+    /// The database could not be reached (connection refused, closed, pool).
+    Connection,
+    /// Anything else (I/O, signals).
+    Other,
+}
+
+impl Error {
+    pub(crate) fn new(kind: Kind, message: impl Into<String>) -> Error {
+        Error {
+            kind,
+            message: message.into(),
+            source: None,
+        }
+    }
+
+    pub(crate) fn with_source(mut self, source: impl Into<BoxError>) -> Error {
+        self.source = Some(source.into());
+        self
+    }
+
+    pub(crate) fn kind(&self) -> Kind {
+        self.kind
+    }
+
+    pub(crate) fn config(message: impl Into<String>) -> Error {
+        Error::new(Kind::Config, message)
+    }
+
+    pub(crate) fn fenced(message: impl Into<String>) -> Error {
+        Error::new(Kind::Fenced, message)
+    }
+
+    /// Wraps an error raised by a projection handler (or any code a user
+    /// runs inside the engine) so that it can be returned from a handler.
+    pub fn handler(error: impl Into<BoxError>) -> Error {
+        let source: BoxError = error.into();
+        Error {
+            kind: Kind::Handler,
+            message: source.to_string(),
+            source: Some(source),
+        }
+    }
+
+    /// A handler error from a message alone.
+    pub fn handler_msg(message: impl Into<String>) -> Error {
+        Error::new(Kind::Handler, message)
+    }
+
+    /// Prefixes the message with context (e.g. which projection failed).
+    pub fn context(mut self, context: impl fmt::Display) -> Error {
+        self.message = format!("{context}: {}", self.message);
+        self
+    }
+
+    /// An append found the stream at another version than expected, or the
+    /// stream's head was written by a newer transaction (see DESIGN §2.2).
+    /// Re-read the stream and retry.
+    pub fn is_conflict(&self) -> bool {
+        self.kind == Kind::Conflict
+    }
+
+    /// An event with the same `event_id` is already stored.
+    pub fn is_duplicate_event(&self) -> bool {
+        self.kind == Kind::DuplicateEvent
+    }
+
+    /// Bad configuration or input: fix the input, retrying will not help.
+    pub fn is_config(&self) -> bool {
+        matches!(self.kind, Kind::Config | Kind::NotMigrated)
+    }
+
+    /// The tables do not exist: run `migrate` first.
+    pub fn is_not_migrated(&self) -> bool {
+        self.kind == Kind::NotMigrated
+    }
+
+    /// A payload could not be (de)serialised.
+    pub fn is_payload(&self) -> bool {
+        self.kind == Kind::Payload
+    }
+
+    /// A projection handler returned this error.
+    pub fn is_handler(&self) -> bool {
+        self.kind == Kind::Handler
+    }
+
+    /// The checkpoint compare-and-set failed: another runner advanced this
+    /// projection's cursor; this runner must stop processing the slot.
+    pub fn is_fenced(&self) -> bool {
+        self.kind == Kind::Fenced
+    }
+
+    /// The database could not be reached.
+    pub fn is_connection(&self) -> bool {
+        self.kind == Kind::Connection
+    }
+
+    /// Retrying the same operation later may succeed (conflicts,
+    /// serialization failures, deadlocks, lost connections).
+    pub fn is_retryable(&self) -> bool {
+        match self.kind {
+            Kind::Conflict | Kind::Connection => true,
+            Kind::Database => self
+                .db_code()
+                .map(|c| {
+                    matches!(c, "40001" | "40P01" | "55P03" | "57P01" | "57P02" | "57P03")
+                        || c.starts_with("08")
+                })
+                .unwrap_or(false),
+            _ => false,
+        }
+    }
+
+    /// The SQLSTATE of the underlying database error, if any.
+    pub fn db_code(&self) -> Option<&str> {
+        let mut cur: Option<&(dyn StdError + 'static)> = self.source.as_deref().map(|e| e as _);
+        while let Some(e) = cur {
+            if let Some(pg) = e.downcast_ref::<tokio_postgres::Error>() {
+                return pg.code().map(|c| c.code());
+            }
+            cur = e.source();
+        }
+        None
+    }
+}
+
+impl fmt::Debug for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut d = f.debug_struct("Error");
+        d.field("kind", &self.kind).field("message", &self.message);
+        if let Some(s) = &self.source {
+            d.field("source", s);
+        }
+        d.finish()
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl StdError for Error {
+    fn source(&self) -> Option<&(dyn StdError + 'static)> {
+        self.source.as_deref().map(|e| e as _)
+    }
+}
+
+/// Describes a database error with its server message, detail and hint.
+fn describe_db(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => {
+            let mut s = format!("{} (SQLSTATE {})", db.message(), db.code().code());
+            if let Some(d) = db.detail() {
+                s.push_str(&format!("; detail: {d}"));
+            }
+            if let Some(h) = db.hint() {
+                s.push_str(&format!("; hint: {h}"));
+            }
+            s
+        }
+        None => {
+            let mut s = e.to_string();
+            if let Some(src) = e.source() {
+                s.push_str(&format!(": {src}"));
+            }
+            s
+        }
+    }
+}
+
+impl From<tokio_postgres::Error> for Error {
+    fn from(e: tokio_postgres::Error) -> Error {
+        let code = e.code().map(|c| c.code().to_owned());
+        let (kind, message) = match code.as_deref() {
+            Some("42P01") | Some("3F000") | Some("42883") => (
+                Kind::NotMigrated,
+                format!(
+                    "the projectionist tables are missing ({}): run `migrate` first",
+                    describe_db(&e)
+                ),
+            ),
+            Some("22021") | Some("22P05") => (
+                Kind::Payload,
+                format!(
+                    "the database rejected a text or JSON value ({}): remove NUL bytes (\\u0000) from event fields and payloads",
+                    describe_db(&e)
+                ),
+            ),
+            Some(c) if c.starts_with("08") || c.starts_with("57P") => {
+                (Kind::Connection, format!("database connection lost: {}", describe_db(&e)))
+            }
+            None if e.is_closed() || e.as_db_error().is_none() => (
+                Kind::Connection,
+                format!("database connection failed: {}", describe_db(&e)),
+            ),
+            _ => (Kind::Database, format!("database error: {}", describe_db(&e))),
+        };
+        Error::new(kind, message).with_source(e)
+    }
+}
+
+impl From<deadpool_postgres::PoolError> for Error {
+    fn from(e: deadpool_postgres::PoolError) -> Error {
+        match e {
+            deadpool_postgres::PoolError::Backend(pg) => Error::from(pg),
+            other => Error::new(
+                Kind::Connection,
+                format!("could not get a database connection from the pool: {other}"),
+            )
+            .with_source(other),
+        }
+    }
+}
+
+impl From<serde_json::Error> for Error {
+    fn from(e: serde_json::Error) -> Error {
+        Error::new(Kind::Payload, format!("JSON error: {e}")).with_source(e)
+    }
+}
+
+/// A `Result` with this crate's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;

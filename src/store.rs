@@ -1,0 +1,556 @@
+//! The event store: appends (one statement, one round trip per batch),
+//! stream reads, and gap-safe reads of the whole log.
+//!
+//! Architecture invariant: appends are a single SQL statement, so an append
+//! in "its own transaction" is an autocommit statement, and an append in a
+//! caller's transaction adds exactly one statement to it.
+
+use crate::db;
+use crate::error::{Error, Kind, Result};
+use crate::event::{Cursor, NewEvent, StoredEvent, Xid8};
+use crate::ident::Ident;
+use deadpool_postgres::Pool;
+use std::sync::Arc;
+use tokio_postgres::types::{ToSql, Type};
+use tokio_postgres::GenericClient;
+use uuid::Uuid;
+
+/// What the writer expects the stream's current version to be.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExpectedVersion {
+    /// Append whatever the stream's version (still subject to the
+    /// per-stream order rule).
+    Any,
+    /// The stream must not exist yet.
+    NoStream,
+    /// The stream's last version must be exactly this.
+    Exact(i64),
+}
+
+impl ExpectedVersion {
+    fn as_param(self) -> Option<i64> {
+        match self {
+            ExpectedVersion::Any => None,
+            ExpectedVersion::NoStream => Some(0),
+            ExpectedVersion::Exact(v) => Some(v),
+        }
+    }
+}
+
+/// What an append wrote.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AppendResult {
+    /// Global position of the first appended event.
+    pub first_position: i64,
+    /// Global position of the last appended event.
+    pub last_position: i64,
+    /// The stream's version after the append (pass it as the next
+    /// `ExpectedVersion::Exact`).
+    pub stream_version: i64,
+    /// The appending transaction's id.
+    pub transaction_id: u64,
+}
+
+/// A page of a gap-safe read of the whole log.
+#[derive(Clone, Debug)]
+pub struct ReadBatch {
+    /// Events after the cursor, in `(transaction_id, global_position)` order.
+    pub events: Vec<StoredEvent>,
+    /// Where to resume. When the page is not full it lies past every
+    /// transaction older than the snapshot's watermark, even if no event
+    /// was returned, so a reader never rescans what it has seen.
+    pub next_cursor: Cursor,
+    /// The watermark: the oldest transaction still running when the page
+    /// was read; nothing at or after it was returned.
+    pub watermark: u64,
+    /// The highest global position in the log at read time (0 when empty).
+    pub head: i64,
+}
+
+/// Options for an [`EventStore`], with documented defaults.
+#[derive(Clone, Debug)]
+pub struct StoreConfig {
+    pub(crate) schema: Ident,
+    pub(crate) notify_channel: Option<Ident>,
+    pub(crate) pool_size: usize,
+}
+
+impl Default for StoreConfig {
+    fn default() -> StoreConfig {
+        StoreConfig {
+            schema: Ident::new("schema", "public").unwrap_or_else(|_| unreachable!()),
+            notify_channel: None,
+            pool_size: db::DEFAULT_POOL_SIZE,
+        }
+    }
+}
+
+impl StoreConfig {
+    /// The PostgreSQL schema holding the tables. Default: `public`.
+    pub fn schema(mut self, schema: &str) -> Result<StoreConfig> {
+        self.schema = Ident::new("schema", schema)?;
+        Ok(self)
+    }
+
+    /// NOTIFY this channel in every append's transaction, so `notify`
+    /// dispatchers wake at once. Default: none (set it to
+    /// [`DEFAULT_NOTIFY_CHANNEL`] when projections use the notify dispatcher).
+    pub fn notify_channel(mut self, channel: Option<&str>) -> Result<StoreConfig> {
+        self.notify_channel = channel
+            .map(|c| Ident::new("NOTIFY channel", c))
+            .transpose()?;
+        Ok(self)
+    }
+
+    /// Maximum pooled connections when the store builds its own pool.
+    /// Default: 16.
+    pub fn pool_size(mut self, size: usize) -> StoreConfig {
+        self.pool_size = size;
+        self
+    }
+}
+
+/// The NOTIFY channel used when none is configured: `projectionist_events`.
+pub const DEFAULT_NOTIFY_CHANNEL: &str = "projectionist_events";
+
+/// SQL text for one schema, built once.
+#[derive(Debug)]
+pub(crate) struct Statements {
+    pub(crate) events: String,
+    pub(crate) checkpoints: String,
+    pub(crate) partition_fn: String,
+    append: String,
+    read_stream: String,
+    read_all: String,
+    head: String,
+}
+
+impl Statements {
+    pub(crate) fn new(schema: &Ident, notify: bool) -> Statements {
+        let s = schema.quoted();
+        let events = format!("{s}.events");
+        let checkpoints = format!("{s}.projection_checkpoints");
+        let partition_fn = format!("{s}.projectionist_partition");
+        let notify_col = if notify {
+            ", CASE WHEN count(*) > 0 THEN pg_notify($9, max(global_position)::text)::text END"
+        } else {
+            ""
+        };
+        let append = format!(
+            "WITH head AS ( \
+                SELECT aggregate_version AS v, transaction_id AS tx FROM {events} \
+                WHERE aggregate_type = $1 AND aggregate_id = $2 \
+                ORDER BY aggregate_version DESC LIMIT 1 \
+             ), base AS ( \
+                SELECT coalesce((SELECT v FROM head), 0) AS v \
+                WHERE ($3::bigint IS NULL OR coalesce((SELECT v FROM head), 0) = $3::bigint) \
+                  AND coalesce((SELECT tx FROM head) <= pg_current_xact_id(), true) \
+             ), ins AS ( \
+                INSERT INTO {events} (event_id, aggregate_type, aggregate_id, aggregate_version, \
+                                      event_type, event_version, payload, metadata) \
+                SELECT e.event_id, $1, $2, base.v + e.n, e.event_type, e.event_version, \
+                       e.payload::jsonb, e.metadata::jsonb \
+                FROM base, unnest($4::uuid[], $5::text[], $6::int4[], $7::text[], $8::text[]) \
+                     WITH ORDINALITY AS e(event_id, event_type, event_version, payload, metadata, n) \
+                ORDER BY e.n \
+                RETURNING global_position, aggregate_version \
+             ) \
+             SELECT count(*), coalesce(min(global_position), 0), coalesce(max(global_position), 0), \
+                    coalesce(max(aggregate_version), 0), pg_current_xact_id(){notify_col} \
+             FROM ins"
+        );
+        let cols = StoredEvent::COLUMNS;
+        let read_stream = format!(
+            "SELECT {cols} FROM {events} \
+             WHERE aggregate_type = $1 AND aggregate_id = $2 AND aggregate_version >= $3 \
+             ORDER BY aggregate_version LIMIT $4"
+        );
+        let read_all = gap_safe_query(&events, &partition_fn, &ReadFilter::default());
+        let head = format!(
+            "SELECT coalesce((SELECT max(global_position) FROM {events}), 0), \
+                    pg_snapshot_xmin(pg_current_snapshot())"
+        );
+        Statements {
+            events,
+            checkpoints,
+            partition_fn,
+            append,
+            read_stream,
+            read_all,
+            head,
+        }
+    }
+
+    pub(crate) fn head(&self) -> &str {
+        &self.head
+    }
+}
+
+/// Which events a gap-safe read returns (built into the SQL text, so the
+/// database filters; parameters from `$4` on).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(crate) struct ReadFilter {
+    pub(crate) aggregate_types: Vec<String>,
+    pub(crate) event_types: Vec<String>,
+    /// `(partition, total_partitions)`.
+    pub(crate) partition: Option<(i32, i32)>,
+}
+
+impl ReadFilter {
+    /// The bind parameters `$4…` in the order [`gap_safe_query`] numbers them.
+    pub(crate) fn params(&self) -> Vec<&(dyn ToSql + Sync)> {
+        let mut p: Vec<&(dyn ToSql + Sync)> = Vec::new();
+        if !self.aggregate_types.is_empty() {
+            p.push(&self.aggregate_types);
+        }
+        if !self.event_types.is_empty() {
+            p.push(&self.event_types);
+        }
+        if let Some((k, n)) = &self.partition {
+            p.push(k);
+            p.push(n);
+        }
+        p
+    }
+}
+
+/// The gap-safe page query: `$1` cursor transaction id, `$2` cursor
+/// position, `$3` limit, then the filter's parameters. Returns the
+/// watermark and head in columns 0 and 1 of every row (one row with null
+/// event columns when no event qualifies), the event columns from 2 on.
+pub(crate) fn gap_safe_query(events: &str, partition_fn: &str, filter: &ReadFilter) -> String {
+    let mut conds = String::new();
+    let mut n = 3;
+    if !filter.aggregate_types.is_empty() {
+        n += 1;
+        conds.push_str(&format!(" AND e.aggregate_type = ANY(${n}::text[])"));
+    }
+    if !filter.event_types.is_empty() {
+        n += 1;
+        conds.push_str(&format!(" AND e.event_type = ANY(${n}::text[])"));
+    }
+    if filter.partition.is_some() {
+        conds.push_str(&format!(
+            " AND {partition_fn}(e.aggregate_id, ${}::int4) = ${}::int4",
+            n + 2,
+            n + 1
+        ));
+    }
+    let cols = StoredEvent::COLUMNS
+        .split(", ")
+        .map(|c| format!("e.{c}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!(
+        "SELECT w.xmin, w.head, {cols} \
+         FROM (SELECT pg_snapshot_xmin(pg_current_snapshot()) AS xmin, \
+                      coalesce((SELECT max(global_position) FROM {events}), 0) AS head) w \
+         LEFT JOIN LATERAL ( \
+            SELECT * FROM {events} e \
+            WHERE (e.transaction_id, e.global_position) > ($1::xid8, $2::int8) \
+              AND e.transaction_id < w.xmin{conds} \
+            ORDER BY e.transaction_id, e.global_position \
+            LIMIT $3 \
+         ) e ON true"
+    )
+}
+
+/// Decodes the rows of a [`gap_safe_query`] into a page.
+pub(crate) fn decode_page(rows: &[tokio_postgres::Row], after: Cursor, limit: i64) -> Result<ReadBatch> {
+    let first = rows
+        .first()
+        .ok_or_else(|| Error::new(Kind::Other, "the gap-safe read returned no watermark row"))?;
+    let watermark = first.try_get::<_, Xid8>(0)?.0;
+    let head: i64 = first.try_get(1)?;
+    let mut events = Vec::with_capacity(rows.len());
+    for row in rows {
+        if row.try_get::<_, Option<i64>>(2)?.is_none() {
+            continue;
+        }
+        events.push(StoredEvent::from_row_at(row, 2)?);
+    }
+    let last = events.last().map(StoredEvent::cursor).unwrap_or(after);
+    let next_cursor = if (events.len() as i64) < limit {
+        last.max(Cursor::below_watermark(watermark)).max(after)
+    } else {
+        last
+    };
+    Ok(ReadBatch {
+        events,
+        next_cursor,
+        watermark,
+        head,
+    })
+}
+
+/// The event store. Cheap to clone; all clones share one pool.
+#[derive(Clone)]
+pub struct EventStore {
+    pool: Pool,
+    config: StoreConfig,
+    sql: Arc<Statements>,
+}
+
+impl std::fmt::Debug for EventStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EventStore").field("config", &self.config).finish()
+    }
+}
+
+impl EventStore {
+    /// Connects to `database_url` with the default [`StoreConfig`].
+    pub fn connect(database_url: &str) -> Result<EventStore> {
+        EventStore::connect_with(database_url, StoreConfig::default())
+    }
+
+    /// Connects to `database_url` (connections open lazily, on first use).
+    pub fn connect_with(database_url: &str, config: StoreConfig) -> Result<EventStore> {
+        let pg = db::parse_url(database_url)?;
+        let pool = db::pool(&pg, config.pool_size)?;
+        Ok(EventStore::with_pool(pool, config))
+    }
+
+    /// Uses an existing pool.
+    pub fn with_pool(pool: Pool, config: StoreConfig) -> EventStore {
+        let sql = Arc::new(Statements::new(&config.schema, config.notify_channel.is_some()));
+        EventStore { pool, config, sql }
+    }
+
+    /// The connection pool (shared with projections run on this store).
+    pub fn pool(&self) -> &Pool {
+        &self.pool
+    }
+
+    /// The store's configuration.
+    pub fn config(&self) -> &StoreConfig {
+        &self.config
+    }
+
+    pub(crate) fn statements(&self) -> &Arc<Statements> {
+        &self.sql
+    }
+
+    /// Appends `events` to the stream `(aggregate_type, aggregate_id)` in
+    /// one autocommit statement. See [`EventStore::append_in`].
+    pub async fn append(
+        &self,
+        aggregate_type: &str,
+        aggregate_id: &str,
+        expected: ExpectedVersion,
+        events: &[NewEvent],
+    ) -> Result<AppendResult> {
+        let client = self.pool.get().await?;
+        let stmt = client.prepare_cached(&self.sql.append).await?;
+        self.append_on(&**client, Some(&stmt), aggregate_type, aggregate_id, expected, events)
+            .await
+    }
+
+    /// Appends `events` in the caller's transaction (or on any client), as
+    /// one multi-row statement: one round trip for the whole batch.
+    ///
+    /// Fails with [`Error::is_conflict`] when the stream is not at the
+    /// expected version, or when its head was written by a transaction newer
+    /// than this one (which would break per-stream order for readers; retry
+    /// in a new transaction), and with [`Error::is_duplicate_event`] when
+    /// an `event_id` is already stored.
+    pub async fn append_in<C: GenericClient>(
+        &self,
+        client: &C,
+        aggregate_type: &str,
+        aggregate_id: &str,
+        expected: ExpectedVersion,
+        events: &[NewEvent],
+    ) -> Result<AppendResult> {
+        self.append_on(client, None, aggregate_type, aggregate_id, expected, events)
+            .await
+    }
+
+    /// Runs the append statement: prepared when `stmt` is given, otherwise
+    /// as a typed unnamed statement (still one round trip).
+    async fn append_on<C: GenericClient>(
+        &self,
+        client: &C,
+        stmt: Option<&tokio_postgres::Statement>,
+        aggregate_type: &str,
+        aggregate_id: &str,
+        expected: ExpectedVersion,
+        events: &[NewEvent],
+    ) -> Result<AppendResult> {
+        if events.is_empty() {
+            return Err(Error::config("append called with no events: pass at least one"));
+        }
+        let expected_param = expected.as_param();
+        let ids: Vec<Uuid> = events.iter().map(|e| e.event_id).collect();
+        let types: Vec<&str> = events.iter().map(|e| e.event_type.as_str()).collect();
+        let versions: Vec<i32> = events.iter().map(|e| e.event_version).collect();
+        let payloads: Vec<&str> = events.iter().map(|e| e.payload.as_str()).collect();
+        let metadata: Vec<&str> = events.iter().map(|e| e.metadata.as_str()).collect();
+        let channel = self.config.notify_channel.as_ref().map(|c| c.as_str());
+        let mut params: Vec<&(dyn ToSql + Sync)> = vec![
+            &aggregate_type,
+            &aggregate_id,
+            &expected_param,
+            &ids,
+            &types,
+            &versions,
+            &payloads,
+            &metadata,
+        ];
+        if let Some(c) = &channel {
+            params.push(c);
+        }
+        let result = match stmt {
+            Some(stmt) => client.query(stmt, &params).await,
+            None => {
+                let typed: Vec<(&(dyn ToSql + Sync), Type)> = params
+                    .iter()
+                    .copied()
+                    .zip(APPEND_PARAM_TYPES.iter().cloned())
+                    .collect();
+                client.query_typed(&self.sql.append, &typed).await
+            }
+        };
+        let rows = result.map_err(|e| map_append_error(e, aggregate_type, aggregate_id))?;
+        let row = rows
+            .first()
+            .ok_or_else(|| Error::new(Kind::Other, "the append statement returned no row"))?;
+        let count: i64 = row.try_get(0)?;
+        if count == 0 {
+            return Err(self
+                .describe_conflict(client, aggregate_type, aggregate_id, expected)
+                .await);
+        }
+        Ok(AppendResult {
+            first_position: row.try_get(1)?,
+            last_position: row.try_get(2)?,
+            stream_version: row.try_get(3)?,
+            transaction_id: row.try_get::<_, Xid8>(4)?.0,
+        })
+    }
+
+    async fn describe_conflict<C: GenericClient>(
+        &self,
+        client: &C,
+        aggregate_type: &str,
+        aggregate_id: &str,
+        expected: ExpectedVersion,
+    ) -> Error {
+        let q = format!(
+            "SELECT aggregate_version FROM {} WHERE aggregate_type = $1 AND aggregate_id = $2 \
+             ORDER BY aggregate_version DESC LIMIT 1",
+            self.sql.events
+        );
+        let actual = match client.query_opt(&q, &[&aggregate_type, &aggregate_id]).await {
+            Ok(row) => row.and_then(|r| r.try_get::<_, i64>(0).ok()).unwrap_or(0),
+            Err(e) => return Error::from(e),
+        };
+        let stream = format!("{aggregate_type}/{aggregate_id}");
+        let message = match expected {
+            ExpectedVersion::Exact(v) if v != actual => format!(
+                "version conflict on stream {stream}: expected version {v}, but the stream is at version {actual}; \
+                 reload the stream and retry"
+            ),
+            ExpectedVersion::NoStream if actual != 0 => format!(
+                "version conflict on stream {stream}: expected no stream, but it exists at version {actual}; \
+                 reload the stream and retry"
+            ),
+            _ => format!(
+                "ordering conflict on stream {stream}: its head (version {actual}) was written by a transaction \
+                 newer than this one, so readers would see this append before it; retry in a new transaction"
+            ),
+        };
+        Error::new(Kind::Conflict, message)
+    }
+
+    /// Reads the stream `(aggregate_type, aggregate_id)` from `from_version`
+    /// (inclusive), at most `limit` events, in version order.
+    pub async fn read_stream(
+        &self,
+        aggregate_type: &str,
+        aggregate_id: &str,
+        from_version: i64,
+        limit: i64,
+    ) -> Result<Vec<StoredEvent>> {
+        let client = self.pool.get().await?;
+        let stmt = client.prepare_cached(&self.sql.read_stream).await?;
+        let rows = client
+            .query(&stmt, &[&aggregate_type, &aggregate_id, &from_version, &limit])
+            .await?;
+        rows.iter().map(|r| StoredEvent::from_row_at(r, 0)).collect()
+    }
+
+    /// Reads up to `limit` events after `after`, gap-safely: only events of
+    /// transactions older than every transaction still running, so an event
+    /// that commits late is never stepped over. Resume from
+    /// [`ReadBatch::next_cursor`].
+    pub async fn read_all(&self, after: Cursor, limit: i64) -> Result<ReadBatch> {
+        if limit <= 0 {
+            return Err(Error::config("read_all limit must be at least 1"));
+        }
+        let client = self.pool.get().await?;
+        let stmt = client.prepare_cached(&self.sql.read_all).await?;
+        read_page(&**client, &stmt, after, limit, &ReadFilter::default()).await
+    }
+
+    /// The highest global position and the current watermark.
+    pub async fn head(&self) -> Result<(i64, u64)> {
+        let client = self.pool.get().await?;
+        let row = client.query_one(&self.sql.head, &[]).await?;
+        Ok((row.try_get(0)?, row.try_get::<_, Xid8>(1)?.0))
+    }
+}
+
+/// Runs a gap-safe page query (prepared from [`gap_safe_query`]) on `client`.
+pub(crate) async fn read_page<C: GenericClient>(
+    client: &C,
+    stmt: &tokio_postgres::Statement,
+    after: Cursor,
+    limit: i64,
+    filter: &ReadFilter,
+) -> Result<ReadBatch> {
+    let tx = Xid8(after.transaction_id);
+    let mut params: Vec<&(dyn ToSql + Sync)> = vec![&tx, &after.global_position, &limit];
+    params.extend(filter.params());
+    let rows = client.query(stmt, &params).await?;
+    decode_page(&rows, after, limit)
+}
+
+/// Parameter types of the append statement, in order.
+const APPEND_PARAM_TYPES: [Type; 9] = [
+    Type::TEXT,
+    Type::TEXT,
+    Type::INT8,
+    Type::UUID_ARRAY,
+    Type::TEXT_ARRAY,
+    Type::INT4_ARRAY,
+    Type::TEXT_ARRAY,
+    Type::TEXT_ARRAY,
+    Type::TEXT,
+];
+
+fn map_append_error(e: tokio_postgres::Error, aggregate_type: &str, aggregate_id: &str) -> Error {
+    if let Some(db) = e.as_db_error() {
+        if db.code() == &tokio_postgres::error::SqlState::UNIQUE_VIOLATION {
+            let stream = format!("{aggregate_type}/{aggregate_id}");
+            match db.constraint() {
+                Some("events_event_id_key") => {
+                    let msg = format!(
+                        "duplicate event id on stream {stream}: {}; this event was already appended \
+                         (event_id is the idempotency key), so do not append it again",
+                        db.detail().unwrap_or("an event_id is already stored")
+                    );
+                    return Error::new(Kind::DuplicateEvent, msg).with_source(e);
+                }
+                Some("events_stream_version_key") => {
+                    let msg = format!(
+                        "version conflict on stream {stream}: another writer appended the same version \
+                         concurrently; reload the stream and retry"
+                    );
+                    return Error::new(Kind::Conflict, msg).with_source(e);
+                }
+                _ => {}
+            }
+        }
+    }
+    Error::from(e)
+}
