@@ -79,7 +79,9 @@ impl Default for StoreConfig {
     fn default() -> StoreConfig {
         StoreConfig {
             schema: Ident::new("schema", "public").unwrap_or_else(|_| unreachable!()),
-            notify_channel: None,
+            notify_channel: Some(
+                Ident::new("NOTIFY channel", DEFAULT_NOTIFY_CHANNEL).unwrap_or_else(|_| unreachable!()),
+            ),
             pool_size: db::DEFAULT_POOL_SIZE,
         }
     }
@@ -93,8 +95,8 @@ impl StoreConfig {
     }
 
     /// NOTIFY this channel in every append's transaction, so `notify`
-    /// dispatchers wake at once. Default: none (set it to
-    /// [`DEFAULT_NOTIFY_CHANNEL`] when projections use the notify dispatcher).
+    /// dispatchers wake at once; `None` appends without NOTIFY. Default:
+    /// [`DEFAULT_NOTIFY_CHANNEL`].
     pub fn notify_channel(mut self, channel: Option<&str>) -> Result<StoreConfig> {
         self.notify_channel = channel
             .map(|c| Ident::new("NOTIFY channel", c))
@@ -219,23 +221,7 @@ impl ReadFilter {
 /// watermark and head in columns 0 and 1 of every row (one row with null
 /// event columns when no event qualifies), the event columns from 2 on.
 pub(crate) fn gap_safe_query(events: &str, partition_fn: &str, filter: &ReadFilter) -> String {
-    let mut conds = String::new();
-    let mut n = 3;
-    if !filter.aggregate_types.is_empty() {
-        n += 1;
-        conds.push_str(&format!(" AND e.aggregate_type = ANY(${n}::text[])"));
-    }
-    if !filter.event_types.is_empty() {
-        n += 1;
-        conds.push_str(&format!(" AND e.event_type = ANY(${n}::text[])"));
-    }
-    if filter.partition.is_some() {
-        conds.push_str(&format!(
-            " AND {partition_fn}(e.aggregate_id, ${}::int4) = ${}::int4",
-            n + 2,
-            n + 1
-        ));
-    }
+    let conds = filter_conditions(partition_fn, filter, 3);
     let cols = StoredEvent::COLUMNS
         .split(", ")
         .map(|c| format!("e.{c}"))
@@ -253,6 +239,29 @@ pub(crate) fn gap_safe_query(events: &str, partition_fn: &str, filter: &ReadFilt
             LIMIT $3 \
          ) e ON true"
     )
+}
+
+/// The SQL conditions (each starting with ` AND `, on table alias `e`) of
+/// `filter`, numbering its parameters after `$last_fixed`.
+pub(crate) fn filter_conditions(partition_fn: &str, filter: &ReadFilter, last_fixed: usize) -> String {
+    let mut conds = String::new();
+    let mut n = last_fixed;
+    if !filter.aggregate_types.is_empty() {
+        n += 1;
+        conds.push_str(&format!(" AND e.aggregate_type = ANY(${n}::text[])"));
+    }
+    if !filter.event_types.is_empty() {
+        n += 1;
+        conds.push_str(&format!(" AND e.event_type = ANY(${n}::text[])"));
+    }
+    if filter.partition.is_some() {
+        conds.push_str(&format!(
+            " AND {partition_fn}(e.aggregate_id, ${}::int4) = ${}::int4",
+            n + 2,
+            n + 1
+        ));
+    }
+    conds
 }
 
 /// Decodes the rows of a [`gap_safe_query`] into a page.
@@ -287,6 +296,7 @@ pub(crate) fn decode_page(rows: &[tokio_postgres::Row], after: Cursor, limit: i6
 #[derive(Clone)]
 pub struct EventStore {
     pool: Pool,
+    pg: tokio_postgres::Config,
     config: StoreConfig,
     sql: Arc<Statements>,
 }
@@ -307,13 +317,25 @@ impl EventStore {
     pub fn connect_with(database_url: &str, config: StoreConfig) -> Result<EventStore> {
         let pg = db::parse_url(database_url)?;
         let pool = db::pool(&pg, config.pool_size)?;
-        Ok(EventStore::with_pool(pool, config))
+        Ok(EventStore::from_parts(pool, pg, config))
     }
 
-    /// Uses an existing pool.
-    pub fn with_pool(pool: Pool, config: StoreConfig) -> EventStore {
+    /// Connects with an already parsed connection configuration.
+    pub fn connect_config(pg: tokio_postgres::Config, config: StoreConfig) -> Result<EventStore> {
+        let pool = db::pool(&pg, config.pool_size)?;
+        Ok(EventStore::from_parts(pool, pg, config))
+    }
+
+    /// Uses an existing pool; `pg` must point at the same database (it is
+    /// used for the few dedicated connections, such as LISTEN).
+    pub fn from_parts(pool: Pool, pg: tokio_postgres::Config, config: StoreConfig) -> EventStore {
         let sql = Arc::new(Statements::new(&config.schema, config.notify_channel.is_some()));
-        EventStore { pool, config, sql }
+        EventStore { pool, pg, config, sql }
+    }
+
+    /// The connection configuration (for dedicated connections).
+    pub fn pg_config(&self) -> &tokio_postgres::Config {
+        &self.pg
     }
 
     /// The connection pool (shared with projections run on this store).

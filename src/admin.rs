@@ -1,0 +1,130 @@
+//! Operator actions that are not the batch loop: `status` (cursor, lag and
+//! state per slot) and `reset` (clear a read model and its checkpoints).
+
+use crate::checkpoint::Checkpoints;
+use crate::error::{Error, Result};
+use crate::event::Xid8;
+use crate::projection::{Partition, Projection};
+use crate::store::{filter_conditions, EventStore, ReadFilter};
+use serde::Serialize;
+use std::sync::Arc;
+
+/// The state of one (projection, partition) slot.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct SlotStatus {
+    /// Projection name.
+    pub projection: String,
+    /// Partition key.
+    pub partition: i32,
+    /// Partition count the checkpoint was made with.
+    pub total_partitions: i32,
+    /// Global position of the cursor.
+    pub cursor_position: i64,
+    /// Transaction id of the cursor.
+    pub cursor_transaction_id: u64,
+    /// Events after the cursor that this slot will receive.
+    pub lag_events: i64,
+    /// Age of the oldest of those events, in seconds (0 when caught up).
+    pub lag_seconds: f64,
+    /// `running`, `stopped` or `failed`.
+    pub state: String,
+    /// The last error, if any.
+    pub last_error: Option<String>,
+    /// Events handled so far.
+    pub events_handled: i64,
+    /// When the checkpoint last changed (RFC 3339).
+    pub updated_at: String,
+    /// Whether this binary has a projection of that name registered.
+    pub registered: bool,
+}
+
+/// Reads every checkpoint and computes its lag, using the registered
+/// projections' filters where known.
+pub async fn status(store: &EventStore, projections: &[Arc<dyn Projection>]) -> Result<Vec<SlotStatus>> {
+    let sql = store.statements();
+    let client = store.pool().get().await?;
+    let checkpoints = Checkpoints::new(&sql.checkpoints).list(&**client).await?;
+    let mut out = Vec::with_capacity(checkpoints.len());
+    for c in checkpoints {
+        let projection = projections.iter().find(|p| p.name() == c.projection);
+        let f = projection.map(|p| p.filter()).unwrap_or_default();
+        let filter = ReadFilter {
+            aggregate_types: f.aggregate_types,
+            event_types: f.event_types,
+            partition: (c.total_partitions > 1).then_some((c.partition, c.total_partitions)),
+        };
+        let q = format!(
+            "SELECT count(*), coalesce(extract(epoch FROM now() - min(e.created_at))::float8, 0) \
+             FROM {} e WHERE (e.transaction_id, e.global_position) > ($1::xid8, $2::int8){}",
+            sql.events,
+            filter_conditions(&sql.partition_fn, &filter, 2)
+        );
+        let tx = Xid8(c.cursor.transaction_id);
+        let mut params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
+            vec![&tx, &c.cursor.global_position];
+        params.extend(filter.params());
+        let row = client.query_one(&q, &params).await?;
+        out.push(SlotStatus {
+            projection: c.projection,
+            partition: c.partition,
+            total_partitions: c.total_partitions,
+            cursor_position: c.cursor.global_position,
+            cursor_transaction_id: c.cursor.transaction_id,
+            lag_events: row.try_get(0)?,
+            lag_seconds: row.try_get::<_, f64>(1)?.max(0.0),
+            state: c.status,
+            last_error: c.last_error,
+            events_handled: c.events_handled,
+            updated_at: c.updated_at.to_rfc3339(),
+            registered: projection.is_some(),
+        });
+    }
+    Ok(out)
+}
+
+/// Runs the projection's reset hook and deletes its checkpoints (all, or
+/// one partition's) in one transaction, so the next run rebuilds it.
+/// Returns the number of checkpoint rows deleted.
+pub async fn reset(store: &EventStore, projection: &dyn Projection, partition: Option<i32>) -> Result<u64> {
+    let sql = store.statements();
+    let mut client = store.pool().get().await?;
+    let tx = client.transaction().await?;
+    let scope = match partition {
+        None => None,
+        Some(key) => {
+            let row = tx
+                .query_opt(
+                    &format!(
+                        "SELECT total_partitions FROM {} WHERE projection_name = $1 AND partition_key = $2",
+                        sql.checkpoints
+                    ),
+                    &[&projection.name(), &key],
+                )
+                .await?;
+            let total: i32 = match row {
+                Some(r) => r.try_get(0)?,
+                None => {
+                    return Err(Error::config(format!(
+                        "projection {} has no checkpoint for partition {key}: run `status` to see its partitions",
+                        projection.name()
+                    )))
+                }
+            };
+            Some(Partition { key, total })
+        }
+    };
+    tx.batch_execute(&format!(
+        "SET LOCAL search_path TO {}",
+        store.config().schema.quoted()
+    ))
+    .await?;
+    projection
+        .reset(&tx, scope)
+        .await
+        .map_err(|e| e.context(format!("reset hook of projection {}", projection.name())))?;
+    let deleted = Checkpoints::new(&sql.checkpoints)
+        .delete(&*tx, projection.name(), partition)
+        .await?;
+    tx.commit().await?;
+    Ok(deleted)
+}

@@ -1,0 +1,178 @@
+//! The `projection_checkpoints` table: one row per (projection, partition)
+//! holding the cursor, the partition count it was made with, and the state.
+//!
+//! Architecture invariant: the cursor only moves through
+//! [`Checkpoints::advance`], a compare-and-set executed inside the batch
+//! transaction, so two runners can never both commit the same batch.
+
+use crate::error::{Error, Result};
+use crate::event::{Cursor, Xid8};
+use tokio_postgres::GenericClient;
+
+/// A checkpoint row.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Checkpoint {
+    /// The projection's name.
+    pub projection: String,
+    /// The partition this row belongs to.
+    pub partition: i32,
+    /// The partition count the cursor was made with.
+    pub total_partitions: i32,
+    /// The last position handled or skipped.
+    pub cursor: Cursor,
+    /// Events handed to the handler so far.
+    pub events_handled: i64,
+    /// `running`, `stopped` or `failed`.
+    pub status: String,
+    /// The last error, if any.
+    pub last_error: Option<String>,
+    /// When the row last changed.
+    pub updated_at: chrono::DateTime<chrono::Utc>,
+}
+
+/// SQL over the checkpoint table of one schema.
+#[derive(Clone, Debug)]
+pub(crate) struct Checkpoints {
+    table: String,
+    advance: String,
+}
+
+impl Checkpoints {
+    pub(crate) fn new(table: &str) -> Checkpoints {
+        Checkpoints {
+            table: table.to_owned(),
+            advance: format!(
+                "UPDATE {table} SET last_transaction_id = $5, last_global_position = $6, \
+                 events_handled = events_handled + $7, status = 'running', last_error = NULL, \
+                 updated_at = now() \
+                 WHERE projection_name = $1 AND partition_key = $2 \
+                   AND last_transaction_id = $3 AND last_global_position = $4"
+            ),
+        }
+    }
+
+    pub(crate) fn advance_sql(&self) -> &str {
+        &self.advance
+    }
+
+    /// Creates the row for `(name, partition)` if missing and returns its
+    /// cursor, after checking that every existing row of the projection was
+    /// made with `total` partitions.
+    pub(crate) async fn ensure<C: GenericClient>(
+        &self,
+        client: &C,
+        name: &str,
+        partition: i32,
+        total: i32,
+    ) -> Result<Cursor> {
+        let totals = client
+            .query(
+                &format!(
+                    "SELECT DISTINCT total_partitions FROM {} WHERE projection_name = $1",
+                    self.table
+                ),
+                &[&name],
+            )
+            .await?;
+        for row in &totals {
+            let stored: i32 = row.try_get(0)?;
+            if stored != total {
+                return Err(Error::config(format!(
+                    "projection {name} has checkpoints made with TOTAL_PARTITIONS={stored}, but this process \
+                     runs with TOTAL_PARTITIONS={total}; its events would be split differently and some \
+                     skipped or handled twice. Either run with TOTAL_PARTITIONS={stored}, or rebuild it \
+                     with `reset {name}` and start all {total} partitions, or use worker mode"
+                )));
+            }
+        }
+        client
+            .execute(
+                &format!(
+                    "INSERT INTO {} (projection_name, partition_key, total_partitions) VALUES ($1, $2, $3) \
+                     ON CONFLICT (projection_name, partition_key) DO NOTHING",
+                    self.table
+                ),
+                &[&name, &partition, &total],
+            )
+            .await?;
+        let row = client
+            .query_one(
+                &format!(
+                    "SELECT last_transaction_id, last_global_position FROM {} \
+                     WHERE projection_name = $1 AND partition_key = $2",
+                    self.table
+                ),
+                &[&name, &partition],
+            )
+            .await?;
+        Ok(Cursor::new(row.try_get::<_, Xid8>(0)?.0, row.try_get(1)?))
+    }
+
+    /// Every checkpoint row, ordered by projection and partition.
+    pub(crate) async fn list<C: GenericClient>(&self, client: &C) -> Result<Vec<Checkpoint>> {
+        let rows = client
+            .query(
+                &format!(
+                    "SELECT projection_name, partition_key, total_partitions, last_transaction_id, \
+                     last_global_position, events_handled, status, last_error, updated_at \
+                     FROM {} ORDER BY projection_name, partition_key",
+                    self.table
+                ),
+                &[],
+            )
+            .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(Checkpoint {
+                    projection: r.try_get(0)?,
+                    partition: r.try_get(1)?,
+                    total_partitions: r.try_get(2)?,
+                    cursor: Cursor::new(r.try_get::<_, Xid8>(3)?.0, r.try_get(4)?),
+                    events_handled: r.try_get(5)?,
+                    status: r.try_get(6)?,
+                    last_error: r.try_get(7)?,
+                    updated_at: r.try_get(8)?,
+                })
+            })
+            .collect()
+    }
+
+    /// Deletes the rows of `name` (one partition, or all). Returns how many.
+    pub(crate) async fn delete<C: GenericClient>(
+        &self,
+        client: &C,
+        name: &str,
+        partition: Option<i32>,
+    ) -> Result<u64> {
+        Ok(client
+            .execute(
+                &format!(
+                    "DELETE FROM {} WHERE projection_name = $1 AND ($2::int4 IS NULL OR partition_key = $2)",
+                    self.table
+                ),
+                &[&name, &partition],
+            )
+            .await?)
+    }
+
+    /// Records an error on the row without moving the cursor.
+    pub(crate) async fn record_error<C: GenericClient>(
+        &self,
+        client: &C,
+        name: &str,
+        partition: i32,
+        error: &str,
+    ) -> Result<()> {
+        client
+            .execute(
+                &format!(
+                    "UPDATE {} SET last_error = $3, updated_at = now() \
+                     WHERE projection_name = $1 AND partition_key = $2",
+                    self.table
+                ),
+                &[&name, &partition, &error],
+            )
+            .await?;
+        Ok(())
+    }
+}

@@ -1,0 +1,444 @@
+//! The command line of the user's binary: `migrate`, `run-projections`,
+//! `status`, `reset`. Every option has a flag and an environment variable;
+//! the database URL's value is never shown in `--help` or logs.
+//!
+//! A user's `main` is a few lines:
+//!
+//! ```no_run
+//! # use std::sync::Arc;
+//! # use projectionist::{App, Projection};
+//! # fn my_projection() -> Arc<dyn Projection> { unimplemented!() }
+//! #[tokio::main]
+//! async fn main() -> std::process::ExitCode {
+//!     App::new("bank").projection(my_projection()).run().await
+//! }
+//! ```
+//!
+//! To add subcommands of your own, flatten [`Command`] into your clap enum
+//! and call [`App::execute`].
+
+use crate::dispatcher::DispatcherKind;
+use crate::error::{Error, Result};
+use crate::projection::Projection;
+use crate::runner::{Runner, RunnerConfig, DEFAULT_BATCH_SIZE};
+use crate::store::{EventStore, StoreConfig, DEFAULT_NOTIFY_CHANNEL};
+use clap::{Args, Parser, Subcommand};
+use std::io::IsTerminal;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Options shared by every subcommand.
+#[derive(Args, Debug, Clone)]
+pub struct GlobalArgs {
+    /// PostgreSQL URL, e.g. postgres://user:password@host:5432/db (required).
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true, global = true)]
+    pub database_url: Option<String>,
+    /// Schema holding the projectionist tables.
+    #[arg(long, env = "PROJECTIONIST_SCHEMA", default_value = "public", global = true)]
+    pub schema: String,
+    /// Log format: text or json.
+    #[arg(long, env = "LOG_FORMAT", default_value = "text", global = true, value_parser = ["text", "json"])]
+    pub log_format: String,
+    /// Log level (RUST_LOG, when set, takes precedence): error, warn, info, debug, trace.
+    #[arg(long, env = "LOG_LEVEL", default_value = "info", global = true)]
+    pub log_level: String,
+    /// Maximum pooled database connections.
+    #[arg(long, env = "POOL_SIZE", default_value_t = crate::db::DEFAULT_POOL_SIZE, global = true)]
+    pub pool_size: usize,
+    /// Channel that appends NOTIFY and the notify dispatcher LISTENs on.
+    #[arg(long, env = "NOTIFY_CHANNEL", default_value = DEFAULT_NOTIFY_CHANNEL, global = true)]
+    pub notify_channel: String,
+}
+
+/// The engine's subcommands.
+#[derive(Subcommand, Debug, Clone)]
+pub enum Command {
+    /// Create or upgrade the projectionist tables (safe to run from many replicas at once).
+    Migrate,
+    /// Run the projections until SIGTERM/SIGINT (or, with --once, until caught up).
+    RunProjections(RunArgs),
+    /// Show each projection's cursor, lag and state.
+    Status {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Clear a projection's read model and checkpoints so the next run rebuilds it.
+    Reset {
+        /// The projection's name.
+        name: String,
+        /// Reset only this partition's checkpoint (and its part of the read model).
+        #[arg(long)]
+        partition: Option<i32>,
+        /// Do not ask for confirmation.
+        #[arg(long)]
+        yes: bool,
+    },
+}
+
+/// Options of `run-projections`.
+#[derive(Args, Debug, Clone)]
+pub struct RunArgs {
+    /// This process's partition, 0..TOTAL_PARTITIONS. Unset: taken from a hostname ending in -N
+    /// (a StatefulSet pod), else 0.
+    #[arg(long, env = "PARTITION_KEY", allow_negative_numbers = true)]
+    pub partition_key: Option<i32>,
+    /// Number of static partitions.
+    #[arg(long, env = "TOTAL_PARTITIONS", default_value_t = 1, allow_negative_numbers = true)]
+    pub total_partitions: i32,
+    /// Events per batch transaction.
+    #[arg(long, env = "BATCH_SIZE", default_value_t = DEFAULT_BATCH_SIZE, allow_negative_numbers = true)]
+    pub batch_size: i64,
+    /// Wake-ups: poll or notify.
+    #[arg(long, env = "DISPATCHER", default_value = "poll")]
+    pub dispatcher: String,
+    /// Poll interval of the poll dispatcher (e.g. 200ms, 5s).
+    #[arg(long, env = "POLL_INTERVAL", default_value = "200ms")]
+    pub poll_interval: String,
+    /// Ceiling of the retry backoff after errors.
+    #[arg(long, env = "MAX_BACKOFF", default_value = "30s")]
+    pub max_backoff: String,
+    /// Time allowed for in-flight batches to commit on shutdown.
+    #[arg(long, env = "SHUTDOWN_TIMEOUT", default_value = "30s")]
+    pub shutdown_timeout: String,
+    /// Run only these projections (repeatable). Default: all.
+    #[arg(long = "projection", env = "PROJECTIONS", value_delimiter = ',')]
+    pub projections: Vec<String>,
+    /// Catch up with every readable event, then exit 0.
+    #[arg(long)]
+    pub once: bool,
+}
+
+#[derive(Parser, Debug)]
+struct EngineCli {
+    #[command(flatten)]
+    global: GlobalArgs,
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// Parses a duration such as `200ms`, `5s`, `1m`; `what` names the option.
+pub fn parse_duration(what: &str, value: &str) -> Result<Duration> {
+    humantime::parse_duration(value.trim()).map_err(|e| {
+        Error::config(format!(
+            "{what} {value:?} is not a duration ({e}): write it like 200ms, 5s or 1m"
+        ))
+    })
+}
+
+/// The partition a StatefulSet pod should run: the numeric suffix of a
+/// hostname like `projections-3`.
+pub fn ordinal_from_hostname(hostname: &str) -> Option<i32> {
+    let (_, suffix) = hostname.trim().rsplit_once('-')?;
+    if suffix.is_empty() || !suffix.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    suffix.parse().ok()
+}
+
+fn hostname() -> Option<String> {
+    std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.is_empty())
+        .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())
+        .map(|h| h.trim().to_owned())
+}
+
+/// Installs the tracing subscriber for `LOG_FORMAT` / `LOG_LEVEL` /
+/// `RUST_LOG`. Safe to call more than once (later calls do nothing).
+pub fn init_logging(format: &str, level: &str) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(level))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let _ = if format == "json" {
+        builder.json().flatten_event(true).try_init()
+    } else {
+        builder.try_init()
+    };
+}
+
+/// The user's binary: its name and projections.
+pub struct App {
+    name: String,
+    projections: Vec<Arc<dyn Projection>>,
+}
+
+impl App {
+    /// An app called `name` (used in help and logs).
+    pub fn new(name: impl Into<String>) -> App {
+        App {
+            name: name.into(),
+            projections: Vec::new(),
+        }
+    }
+
+    /// Registers a projection.
+    pub fn projection(mut self, projection: Arc<dyn Projection>) -> App {
+        self.projections.push(projection);
+        self
+    }
+
+    /// The registered projections.
+    pub fn projections(&self) -> &[Arc<dyn Projection>] {
+        &self.projections
+    }
+
+    /// Parses the process's arguments and runs the command. Exit codes: 0
+    /// success, 1 runtime error, 2 usage error.
+    pub async fn run(self) -> ExitCode {
+        use clap::CommandFactory;
+        let name: &'static str = Box::leak(self.name.clone().into_boxed_str());
+        let cmd = EngineCli::command().name(name).bin_name(name);
+        let matches = match cmd.try_get_matches() {
+            Ok(m) => m,
+            Err(e) => {
+                let _ = e.print();
+                return ExitCode::from(if e.use_stderr() { 2 } else { 0 });
+            }
+        };
+        use clap::FromArgMatches;
+        match EngineCli::from_arg_matches(&matches) {
+            Ok(cli) => self.execute(&cli.global, cli.command).await,
+            Err(e) => {
+                let _ = e.print();
+                ExitCode::from(2)
+            }
+        }
+    }
+
+    /// Runs one command; prints errors (cause and fix) to stderr and maps
+    /// them to exit codes: 2 for usage/configuration errors, 1 otherwise.
+    pub async fn execute(&self, global: &GlobalArgs, command: Command) -> ExitCode {
+        init_logging(&global.log_format, &global.log_level);
+        match self.execute_inner(global, command).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::from(if e.is_config() && !e.is_not_migrated() { 2 } else { 1 })
+            }
+        }
+    }
+
+    /// Opens the event store the global options describe.
+    pub fn store(&self, global: &GlobalArgs) -> Result<EventStore> {
+        let url = global.database_url.as_deref().ok_or_else(|| {
+            Error::config("DATABASE_URL is not set: pass --database-url or set DATABASE_URL=postgres://user:password@host:5432/db")
+        })?;
+        let config = StoreConfig::default()
+            .schema(&global.schema)?
+            .notify_channel(Some(&global.notify_channel))?
+            .pool_size(global.pool_size);
+        EventStore::connect_with(url, config)
+    }
+
+    fn selected(&self, names: &[String]) -> Result<Vec<Arc<dyn Projection>>> {
+        if names.is_empty() {
+            return Ok(self.projections.clone());
+        }
+        names.iter().map(|n| self.find(n)).collect()
+    }
+
+    fn find(&self, name: &str) -> Result<Arc<dyn Projection>> {
+        self.projections
+            .iter()
+            .find(|p| p.name() == name)
+            .cloned()
+            .ok_or_else(|| {
+                let known: Vec<&str> = self.projections.iter().map(|p| p.name()).collect();
+                Error::config(format!(
+                    "unknown projection {name:?}: this binary has {}",
+                    if known.is_empty() { "none".to_owned() } else { known.join(", ") }
+                ))
+            })
+    }
+
+    async fn execute_inner(&self, global: &GlobalArgs, command: Command) -> Result<()> {
+        match command {
+            Command::Migrate => {
+                let store = self.store(global)?;
+                let report = crate::migrate(store.pg_config(), &global.schema).await?;
+                if report.applied.is_empty() {
+                    println!("schema {} is up to date", global.schema);
+                } else {
+                    println!("applied {} to schema {}", report.applied.join(", "), global.schema);
+                }
+                Ok(())
+            }
+            Command::RunProjections(args) => self.run_projections(global, args).await,
+            Command::Status { json } => {
+                let store = self.store(global)?;
+                let rows = crate::admin::status(&store, &self.projections).await?;
+                if json {
+                    let text = serde_json::to_string_pretty(&serde_json::json!({ "projections": rows }))?;
+                    println!("{text}");
+                } else {
+                    print_status_table(&rows);
+                }
+                Ok(())
+            }
+            Command::Reset { name, partition, yes } => {
+                let projection = self.find(&name)?;
+                if !yes {
+                    if !std::io::stdin().is_terminal() {
+                        return Err(Error::config(format!(
+                            "reset {name} clears its read model and checkpoints: pass --yes to confirm"
+                        )));
+                    }
+                    eprint!("reset {name}{}: clear its read model and checkpoints? [y/N] ",
+                        partition.map(|p| format!(" partition {p}")).unwrap_or_default());
+                    let mut answer = String::new();
+                    std::io::stdin().read_line(&mut answer).map_err(|e| Error::config(format!("cannot read the answer: {e}")))?;
+                    if !matches!(answer.trim(), "y" | "Y" | "yes") {
+                        println!("reset cancelled");
+                        return Ok(());
+                    }
+                }
+                let store = self.store(global)?;
+                let n = crate::admin::reset(&store, projection.as_ref(), partition).await?;
+                println!("reset {name}: {n} checkpoint(s) cleared; the next run rebuilds it");
+                Ok(())
+            }
+        }
+    }
+
+    async fn run_projections(&self, global: &GlobalArgs, args: RunArgs) -> Result<()> {
+        crate::runner::check_unique(self.projections.iter())?;
+        let projections = self.selected(&args.projections)?;
+        let dispatcher: DispatcherKind = args.dispatcher.parse()?;
+        let partition_key = match args.partition_key {
+            Some(k) => k,
+            None => match hostname().as_deref().and_then(ordinal_from_hostname) {
+                Some(k) if args.total_partitions > 1 => {
+                    tracing::info!(partition_key = k, "PARTITION_KEY unset: using the ordinal of hostname {}", hostname().unwrap_or_default());
+                    k
+                }
+                _ => 0,
+            },
+        };
+        let config = RunnerConfig::default()
+            .batch_size(args.batch_size)?
+            .poll_interval(parse_duration("POLL_INTERVAL", &args.poll_interval)?)?
+            .max_backoff(parse_duration("MAX_BACKOFF", &args.max_backoff)?)
+            .shutdown_timeout(parse_duration("SHUTDOWN_TIMEOUT", &args.shutdown_timeout)?)
+            .dispatcher(dispatcher)
+            .notify_channel(&global.notify_channel)?
+            .partition(partition_key, args.total_partitions)?;
+        let store = self.store(global)?;
+        let runner = Runner::new(store.clone(), config).with_projections(&projections)?;
+        if args.once {
+            return run_once_with_progress(&store, &runner).await;
+        }
+        runner.run_until(shutdown_signal()).await
+    }
+}
+
+async fn run_once_with_progress(store: &EventStore, runner: &Runner) -> Result<()> {
+    let progress = runner.progress();
+    let bar = if std::io::stderr().is_terminal() {
+        let (head, _) = store.head().await?;
+        let bar = indicatif::ProgressBar::new(head.max(0) as u64);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template("{spinner} {pos} events handled ({per_sec}) {elapsed}")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
+        );
+        Some(bar)
+    } else {
+        None
+    };
+    let ticker = bar.clone().map(|bar| {
+        let progress = progress.clone();
+        tokio::spawn(async move {
+            loop {
+                bar.set_position(progress.events_handled());
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+    });
+    let result = runner.run_once().await;
+    if let Some(t) = ticker {
+        t.abort();
+    }
+    if let Some(bar) = bar {
+        bar.set_position(progress.events_handled());
+        bar.finish();
+    }
+    result?;
+    println!("caught up: {} events handled in {} batches", progress.events_handled(), progress.batches());
+    Ok(())
+}
+
+/// Completes on the first SIGTERM or SIGINT; a second one exits the
+/// process at once (code 130).
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (mut term, mut int) = match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+        (Ok(t), Ok(i)) => (t, i),
+        _ => {
+            tracing::error!("cannot install signal handlers; stop with SIGKILL");
+            return std::future::pending().await;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    tracing::info!("shutdown requested; a second SIGTERM/SIGINT exits at once");
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        eprintln!("second signal: exiting without waiting for in-flight batches (they roll back)");
+        std::process::exit(130);
+    });
+}
+
+fn print_status_table(rows: &[crate::admin::SlotStatus]) {
+    let mut table = comfy_table::Table::new();
+    table.load_preset(comfy_table::presets::UTF8_FULL_CONDENSED);
+    table.set_header([
+        "projection", "partition", "position", "lag (events)", "lag (s)", "state", "last error", "updated at",
+    ]);
+    for r in rows {
+        table.add_row([
+            r.projection.clone(),
+            format!("{}/{}", r.partition, r.total_partitions),
+            r.cursor_position.to_string(),
+            r.lag_events.to_string(),
+            format!("{:.1}", r.lag_seconds),
+            r.state.clone(),
+            r.last_error.clone().unwrap_or_default(),
+            r.updated_at.clone(),
+        ]);
+    }
+    if rows.is_empty() {
+        println!("no checkpoints yet: run `run-projections` first");
+    } else {
+        println!("{table}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statefulset_ordinals() {
+        assert_eq!(ordinal_from_hostname("projections-3"), Some(3));
+        assert_eq!(ordinal_from_hostname("bank-worker-12\n"), Some(12));
+        assert_eq!(ordinal_from_hostname("laptop"), None);
+        assert_eq!(ordinal_from_hostname("web-abc"), None);
+        assert_eq!(ordinal_from_hostname("web-"), None);
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("POLL_INTERVAL", "200ms").unwrap(), Duration::from_millis(200));
+        assert_eq!(parse_duration("POLL_INTERVAL", "5s").unwrap(), Duration::from_secs(5));
+        let e = parse_duration("POLL_INTERVAL", "soon").unwrap_err();
+        assert!(e.is_config() && e.to_string().contains("POLL_INTERVAL"));
+    }
+}

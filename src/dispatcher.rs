@@ -1,0 +1,184 @@
+//! Wake-ups, one dispatcher per process shared by every processor in it.
+//!
+//! - `poll`: every poll interval, read the log's head and the watermark
+//!   (one cheap query) and wake the processors when either moved.
+//! - `notify`: LISTEN on a dedicated connection (pooled connections never
+//!   deliver notifications) and wake on every notification; a
+//!   reconciliation poll every second covers raw-SQL appends and lost
+//!   notifications, and every (re)connect wakes all processors, so nothing
+//!   sent while the listener was away is missed.
+//!
+//! Architecture invariant: the LISTEN connection is the only long-lived
+//! non-pooled connection of a processor runner.
+
+use crate::db;
+use crate::error::{Error, Result};
+use crate::event::Xid8;
+use crate::ident::Ident;
+use deadpool_postgres::Pool;
+use futures_util::StreamExt;
+use std::str::FromStr;
+use std::time::Duration;
+use tokio::sync::watch;
+use tokio_postgres::{AsyncMessage, NoTls};
+
+/// How processors learn that new events may be readable.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum DispatcherKind {
+    /// Poll the log's head every poll interval (the default).
+    #[default]
+    Poll,
+    /// LISTEN for the appends' NOTIFY, with a reconciliation poll every second.
+    Notify,
+}
+
+impl FromStr for DispatcherKind {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<DispatcherKind> {
+        match s {
+            "poll" => Ok(DispatcherKind::Poll),
+            "notify" => Ok(DispatcherKind::Notify),
+            other => Err(Error::config(format!(
+                "unknown dispatcher {other:?}: use DISPATCHER=poll or DISPATCHER=notify"
+            ))),
+        }
+    }
+}
+
+/// Interval of the notify dispatcher's reconciliation poll.
+pub const RECONCILE_INTERVAL: Duration = Duration::from_secs(1);
+
+/// The wake-up signal: a generation counter every processor watches.
+pub(crate) type Wake = watch::Sender<u64>;
+
+fn bump(wake: &Wake) {
+    wake.send_modify(|g| *g = g.wrapping_add(1));
+}
+
+/// Polls the head and the watermark every `interval`; wakes on change.
+pub(crate) async fn poll_loop(
+    pool: Pool,
+    head_sql: String,
+    interval: Duration,
+    wake: Wake,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut last: Option<(i64, u64)> = None;
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = shutdown.changed() => return,
+        }
+        let head = async {
+            let client = pool.get().await?;
+            let stmt = client.prepare_cached(&head_sql).await?;
+            let row = client.query_one(&stmt, &[]).await?;
+            Ok::<_, Error>((row.try_get::<_, i64>(0)?, row.try_get::<_, Xid8>(1)?.0))
+        }
+        .await;
+        match head {
+            Ok(h) => {
+                if last != Some(h) {
+                    last = Some(h);
+                    bump(&wake);
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "dispatcher poll failed; retrying at the next interval");
+                last = None;
+            }
+        }
+    }
+}
+
+/// Listens on `channel` over a dedicated connection, reconnecting with
+/// backoff; wakes on every notification and after every (re)connect.
+pub(crate) async fn listen_loop(
+    config: tokio_postgres::Config,
+    channel: Ident,
+    max_backoff: Duration,
+    wake: Wake,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        if *shutdown.borrow() {
+            return;
+        }
+        match listen_once(&config, &channel, &wake, &mut shutdown).await {
+            Ok(()) => return,
+            Err(e) => {
+                tracing::warn!(error = %e, channel = %channel, retry_in_ms = backoff.as_millis() as u64,
+                    "notify listener disconnected; reconnecting");
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = shutdown.changed() => return,
+        }
+        backoff = (backoff * 2).min(max_backoff);
+    }
+}
+
+/// One listener connection's life. Returns `Ok` on shutdown, `Err` when the
+/// connection failed or ended.
+async fn listen_once(
+    config: &tokio_postgres::Config,
+    channel: &Ident,
+    wake: &Wake,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Result<()> {
+    let (client, mut connection) = config
+        .connect(NoTls)
+        .await
+        .map_err(|e| Error::from(e).context(format!("LISTEN connection to {}", db::describe(config))))?;
+    let (ended_tx, mut ended_rx) = tokio::sync::oneshot::channel::<String>();
+    let wake_n = wake.clone();
+    let driver = tokio::spawn(async move {
+        let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+        let reason = loop {
+            match messages.next().await {
+                Some(Ok(AsyncMessage::Notification(_))) => bump(&wake_n),
+                Some(Ok(_)) => {}
+                Some(Err(e)) => break e.to_string(),
+                None => break "connection closed".to_owned(),
+            }
+        };
+        let _ = ended_tx.send(reason);
+    });
+    let listened = client
+        .batch_execute(&format!("LISTEN {}", channel.quoted()))
+        .await;
+    if let Err(e) = listened {
+        driver.abort();
+        return Err(Error::from(e).context("LISTEN failed"));
+    }
+    tracing::debug!(channel = %channel, "listening for notifications");
+    // Anything appended while we were not listening must still be read.
+    bump(wake);
+    let result = tokio::select! {
+        reason = &mut ended_rx => Err(Error::new(
+            crate::error::Kind::Connection,
+            format!("LISTEN connection ended: {}", reason.unwrap_or_else(|_| "driver stopped".into())),
+        )),
+        _ = shutdown.changed() => Ok(()),
+    };
+    drop(client);
+    driver.abort();
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_dispatcher_names() {
+        assert_eq!("poll".parse::<DispatcherKind>().unwrap(), DispatcherKind::Poll);
+        assert_eq!("notify".parse::<DispatcherKind>().unwrap(), DispatcherKind::Notify);
+        let e = "kafka".parse::<DispatcherKind>().unwrap_err();
+        assert!(e.is_config() && e.to_string().contains("DISPATCHER=poll"));
+    }
+}

@@ -1,0 +1,124 @@
+//! The [`Projection`] trait users implement, and its [`Filter`].
+//!
+//! A projection is a stable name, an optional filter (applied in SQL), and
+//! handlers that receive events together with the open transaction in which
+//! the projection's checkpoint advances. Writes made through that
+//! transaction commit atomically with the checkpoint: exactly once. Anything
+//! else a handler does (HTTP calls, e-mail) may be repeated after a crash and
+//! must be idempotent, keyed by [`StoredEvent::event_id`].
+
+use crate::error::Result;
+use crate::event::StoredEvent;
+use async_trait::async_trait;
+
+/// The open batch transaction handed to handlers. It is a
+/// `deadpool_postgres::Transaction`: it derefs to
+/// `tokio_postgres::Transaction` and adds `prepare_cached`, so prepared
+/// statements are reused across batches on the same connection.
+pub type Transaction<'a> = deadpool_postgres::Transaction<'a>;
+
+/// Which events a projection receives. Evaluated by the database, so a
+/// projection never reads rows it does not want; its cursor still advances
+/// past the events it skipped.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Filter {
+    pub(crate) aggregate_types: Vec<String>,
+    pub(crate) event_types: Vec<String>,
+}
+
+impl Filter {
+    /// Every event (the default).
+    pub fn all() -> Filter {
+        Filter::default()
+    }
+
+    /// Only events of these aggregate types (in addition to any other
+    /// condition of this filter).
+    pub fn aggregate_types<I, S>(mut self, types: I) -> Filter
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.aggregate_types = types.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// Only events of these event types (in addition to any other condition
+    /// of this filter).
+    pub fn event_types<I, S>(mut self, types: I) -> Filter
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.event_types = types.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// Whether this filter passes `event` (the SQL filter's twin, for tests
+    /// and for dead-letter retries).
+    pub fn matches(&self, event: &StoredEvent) -> bool {
+        (self.aggregate_types.is_empty() || self.aggregate_types.contains(&event.aggregate_type))
+            && (self.event_types.is_empty() || self.event_types.contains(&event.event_type))
+    }
+}
+
+/// One static partition: `key` of `total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Partition {
+    /// The partition, in `0..total`.
+    pub key: i32,
+    /// The partition count.
+    pub total: i32,
+}
+
+impl Partition {
+    /// SQL condition selecting the rows of this partition, given the SQL
+    /// expression holding the aggregate id, e.g.
+    /// `Partition { key: 1, total: 4 }.sql_condition("account_id")` gives
+    /// `projectionist_partition(account_id, 4) = 1` (a function in the
+    /// projectionist schema, which must be on the search path).
+    pub fn sql_condition(&self, aggregate_id_expr: &str) -> String {
+        format!(
+            "projectionist_partition({aggregate_id_expr}, {}) = {}",
+            self.total, self.key
+        )
+    }
+}
+
+/// A projection: reads events in order and maintains a read model.
+///
+/// Implement [`Projection::handle`] (one event at a time) or override
+/// [`Projection::handle_batch`] for set-based SQL over a whole batch.
+#[async_trait]
+pub trait Projection: Send + Sync + 'static {
+    /// A stable, unique name: the key of the projection's checkpoints.
+    /// Changing it starts the projection from the beginning.
+    fn name(&self) -> &str;
+
+    /// Which events to receive. Default: all of them.
+    fn filter(&self) -> Filter {
+        Filter::all()
+    }
+
+    /// Handles one event inside the batch transaction `tx`.
+    async fn handle(&self, event: &StoredEvent, tx: &Transaction<'_>) -> Result<()>;
+
+    /// Handles a whole batch (in `(transaction_id, global_position)` order)
+    /// inside `tx`. Default: [`Projection::handle`] for each event, in order.
+    async fn handle_batch(&self, events: &[StoredEvent], tx: &Transaction<'_>) -> Result<()> {
+        for event in events {
+            self.handle(event, tx).await?;
+        }
+        Ok(())
+    }
+
+    /// Clears the read model (called by `reset`, in the transaction that
+    /// also deletes the checkpoints). `partition` is `None` for the whole
+    /// projection, or the one static partition being reset (clear only the
+    /// rows of aggregates in it: see [`Partition::sql_condition`]).
+    /// Default: nothing to clear.
+    async fn reset(&self, tx: &Transaction<'_>, partition: Option<Partition>) -> Result<()> {
+        let _ = (tx, partition);
+        Ok(())
+    }
+}

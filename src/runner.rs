@@ -1,0 +1,387 @@
+//! Runs many projections in one process: one processor task per slot, one
+//! shared dispatcher, graceful shutdown (in-flight batches commit, then the
+//! runner returns), and `once` mode (catch up, then return).
+
+use crate::dispatcher::{self, DispatcherKind, RECONCILE_INTERVAL};
+use crate::error::{Error, Result};
+use crate::ident::Ident;
+use crate::processor::{Processor, Slot};
+use crate::projection::Projection;
+use crate::store::{EventStore, DEFAULT_NOTIFY_CHANNEL};
+use std::collections::HashSet;
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch;
+
+/// Default events per batch (see docs/performance.md for the measurements
+/// behind it).
+pub const DEFAULT_BATCH_SIZE: i64 = 1000;
+/// Largest accepted batch size.
+pub const MAX_BATCH_SIZE: i64 = 100_000;
+/// Default poll interval of the poll dispatcher.
+pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_millis(200);
+/// Default ceiling of the retry backoff after errors.
+pub const DEFAULT_MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// Default time allowed for in-flight batches to finish on shutdown.
+pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Options of a [`Runner`], each with a documented default.
+#[derive(Clone, Debug)]
+pub struct RunnerConfig {
+    pub(crate) batch_size: i64,
+    pub(crate) poll_interval: Duration,
+    pub(crate) max_backoff: Duration,
+    pub(crate) dispatcher: DispatcherKind,
+    pub(crate) notify_channel: Ident,
+    pub(crate) partition: i32,
+    pub(crate) total_partitions: i32,
+    pub(crate) shutdown_timeout: Duration,
+}
+
+impl Default for RunnerConfig {
+    fn default() -> RunnerConfig {
+        RunnerConfig {
+            batch_size: DEFAULT_BATCH_SIZE,
+            poll_interval: DEFAULT_POLL_INTERVAL,
+            max_backoff: DEFAULT_MAX_BACKOFF,
+            dispatcher: DispatcherKind::Poll,
+            notify_channel: Ident::new("NOTIFY channel", DEFAULT_NOTIFY_CHANNEL)
+                .unwrap_or_else(|_| unreachable!()),
+            partition: 0,
+            total_partitions: 1,
+            shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
+        }
+    }
+}
+
+impl RunnerConfig {
+    /// Events per batch transaction. Default: 1000. Must be 1..=100000.
+    pub fn batch_size(mut self, n: i64) -> Result<RunnerConfig> {
+        if !(1..=MAX_BATCH_SIZE).contains(&n) {
+            return Err(Error::config(format!(
+                "BATCH_SIZE {n} is out of range: use a value from 1 to {MAX_BATCH_SIZE} (default {DEFAULT_BATCH_SIZE})"
+            )));
+        }
+        self.batch_size = n;
+        Ok(self)
+    }
+
+    /// How often the poll dispatcher checks the head. Default: 200 ms.
+    pub fn poll_interval(mut self, d: Duration) -> Result<RunnerConfig> {
+        if d.is_zero() {
+            return Err(Error::config("POLL_INTERVAL must be greater than zero (default 200ms)"));
+        }
+        self.poll_interval = d;
+        Ok(self)
+    }
+
+    /// Ceiling of the exponential backoff between retries after an error
+    /// (starting at 100 ms). Default: 30 s.
+    pub fn max_backoff(mut self, d: Duration) -> RunnerConfig {
+        self.max_backoff = d.max(Duration::from_millis(100));
+        self
+    }
+
+    /// Poll or LISTEN/NOTIFY wake-ups. Default: poll.
+    pub fn dispatcher(mut self, kind: DispatcherKind) -> RunnerConfig {
+        self.dispatcher = kind;
+        self
+    }
+
+    /// The channel the notify dispatcher listens on (appends must NOTIFY the
+    /// same one, see [`crate::StoreConfig::notify_channel`]). Default:
+    /// `projectionist_events`.
+    pub fn notify_channel(mut self, channel: &str) -> Result<RunnerConfig> {
+        self.notify_channel = Ident::new("NOTIFY channel", channel)?;
+        Ok(self)
+    }
+
+    /// Static partitioning: this process runs partition `key` of `total`.
+    /// Default: partition 0 of 1 (everything).
+    pub fn partition(mut self, key: i32, total: i32) -> Result<RunnerConfig> {
+        if total < 1 {
+            return Err(Error::config(format!(
+                "TOTAL_PARTITIONS {total} is invalid: use 1 or more (default 1)"
+            )));
+        }
+        if key < 0 || key >= total {
+            return Err(Error::config(format!(
+                "PARTITION_KEY {key} is out of range for TOTAL_PARTITIONS={total}: use a value from 0 to {}",
+                total - 1
+            )));
+        }
+        self.partition = key;
+        self.total_partitions = total;
+        Ok(self)
+    }
+
+    /// How long in-flight batches may take to commit after a shutdown
+    /// request before the runner gives up on them (they roll back).
+    /// Default: 30 s.
+    pub fn shutdown_timeout(mut self, d: Duration) -> RunnerConfig {
+        self.shutdown_timeout = d;
+        self
+    }
+}
+
+/// Progress of a running or finished runner.
+#[derive(Debug, Default)]
+pub struct Progress {
+    handled: AtomicU64,
+    batches: AtomicU64,
+}
+
+impl Progress {
+    /// Events handed to handlers so far.
+    pub fn events_handled(&self) -> u64 {
+        self.handled.load(Ordering::Relaxed)
+    }
+
+    /// Batches committed so far.
+    pub fn batches(&self) -> u64 {
+        self.batches.load(Ordering::Relaxed)
+    }
+}
+
+/// Runs projections.
+pub struct Runner {
+    store: EventStore,
+    config: RunnerConfig,
+    projections: Vec<Arc<dyn Projection>>,
+    progress: Arc<Progress>,
+}
+
+impl Runner {
+    /// A runner over `store` with `config`.
+    pub fn new(store: EventStore, config: RunnerConfig) -> Runner {
+        Runner {
+            store,
+            config,
+            projections: Vec::new(),
+            progress: Arc::new(Progress::default()),
+        }
+    }
+
+    /// Adds projections. Names must be unique.
+    pub fn with_projections(mut self, projections: &[Arc<dyn Projection>]) -> Result<Runner> {
+        for p in projections {
+            self = self.with_projection(p.clone())?;
+        }
+        Ok(self)
+    }
+
+    /// Adds a projection. Its name must be unique among this runner's.
+    pub fn with_projection(mut self, projection: Arc<dyn Projection>) -> Result<Runner> {
+        check_unique(self.projections.iter().chain(std::iter::once(&projection)))?;
+        self.projections.push(projection);
+        Ok(self)
+    }
+
+    /// Shared progress counters.
+    pub fn progress(&self) -> Arc<Progress> {
+        self.progress.clone()
+    }
+
+    async fn start_processors(&self) -> Result<Vec<Processor>> {
+        if self.projections.is_empty() {
+            return Err(Error::config(
+                "no projections to run: register at least one (or check --projection)",
+            ));
+        }
+        let slot = Slot {
+            partition: self.config.partition,
+            total: self.config.total_partitions,
+        };
+        let mut processors = Vec::new();
+        for p in &self.projections {
+            processors.push(
+                Processor::start(
+                    p.clone(),
+                    self.store.pool().clone(),
+                    self.store.statements(),
+                    slot,
+                    self.config.batch_size,
+                )
+                .await?,
+            );
+        }
+        Ok(processors)
+    }
+
+    /// Catches every projection up with what is readable now, then returns.
+    pub async fn run_once(&self) -> Result<()> {
+        let processors = self.start_processors().await?;
+        let mut tasks = tokio::task::JoinSet::new();
+        for mut p in processors {
+            let progress = self.progress.clone();
+            tasks.spawn(async move {
+                loop {
+                    let outcome = p.run_batch().await.inspect_err(|e| {
+                        tracing::error!(projection = p.name(), error = %e, "batch failed");
+                    })?;
+                    progress.handled.fetch_add(outcome.handled as u64, Ordering::Relaxed);
+                    progress.batches.fetch_add(1, Ordering::Relaxed);
+                    if outcome.caught_up {
+                        return Ok::<_, Error>(());
+                    }
+                }
+            });
+        }
+        let mut first_error = None;
+        while let Some(joined) = tasks.join_next().await {
+            let r = joined.map_err(|e| Error::new(crate::error::Kind::Other, format!("processor task panicked: {e}")));
+            if let Err(e) = r.and_then(|r| r) {
+                first_error.get_or_insert(e);
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+
+    /// Runs until `shutdown` completes, then lets every in-flight batch
+    /// commit (within the shutdown timeout) and returns.
+    pub async fn run_until(&self, shutdown: impl Future<Output = ()>) -> Result<()> {
+        let processors = self.start_processors().await?;
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let (wake, _) = watch::channel(0u64);
+        let mut background = tokio::task::JoinSet::new();
+        let head_sql = self.store.statements().head().to_owned();
+        match self.config.dispatcher {
+            DispatcherKind::Poll => {
+                background.spawn(dispatcher::poll_loop(
+                    self.store.pool().clone(),
+                    head_sql,
+                    self.config.poll_interval,
+                    wake.clone(),
+                    stop_rx.clone(),
+                ));
+            }
+            DispatcherKind::Notify => {
+                let mut listen_config = self.store.pg_config().clone();
+                listen_config.application_name("projectionist-listener");
+                background.spawn(dispatcher::listen_loop(
+                    listen_config,
+                    self.config.notify_channel.clone(),
+                    self.config.max_backoff,
+                    wake.clone(),
+                    stop_rx.clone(),
+                ));
+                background.spawn(dispatcher::poll_loop(
+                    self.store.pool().clone(),
+                    head_sql,
+                    RECONCILE_INTERVAL.min(self.config.poll_interval.max(RECONCILE_INTERVAL)),
+                    wake.clone(),
+                    stop_rx.clone(),
+                ));
+            }
+        }
+        let mut workers = tokio::task::JoinSet::new();
+        for p in processors {
+            workers.spawn(processor_loop(
+                p,
+                wake.subscribe(),
+                stop_rx.clone(),
+                self.config.max_backoff,
+                self.progress.clone(),
+            ));
+        }
+        tracing::info!(
+            projections = self.projections.len(),
+            partition = self.config.partition,
+            total_partitions = self.config.total_partitions,
+            dispatcher = ?self.config.dispatcher,
+            "projections running"
+        );
+        shutdown.await;
+        tracing::info!("shutting down: letting in-flight batches commit");
+        let _ = stop_tx.send(true);
+        let drained = tokio::time::timeout(self.config.shutdown_timeout, async {
+            while workers.join_next().await.is_some() {}
+        })
+        .await;
+        background.abort_all();
+        match drained {
+            Ok(()) => Ok(()),
+            Err(_) => {
+                workers.abort_all();
+                Err(Error::new(
+                    crate::error::Kind::Other,
+                    format!(
+                        "shutdown timeout ({:?}) exceeded: unfinished batches were rolled back and will be \
+                         handled again on the next start; raise SHUTDOWN_TIMEOUT if batches take longer",
+                        self.config.shutdown_timeout
+                    ),
+                ))
+            }
+        }
+    }
+}
+
+pub(crate) fn check_unique<'a>(projections: impl Iterator<Item = &'a Arc<dyn Projection>>) -> Result<()> {
+    let mut seen = HashSet::new();
+    for p in projections {
+        let name = p.name();
+        if name.is_empty() {
+            return Err(Error::config("a projection has an empty name: give every projection a stable, unique name"));
+        }
+        if !seen.insert(name.to_owned()) {
+            return Err(Error::config(format!(
+                "two projections are registered with the name {name:?}: names key the checkpoints, make them unique"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// One slot's loop: batches back to back while pages are full; otherwise
+/// wait for a wake-up. Errors are logged and retried with backoff; a fenced
+/// slot stops.
+async fn processor_loop(
+    mut p: Processor,
+    mut wake: watch::Receiver<u64>,
+    mut stop: watch::Receiver<bool>,
+    max_backoff: Duration,
+    progress: Arc<Progress>,
+) {
+    let initial = Duration::from_millis(100);
+    let mut backoff = initial;
+    loop {
+        if *stop.borrow() {
+            return;
+        }
+        wake.borrow_and_update();
+        match p.run_batch().await {
+            Ok(outcome) => {
+                backoff = initial;
+                if outcome.handled > 0 {
+                    progress.handled.fetch_add(outcome.handled as u64, Ordering::Relaxed);
+                    progress.batches.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(projection = p.name(), partition = p.slot().partition,
+                        events = outcome.handled, position = outcome.cursor.global_position, "batch committed");
+                }
+                if !outcome.caught_up {
+                    continue;
+                }
+                tokio::select! {
+                    _ = wake.changed() => {}
+                    _ = stop.changed() => {}
+                }
+            }
+            Err(e) if e.is_fenced() => {
+                tracing::error!(projection = p.name(), partition = p.slot().partition, error = %e, "slot fenced; stopping it");
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(projection = p.name(), partition = p.slot().partition, error = %e,
+                    cursor = %p.cursor(), retry_in_ms = backoff.as_millis() as u64, "batch failed; retrying");
+                p.record_error(&e).await;
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = stop.changed() => {}
+                }
+                backoff = (backoff * 2).min(max_backoff);
+            }
+        }
+    }
+}
