@@ -32,6 +32,7 @@ pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
 pub struct RunnerConfig {
     pub(crate) batch_size: i64,
     pub(crate) poll_interval: Duration,
+    pub(crate) reconcile_interval: Duration,
     pub(crate) max_backoff: Duration,
     pub(crate) dispatcher: DispatcherKind,
     pub(crate) notify_channel: Ident,
@@ -45,6 +46,7 @@ impl Default for RunnerConfig {
         RunnerConfig {
             batch_size: DEFAULT_BATCH_SIZE,
             poll_interval: DEFAULT_POLL_INTERVAL,
+            reconcile_interval: RECONCILE_INTERVAL,
             max_backoff: DEFAULT_MAX_BACKOFF,
             dispatcher: DispatcherKind::Poll,
             notify_channel: Ident::new("NOTIFY channel", DEFAULT_NOTIFY_CHANNEL)
@@ -75,6 +77,13 @@ impl RunnerConfig {
         }
         self.poll_interval = d;
         Ok(self)
+    }
+
+    /// How often the notify dispatcher also polls, to catch raw-SQL
+    /// appends without NOTIFY and lost notifications. Default: 1 s.
+    pub fn reconcile_interval(mut self, d: Duration) -> RunnerConfig {
+        self.reconcile_interval = d.max(Duration::from_millis(1));
+        self
     }
 
     /// Ceiling of the exponential backoff between retries after an error
@@ -270,7 +279,7 @@ impl Runner {
                 background.spawn(dispatcher::poll_loop(
                     self.store.pool().clone(),
                     head_sql,
-                    RECONCILE_INTERVAL.min(self.config.poll_interval.max(RECONCILE_INTERVAL)),
+                    self.config.reconcile_interval,
                     wake.clone(),
                     stop_rx.clone(),
                 ));

@@ -1,0 +1,49 @@
+//! Shared set-up for the integration tests.
+
+use projectionist::testing::TestDatabase;
+use projectionist::{EventStore, StoreConfig};
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+/// A fresh, migrated database and a store on it.
+pub struct Env {
+    pub db: TestDatabase,
+    pub store: EventStore,
+}
+
+pub async fn env() -> Env {
+    let db = TestDatabase::create().await.expect("create test database");
+    projectionist::migrate(&db.config(), "public")
+        .await
+        .expect("migrate");
+    let store = EventStore::connect_config(db.config(), StoreConfig::default()).expect("store");
+    Env { db, store }
+}
+
+impl Env {
+    pub async fn client(&self) -> tokio_postgres::Client {
+        self.db.connect().await.expect("connect")
+    }
+
+    pub async fn scalar_i64(&self, sql: &str) -> i64 {
+        let c = self.client().await;
+        c.query_one(sql, &[]).await.expect(sql).get(0)
+    }
+}
+
+/// Waits until `check` returns true, polling every 20 ms, failing after
+/// `timeout` with `what`.
+pub async fn wait_until<F, Fut>(timeout: Duration, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let start = Instant::now();
+    loop {
+        if check().await {
+            return;
+        }
+        assert!(start.elapsed() < timeout, "timed out after {timeout:?} waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

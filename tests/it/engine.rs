@@ -1,0 +1,481 @@
+//! The projection engine: catch-up, restarts, partitions, filters,
+//! dispatchers, concurrent writers.
+
+use crate::common::{env, wait_until, Env};
+use projectionist::{
+    async_trait, DispatcherKind, ExpectedVersion, Filter, NewEvent, Projection, Runner, RunnerConfig,
+    StoredEvent, Transaction,
+};
+use rand::Rng;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, oneshot};
+
+/// A projection that keeps `(aggregate_id, events, sum of amount)` in its
+/// own table and counts handler calls.
+struct Tally {
+    name: String,
+    filter: Filter,
+    calls: Arc<AtomicU64>,
+    seen: Option<mpsc::UnboundedSender<(i64, Instant)>>,
+}
+
+impl Tally {
+    fn new(name: &str) -> Tally {
+        Tally {
+            name: name.to_owned(),
+            filter: Filter::all(),
+            calls: Arc::new(AtomicU64::new(0)),
+            seen: None,
+        }
+    }
+
+    fn table(&self) -> String {
+        format!("tally_{}", self.name)
+    }
+
+    async fn create_table(&self, env: &Env) {
+        env.client()
+            .await
+            .batch_execute(&format!(
+                "CREATE TABLE IF NOT EXISTS {} (aggregate_id text PRIMARY KEY, n bigint NOT NULL, total bigint NOT NULL)",
+                self.table()
+            ))
+            .await
+            .unwrap();
+    }
+}
+
+#[async_trait]
+impl Projection for Tally {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn filter(&self) -> Filter {
+        self.filter.clone()
+    }
+
+    async fn handle(&self, event: &StoredEvent, tx: &Transaction<'_>) -> projectionist::Result<()> {
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        if let Some(seen) = &self.seen {
+            let _ = seen.send((event.global_position, Instant::now()));
+        }
+        let amount = event
+            .payload_value()?
+            .get("amount")
+            .and_then(|v| v.as_i64())
+            .unwrap_or(0);
+        let stmt = tx
+            .prepare_cached(&format!(
+                "INSERT INTO {} (aggregate_id, n, total) VALUES ($1, 1, $2) \
+                 ON CONFLICT (aggregate_id) DO UPDATE SET n = {t}.n + 1, total = {t}.total + excluded.total",
+                self.table(),
+                t = self.table()
+            ))
+            .await?;
+        tx.execute(&stmt, &[&event.aggregate_id, &amount]).await?;
+        Ok(())
+    }
+}
+
+fn amount_event(amount: i64) -> NewEvent {
+    NewEvent::new("MoneyDeposited", &serde_json::json!({ "amount": amount })).unwrap()
+}
+
+/// Appends `n` events over `streams` accounts, in batches of 10.
+async fn seed(env: &Env, n: usize, streams: usize) {
+    let mut versions = vec![0i64; streams];
+    let mut written = 0;
+    let mut i = 0;
+    while written < n {
+        let s = i % streams;
+        let k = 10.min(n - written);
+        let batch: Vec<NewEvent> = (0..k).map(|j| amount_event((written + j) as i64 % 97)).collect();
+        let r = env
+            .store
+            .append("Account", &format!("acc-{s}"), ExpectedVersion::Exact(versions[s]), &batch)
+            .await
+            .unwrap();
+        versions[s] = r.stream_version;
+        written += k;
+        i += 1;
+    }
+}
+
+/// `(aggregates, events, sum of amounts)` in the event log.
+async fn expected(env: &Env) -> (i64, i64, i64) {
+    let c = env.client().await;
+    let r = c
+        .query_one(
+            "SELECT count(DISTINCT aggregate_id), count(*), coalesce(sum((payload->>'amount')::bigint), 0)::int8 FROM events",
+            &[],
+        )
+        .await
+        .unwrap();
+    (r.get(0), r.get(1), r.get(2))
+}
+
+async fn read_model(env: &Env, table: &str) -> (i64, i64, i64) {
+    let c = env.client().await;
+    let r = c
+        .query_one(
+            &format!("SELECT count(*), coalesce(sum(n), 0)::int8, coalesce(sum(total), 0)::int8 FROM {table}"),
+            &[],
+        )
+        .await
+        .unwrap();
+    (r.get(0), r.get(1), r.get(2))
+}
+
+/// A runner on its own task, stopped by the returned sender.
+fn spawn_runner(runner: Runner) -> (oneshot::Sender<()>, tokio::task::JoinHandle<projectionist::Result<()>>) {
+    let (stop, stopped) = oneshot::channel::<()>();
+    let handle = tokio::spawn(async move {
+        runner
+            .run_until(async {
+                let _ = stopped.await;
+            })
+            .await
+    });
+    (stop, handle)
+}
+
+#[tokio::test]
+async fn catch_up_of_10000_events_builds_the_exact_read_model() {
+    let env = env().await;
+    seed(&env, 10_000, 50).await;
+    let tally = Arc::new(Tally::new("catchup"));
+    tally.create_table(&env).await;
+    let calls = tally.calls.clone();
+    let runner = Runner::new(env.store.clone(), RunnerConfig::default().batch_size(500).unwrap())
+        .with_projection(tally.clone())
+        .unwrap();
+    runner.run_once().await.unwrap();
+    // Events of transactions still open elsewhere on the server may not be
+    // readable yet; run again until everything has been handled.
+    wait_until(Duration::from_secs(30), "read model complete", || async {
+        runner.run_once().await.unwrap();
+        read_model(&env, "tally_catchup").await.1 == 10_000
+    })
+    .await;
+    assert_eq!(read_model(&env, "tally_catchup").await, expected(&env).await);
+    assert_eq!(calls.load(Ordering::Relaxed), 10_000, "each event handled once");
+    let status = projectionist::status(&env.store, &[tally as Arc<dyn Projection>]).await.unwrap();
+    assert_eq!(status.len(), 1);
+    assert_eq!(status[0].lag_events, 0);
+    assert_eq!(status[0].events_handled, 10_000);
+}
+
+#[tokio::test]
+async fn restart_resumes_from_the_checkpoint() {
+    let env = env().await;
+    seed(&env, 3_000, 20).await;
+    let tally = Arc::new(Tally::new("restart"));
+    tally.create_table(&env).await;
+    let calls = tally.calls.clone();
+    let config = RunnerConfig::default()
+        .batch_size(100)
+        .unwrap()
+        .poll_interval(Duration::from_millis(20))
+        .unwrap();
+
+    // First run: stop part-way through.
+    let runner = Runner::new(env.store.clone(), config.clone())
+        .with_projection(tally.clone())
+        .unwrap();
+    let progress = runner.progress();
+    let (stop, handle) = spawn_runner(runner);
+    wait_until(Duration::from_secs(30), "some progress", || async {
+        progress.events_handled() >= 500
+    })
+    .await;
+    stop.send(()).unwrap();
+    handle.await.unwrap().unwrap();
+    let first = calls.load(Ordering::Relaxed);
+    assert_eq!(read_model(&env, "tally_restart").await.1 as u64, first, "every handled event committed");
+
+    // More events arrive while it is down; the second run resumes.
+    seed(&env, 1_000, 7).await;
+    let runner = Runner::new(env.store.clone(), config)
+        .with_projection(tally.clone())
+        .unwrap();
+    let (stop, handle) = spawn_runner(runner);
+    wait_until(Duration::from_secs(30), "all events handled", || async {
+        read_model(&env, "tally_restart").await.1 == 4_000
+    })
+    .await;
+    stop.send(()).unwrap();
+    handle.await.unwrap().unwrap();
+    assert_eq!(calls.load(Ordering::Relaxed), 4_000, "no event handled twice, none missed");
+    assert_eq!(read_model(&env, "tally_restart").await, expected(&env).await);
+}
+
+#[tokio::test]
+async fn two_partitions_build_the_same_read_model_as_one() {
+    let env = env().await;
+    seed(&env, 2_000, 40).await;
+    let single = Arc::new(Tally::new("single"));
+    single.create_table(&env).await;
+    let split = Arc::new(Tally::new("split"));
+    split.create_table(&env).await;
+    let cfg = RunnerConfig::default().poll_interval(Duration::from_millis(20)).unwrap();
+
+    let one = Runner::new(env.store.clone(), cfg.clone()).with_projection(single.clone()).unwrap();
+    let p0 = Runner::new(env.store.clone(), cfg.clone().partition(0, 2).unwrap())
+        .with_projection(split.clone())
+        .unwrap();
+    let p1 = Runner::new(env.store.clone(), cfg.clone().partition(1, 2).unwrap())
+        .with_projection(split.clone())
+        .unwrap();
+    let p0_progress = p0.progress();
+    let p1_progress = p1.progress();
+    let handles = [spawn_runner(one), spawn_runner(p0), spawn_runner(p1)];
+    wait_until(Duration::from_secs(30), "both read models complete", || async {
+        read_model(&env, "tally_single").await.1 == 2_000 && read_model(&env, "tally_split").await.1 == 2_000
+    })
+    .await;
+    for (stop, handle) in handles {
+        stop.send(()).unwrap();
+        handle.await.unwrap().unwrap();
+    }
+    assert_eq!(read_model(&env, "tally_single").await, read_model(&env, "tally_split").await);
+    assert_eq!(read_model(&env, "tally_split").await, expected(&env).await);
+    // Each partition got a share, and the shares follow the documented hash.
+    let c = env.client().await;
+    let in_p0: i64 = c
+        .query_one("SELECT count(*) FROM events WHERE projectionist_partition(aggregate_id, 2) = 0", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(p0_progress.events_handled() as i64, in_p0);
+    assert_eq!(p1_progress.events_handled() as i64, 2_000 - in_p0);
+    assert!(in_p0 > 0 && in_p0 < 2_000);
+
+    // A different TOTAL_PARTITIONS for the same projection is refused.
+    let bad = Runner::new(env.store.clone(), cfg.clone().partition(0, 3).unwrap())
+        .with_projection(split.clone())
+        .unwrap();
+    let e = bad.run_once().await.unwrap_err();
+    assert!(e.is_config(), "{e:?}");
+    let msg = e.to_string();
+    assert!(msg.contains("TOTAL_PARTITIONS=2") && msg.contains("reset split"), "{msg}");
+    // Nothing changed: still two checkpoint rows made with 2 partitions.
+    let rows: i64 = c
+        .query_one("SELECT count(*) FROM projection_checkpoints WHERE projection_name = 'split' AND total_partitions = 2", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(rows, 2);
+    let total_rows: i64 = c
+        .query_one("SELECT count(*) FROM projection_checkpoints WHERE projection_name = 'split'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(total_rows, 2);
+
+    // An out-of-range key is refused before anything runs.
+    for (key, total) in [(2, 2), (-1, 2), (0, 0)] {
+        let e = RunnerConfig::default().partition(key, total).unwrap_err();
+        assert!(e.is_config());
+        assert!(e.to_string().contains("PARTITION_KEY") || e.to_string().contains("TOTAL_PARTITIONS"), "{e}");
+    }
+}
+
+/// The partition function documented in docs/concepts.md: first 32 bits of
+/// md5(aggregate_id) as an unsigned big-endian integer, modulo the count.
+#[tokio::test]
+async fn partition_function_matches_its_documentation() {
+    let env = env().await;
+    let c = env.client().await;
+    // md5("acc-1") = 0e5e8f0b…, md5("") = d41d8cd9…
+    for (id, total) in [("acc-1", 4), ("", 7), ("x", 1)] {
+        let got: i32 = c
+            .query_one("SELECT projectionist_partition($1, $2)", &[&id, &total])
+            .await
+            .unwrap()
+            .get(0);
+        let hex: String = c.query_one("SELECT md5($1)", &[&id]).await.unwrap().get(0);
+        let want = (u32::from_str_radix(&hex[..8], 16).unwrap() % total as u32) as i32;
+        assert_eq!(got, want, "{id} mod {total}");
+    }
+}
+
+#[tokio::test]
+async fn a_filter_that_matches_nothing_still_advances_the_cursor() {
+    let env = env().await;
+    seed(&env, 500, 5).await;
+    let mut tally = Tally::new("nothing");
+    tally.filter = Filter::all().event_types(["NoSuchEvent"]);
+    let tally = Arc::new(tally);
+    tally.create_table(&env).await;
+    let runner = Runner::new(env.store.clone(), RunnerConfig::default())
+        .with_projection(tally.clone())
+        .unwrap();
+    let max_pos = env.scalar_i64("SELECT max(global_position) FROM events").await;
+    wait_until(Duration::from_secs(30), "cursor past every event", || async {
+        runner.run_once().await.unwrap();
+        env.scalar_i64("SELECT last_global_position FROM projection_checkpoints WHERE projection_name = 'nothing'")
+            .await
+            >= max_pos
+            && env
+                .scalar_i64(
+                    "SELECT (last_transaction_id::text::int8 >= (SELECT max(transaction_id::text::int8) FROM events))::int8 \
+                     FROM projection_checkpoints WHERE projection_name = 'nothing'",
+                )
+                .await
+                == 1
+    })
+    .await;
+    assert_eq!(tally.calls.load(Ordering::Relaxed), 0);
+    let status = projectionist::status(&env.store, &[tally as Arc<dyn Projection>]).await.unwrap();
+    assert_eq!(status[0].lag_events, 0);
+}
+
+#[tokio::test]
+async fn notify_wakes_within_100ms_and_survives_a_killed_listener() {
+    let env = env().await;
+    let (seen_tx, mut seen_rx) = mpsc::unbounded_channel();
+    let mut tally = Tally::new("notified");
+    tally.seen = Some(seen_tx);
+    let tally = Arc::new(tally);
+    tally.create_table(&env).await;
+    let cfg = RunnerConfig::default()
+        .dispatcher(DispatcherKind::Notify)
+        .poll_interval(Duration::from_secs(3600))
+        .unwrap()
+        .reconcile_interval(Duration::from_secs(3600));
+    let runner = Runner::new(env.store.clone(), cfg).with_projection(tally.clone()).unwrap();
+    let (stop, handle) = spawn_runner(runner);
+    let c = env.client().await;
+    let listener_pid = || async {
+        c.query_opt(
+            "SELECT pid FROM pg_stat_activity WHERE datname = current_database() \
+             AND application_name = 'projectionist-listener' AND query ILIKE 'LISTEN%'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .map(|r| r.get::<_, i32>(0))
+    };
+    wait_until(Duration::from_secs(10), "listener connected", || async { listener_pid().await.is_some() }).await;
+
+    let mut latencies = Vec::new();
+    for i in 0..5 {
+        let r = env
+            .store
+            .append("Account", &format!("n-{i}"), ExpectedVersion::NoStream, &[amount_event(1)])
+            .await
+            .unwrap();
+        let appended = Instant::now();
+        let (pos, at) = tokio::time::timeout(Duration::from_secs(10), seen_rx.recv())
+            .await
+            .expect("append handled")
+            .unwrap();
+        assert_eq!(pos, r.first_position);
+        latencies.push(at.saturating_duration_since(appended));
+    }
+    latencies.sort();
+    assert!(
+        latencies[2] < Duration::from_millis(100),
+        "median wake-up latency {:?} (all: {latencies:?})",
+        latencies[2]
+    );
+
+    // Kill the listener's backend: the dispatcher reconnects and the next
+    // append is still handled (with polling effectively off).
+    let pid = listener_pid().await.unwrap();
+    c.execute("SELECT pg_terminate_backend($1)", &[&pid]).await.unwrap();
+    wait_until(Duration::from_secs(10), "listener reconnected", || async {
+        matches!(listener_pid().await, Some(p) if p != pid)
+    })
+    .await;
+    let r = env
+        .store
+        .append("Account", "after-kill", ExpectedVersion::NoStream, &[amount_event(1)])
+        .await
+        .unwrap();
+    let (pos, _) = tokio::time::timeout(Duration::from_secs(10), seen_rx.recv())
+        .await
+        .expect("append after the listener was killed is handled")
+        .unwrap();
+    assert_eq!(pos, r.first_position);
+    stop.send(()).unwrap();
+    handle.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn concurrent_writers_with_random_commit_delays_give_an_exact_read_model() {
+    let env = env().await;
+    let tally = Arc::new(Tally::new("racy"));
+    tally.create_table(&env).await;
+    let cfg = RunnerConfig::default()
+        .batch_size(50)
+        .unwrap()
+        .poll_interval(Duration::from_millis(10))
+        .unwrap();
+    let runner = Runner::new(env.store.clone(), cfg).with_projection(tally.clone()).unwrap();
+    let (stop, handle) = spawn_runner(runner);
+
+    const WRITERS: usize = 6;
+    const PER_WRITER: usize = 150;
+    let mut writers = Vec::new();
+    for w in 0..WRITERS {
+        let store = env.store.clone();
+        let db_config = env.db.config();
+        writers.push(tokio::spawn(async move {
+            let (mut client, conn) = db_config.connect(tokio_postgres::NoTls).await.unwrap();
+            tokio::spawn(conn);
+            for i in 0..PER_WRITER {
+                let delay = Duration::from_millis(rand::thread_rng().gen_range(0..4));
+                let tx = client.transaction().await.unwrap();
+                let stream = format!("w{w}-{}", i % 5);
+                if w % 2 == 0 {
+                    // Raw SQL append, as another service would write.
+                    tx.execute(
+                        "INSERT INTO events (aggregate_type, aggregate_id, aggregate_version, event_type, payload) \
+                         SELECT 'Account', $1, coalesce(max(aggregate_version), 0) + 1, 'MoneyDeposited', \
+                                jsonb_build_object('amount', $2::int8) \
+                         FROM events WHERE aggregate_type = 'Account' AND aggregate_id = $1",
+                        &[&stream, &(i as i64)],
+                    )
+                    .await
+                    .unwrap();
+                } else {
+                    store
+                        .append_in(&tx, "Account", &stream, ExpectedVersion::Any, &[amount_event(i as i64)])
+                        .await
+                        .unwrap();
+                }
+                // Hold the transaction open a little: later positions commit first.
+                tokio::time::sleep(delay).await;
+                tx.commit().await.unwrap();
+            }
+        }));
+    }
+    for w in writers {
+        w.await.unwrap();
+    }
+    let total = (WRITERS * PER_WRITER) as i64;
+    wait_until(Duration::from_secs(30), "every event projected", || async {
+        read_model(&env, "tally_racy").await.1 >= total
+    })
+    .await;
+    stop.send(()).unwrap();
+    handle.await.unwrap().unwrap();
+    assert_eq!(read_model(&env, "tally_racy").await, expected(&env).await);
+    assert_eq!(tally.calls.load(Ordering::Relaxed) as i64, total, "each event handled exactly once");
+}
+
+#[tokio::test]
+async fn duplicate_projection_names_are_refused() {
+    let env = env().await;
+    let e = Runner::new(env.store.clone(), RunnerConfig::default())
+        .with_projection(Arc::new(Tally::new("same")))
+        .unwrap()
+        .with_projection(Arc::new(Tally::new("same")))
+        .err()
+        .expect("duplicate refused");
+    assert!(e.is_config() && e.to_string().contains("\"same\""), "{e}");
+}

@@ -1,0 +1,7 @@
+//! Integration tests against a real PostgreSQL: `DATABASE_URL` when set,
+//! otherwise a throwaway cluster started once for this test binary (see
+//! `projectionist::testing`). Every test gets a database of its own.
+
+mod common;
+mod engine;
+mod store;
