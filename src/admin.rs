@@ -40,7 +40,10 @@ pub struct SlotStatus {
 
 /// Reads every checkpoint and computes its lag, using the registered
 /// projections' filters where known.
-pub async fn status(store: &EventStore, projections: &[Arc<dyn Projection>]) -> Result<Vec<SlotStatus>> {
+pub async fn status(
+    store: &EventStore,
+    projections: &[Arc<dyn Projection>],
+) -> Result<Vec<SlotStatus>> {
     let sql = store.statements();
     let client = store.pool().get().await?;
     let checkpoints = Checkpoints::new(&sql.checkpoints).list(&**client).await?;
@@ -85,7 +88,11 @@ pub async fn status(store: &EventStore, projections: &[Arc<dyn Projection>]) -> 
 /// Runs the projection's reset hook and deletes its checkpoints (all, or
 /// one partition's) in one transaction, so the next run rebuilds it.
 /// Returns the number of checkpoint rows deleted.
-pub async fn reset(store: &EventStore, projection: &dyn Projection, partition: Option<i32>) -> Result<u64> {
+pub async fn reset(
+    store: &EventStore,
+    projection: &dyn Projection,
+    partition: Option<i32>,
+) -> Result<u64> {
     let sql = store.statements();
     let mut client = store.pool().get().await?;
     let tx = client.transaction().await?;

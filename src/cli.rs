@@ -35,7 +35,12 @@ pub struct GlobalArgs {
     #[arg(long, env = "DATABASE_URL", hide_env_values = true, global = true)]
     pub database_url: Option<String>,
     /// Schema holding the projectionist tables.
-    #[arg(long, env = "PROJECTIONIST_SCHEMA", default_value = "public", global = true)]
+    #[arg(
+        long,
+        env = "PROJECTIONIST_SCHEMA",
+        default_value = "public",
+        global = true
+    )]
     pub schema: String,
     /// Log format: text or json.
     #[arg(long, env = "LOG_FORMAT", default_value = "text", global = true, value_parser = ["text", "json"])]
@@ -85,7 +90,12 @@ pub struct RunArgs {
     #[arg(long, env = "PARTITION_KEY", allow_negative_numbers = true)]
     pub partition_key: Option<i32>,
     /// Number of static partitions.
-    #[arg(long, env = "TOTAL_PARTITIONS", default_value_t = 1, allow_negative_numbers = true)]
+    #[arg(
+        long,
+        env = "TOTAL_PARTITIONS",
+        default_value_t = 1,
+        allow_negative_numbers = true
+    )]
     pub total_partitions: i32,
     /// Events per batch transaction.
     #[arg(long, env = "BATCH_SIZE", default_value_t = DEFAULT_BATCH_SIZE, allow_negative_numbers = true)]
@@ -152,7 +162,9 @@ pub fn init_logging(format: &str, level: &str) {
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(level))
         .unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     let _ = if format == "json" {
         builder.json().flatten_event(true).try_init()
     } else {
@@ -217,7 +229,11 @@ impl App {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("error: {e}");
-                ExitCode::from(if e.is_config() && !e.is_not_migrated() { 2 } else { 1 })
+                ExitCode::from(if e.is_config() && !e.is_not_migrated() {
+                    2
+                } else {
+                    1
+                })
             }
         }
     }
@@ -250,7 +266,11 @@ impl App {
                 let known: Vec<&str> = self.projections.iter().map(|p| p.name()).collect();
                 Error::config(format!(
                     "unknown projection {name:?}: this binary has {}",
-                    if known.is_empty() { "none".to_owned() } else { known.join(", ") }
+                    if known.is_empty() {
+                        "none".to_owned()
+                    } else {
+                        known.join(", ")
+                    }
                 ))
             })
     }
@@ -263,7 +283,11 @@ impl App {
                 if report.applied.is_empty() {
                     println!("schema {} is up to date", global.schema);
                 } else {
-                    println!("applied {} to schema {}", report.applied.join(", "), global.schema);
+                    println!(
+                        "applied {} to schema {}",
+                        report.applied.join(", "),
+                        global.schema
+                    );
                 }
                 Ok(())
             }
@@ -272,14 +296,19 @@ impl App {
                 let store = self.store(global)?;
                 let rows = crate::admin::status(&store, &self.projections).await?;
                 if json {
-                    let text = serde_json::to_string_pretty(&serde_json::json!({ "projections": rows }))?;
+                    let text =
+                        serde_json::to_string_pretty(&serde_json::json!({ "projections": rows }))?;
                     println!("{text}");
                 } else {
                     print_status_table(&rows);
                 }
                 Ok(())
             }
-            Command::Reset { name, partition, yes } => {
+            Command::Reset {
+                name,
+                partition,
+                yes,
+            } => {
                 let projection = self.find(&name)?;
                 if !yes {
                     if !std::io::stdin().is_terminal() {
@@ -287,10 +316,16 @@ impl App {
                             "reset {name} clears its read model and checkpoints: pass --yes to confirm"
                         )));
                     }
-                    eprint!("reset {name}{}: clear its read model and checkpoints? [y/N] ",
-                        partition.map(|p| format!(" partition {p}")).unwrap_or_default());
+                    eprint!(
+                        "reset {name}{}: clear its read model and checkpoints? [y/N] ",
+                        partition
+                            .map(|p| format!(" partition {p}"))
+                            .unwrap_or_default()
+                    );
                     let mut answer = String::new();
-                    std::io::stdin().read_line(&mut answer).map_err(|e| Error::config(format!("cannot read the answer: {e}")))?;
+                    std::io::stdin()
+                        .read_line(&mut answer)
+                        .map_err(|e| Error::config(format!("cannot read the answer: {e}")))?;
                     if !matches!(answer.trim(), "y" | "Y" | "yes") {
                         println!("reset cancelled");
                         return Ok(());
@@ -312,7 +347,11 @@ impl App {
             Some(k) => k,
             None => match hostname().as_deref().and_then(ordinal_from_hostname) {
                 Some(k) if args.total_partitions > 1 => {
-                    tracing::info!(partition_key = k, "PARTITION_KEY unset: using the ordinal of hostname {}", hostname().unwrap_or_default());
+                    tracing::info!(
+                        partition_key = k,
+                        "PARTITION_KEY unset: using the ordinal of hostname {}",
+                        hostname().unwrap_or_default()
+                    );
                     k
                 }
                 _ => 0,
@@ -341,8 +380,10 @@ async fn run_once_with_progress(store: &EventStore, runner: &Runner) -> Result<(
         let (head, _) = store.head().await?;
         let bar = indicatif::ProgressBar::new(head.max(0) as u64);
         bar.set_style(
-            indicatif::ProgressStyle::with_template("{spinner} {pos} events handled ({per_sec}) {elapsed}")
-                .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
+            indicatif::ProgressStyle::with_template(
+                "{spinner} {pos} events handled ({per_sec}) {elapsed}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
         );
         Some(bar)
     } else {
@@ -366,7 +407,11 @@ async fn run_once_with_progress(store: &EventStore, runner: &Runner) -> Result<(
         bar.finish();
     }
     result?;
-    println!("caught up: {} events handled in {} batches", progress.events_handled(), progress.batches());
+    println!(
+        "caught up: {} events handled in {} batches",
+        progress.events_handled(),
+        progress.batches()
+    );
     Ok(())
 }
 
@@ -374,7 +419,10 @@ async fn run_once_with_progress(store: &EventStore, runner: &Runner) -> Result<(
 /// process at once (code 130).
 pub async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};
-    let (mut term, mut int) = match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+    let (mut term, mut int) = match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
         (Ok(t), Ok(i)) => (t, i),
         _ => {
             tracing::error!("cannot install signal handlers; stop with SIGKILL");
@@ -400,7 +448,14 @@ fn print_status_table(rows: &[crate::admin::SlotStatus]) {
     let mut table = comfy_table::Table::new();
     table.load_preset(comfy_table::presets::UTF8_FULL_CONDENSED);
     table.set_header([
-        "projection", "partition", "position", "lag (events)", "lag (s)", "state", "last error", "updated at",
+        "projection",
+        "partition",
+        "position",
+        "lag (events)",
+        "lag (s)",
+        "state",
+        "last error",
+        "updated at",
     ]);
     for r in rows {
         table.add_row([
@@ -436,8 +491,14 @@ mod tests {
 
     #[test]
     fn durations() {
-        assert_eq!(parse_duration("POLL_INTERVAL", "200ms").unwrap(), Duration::from_millis(200));
-        assert_eq!(parse_duration("POLL_INTERVAL", "5s").unwrap(), Duration::from_secs(5));
+        assert_eq!(
+            parse_duration("POLL_INTERVAL", "200ms").unwrap(),
+            Duration::from_millis(200)
+        );
+        assert_eq!(
+            parse_duration("POLL_INTERVAL", "5s").unwrap(),
+            Duration::from_secs(5)
+        );
         let e = parse_duration("POLL_INTERVAL", "soon").unwrap_err();
         assert!(e.is_config() && e.to_string().contains("POLL_INTERVAL"));
     }

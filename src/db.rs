@@ -68,15 +68,21 @@ pub fn pool(config: &tokio_postgres::Config, size: usize) -> Result<Pool> {
         .max_size(size.max(1))
         .runtime(deadpool_postgres::Runtime::Tokio1)
         .build()
-        .map_err(|e| Error::new(Kind::Other, format!("cannot build the connection pool: {e}")))
+        .map_err(|e| {
+            Error::new(
+                Kind::Other,
+                format!("cannot build the connection pool: {e}"),
+            )
+        })
 }
 
 /// Opens a dedicated connection and drives it on a background task. The
 /// task ends when the returned client is dropped.
 pub async fn connect_dedicated(config: &tokio_postgres::Config) -> Result<Client> {
-    let (client, connection) = config.connect(NoTls).await.map_err(|e| {
-        Error::from(e).context(format!("cannot connect to {}", describe(config)))
-    })?;
+    let (client, connection) = config
+        .connect(NoTls)
+        .await
+        .map_err(|e| Error::from(e).context(format!("cannot connect to {}", describe(config))))?;
     tokio::spawn(async move {
         if let Err(e) = connection.await {
             tracing::debug!(error = %e, "dedicated connection closed");

@@ -18,6 +18,8 @@ use crate::ident::Ident;
 use deadpool_postgres::Pool;
 use futures_util::StreamExt;
 use std::str::FromStr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
 use tokio_postgres::{AsyncMessage, NoTls};
@@ -50,6 +52,84 @@ pub const RECONCILE_INTERVAL: Duration = Duration::from_secs(1);
 
 /// The wake-up signal: a generation counter every processor watches.
 pub(crate) type Wake = watch::Sender<u64>;
+
+/// Shared between the listener and the processors: the newest appending
+/// transaction announced by NOTIFY, and the highest watermark a processor
+/// has read below. While an announced transaction is not yet below the
+/// watermark (an older transaction elsewhere is still open), the listener
+/// re-checks the watermark until it passes and wakes the processors again,
+/// so a notified event is never left waiting for the reconciliation poll.
+#[derive(Debug, Default)]
+pub(crate) struct Watermarks {
+    announced: AtomicU64,
+    seen: AtomicU64,
+    changed: tokio::sync::Notify,
+}
+
+impl Watermarks {
+    /// A processor read a page below `watermark`.
+    pub(crate) fn saw(&self, watermark: u64) {
+        self.seen.fetch_max(watermark, Ordering::Relaxed);
+    }
+
+    fn announce(&self, transaction_id: u64) {
+        self.announced.fetch_max(transaction_id, Ordering::Relaxed);
+        self.changed.notify_one();
+    }
+
+    /// Announced but not yet read below the watermark.
+    fn pending(&self) -> Option<u64> {
+        let a = self.announced.load(Ordering::Relaxed);
+        (a != 0 && self.seen.load(Ordering::Relaxed) <= a).then_some(a)
+    }
+}
+
+/// Wakes the processors once announced transactions fall below the
+/// watermark, checking every few milliseconds while any is pending.
+pub(crate) async fn chase_watermark(
+    pool: Pool,
+    marks: Arc<Watermarks>,
+    wake: Wake,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        let Some(pending) = marks.pending() else {
+            tokio::select! {
+                _ = marks.changed.notified() => continue,
+                _ = shutdown.changed() => return,
+            }
+        };
+        let mut delay = Duration::from_millis(2);
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = shutdown.changed() => return,
+            }
+            if marks.pending().is_none() {
+                break;
+            }
+            let xmin = async {
+                let client = pool.get().await?;
+                let row = client
+                    .query_one("SELECT pg_snapshot_xmin(pg_current_snapshot())", &[])
+                    .await?;
+                Ok::<_, Error>(row.try_get::<_, Xid8>(0)?.0)
+            }
+            .await;
+            match xmin {
+                Ok(xmin) if xmin > pending => {
+                    bump(&wake);
+                    break;
+                }
+                Ok(_) => delay = (delay * 2).min(Duration::from_millis(50)),
+                Err(e) => {
+                    tracing::debug!(error = %e, "watermark check failed");
+                    delay = Duration::from_millis(200);
+                }
+            }
+        }
+    }
+}
 
 fn bump(wake: &Wake) {
     wake.send_modify(|g| *g = g.wrapping_add(1));
@@ -99,6 +179,7 @@ pub(crate) async fn listen_loop(
     config: tokio_postgres::Config,
     channel: Ident,
     max_backoff: Duration,
+    marks: Arc<Watermarks>,
     wake: Wake,
     mut shutdown: watch::Receiver<bool>,
 ) {
@@ -107,7 +188,7 @@ pub(crate) async fn listen_loop(
         if *shutdown.borrow() {
             return;
         }
-        match listen_once(&config, &channel, &wake, &mut shutdown).await {
+        match listen_once(&config, &channel, &marks, &wake, &mut shutdown).await {
             Ok(()) => return,
             Err(e) => {
                 tracing::warn!(error = %e, channel = %channel, retry_in_ms = backoff.as_millis() as u64,
@@ -127,20 +208,27 @@ pub(crate) async fn listen_loop(
 async fn listen_once(
     config: &tokio_postgres::Config,
     channel: &Ident,
+    marks: &Arc<Watermarks>,
     wake: &Wake,
     shutdown: &mut watch::Receiver<bool>,
 ) -> Result<()> {
-    let (client, mut connection) = config
-        .connect(NoTls)
-        .await
-        .map_err(|e| Error::from(e).context(format!("LISTEN connection to {}", db::describe(config))))?;
+    let (client, mut connection) = config.connect(NoTls).await.map_err(|e| {
+        Error::from(e).context(format!("LISTEN connection to {}", db::describe(config)))
+    })?;
     let (ended_tx, mut ended_rx) = tokio::sync::oneshot::channel::<String>();
     let wake_n = wake.clone();
+    let marks_n = marks.clone();
     let driver = tokio::spawn(async move {
         let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
         let reason = loop {
             match messages.next().await {
-                Some(Ok(AsyncMessage::Notification(_))) => bump(&wake_n),
+                Some(Ok(AsyncMessage::Notification(n))) => {
+                    // The library's appends send their transaction id.
+                    if let Ok(tx) = n.payload().parse::<u64>() {
+                        marks_n.announce(tx);
+                    }
+                    bump(&wake_n);
+                }
                 Some(Ok(_)) => {}
                 Some(Err(e)) => break e.to_string(),
                 None => break "connection closed".to_owned(),
@@ -176,8 +264,14 @@ mod tests {
 
     #[test]
     fn parses_dispatcher_names() {
-        assert_eq!("poll".parse::<DispatcherKind>().unwrap(), DispatcherKind::Poll);
-        assert_eq!("notify".parse::<DispatcherKind>().unwrap(), DispatcherKind::Notify);
+        assert_eq!(
+            "poll".parse::<DispatcherKind>().unwrap(),
+            DispatcherKind::Poll
+        );
+        assert_eq!(
+            "notify".parse::<DispatcherKind>().unwrap(),
+            DispatcherKind::Notify
+        );
         let e = "kafka".parse::<DispatcherKind>().unwrap_err();
         assert!(e.is_config() && e.to_string().contains("DISPATCHER=poll"));
     }

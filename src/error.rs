@@ -54,10 +54,6 @@ impl Error {
         self
     }
 
-    pub(crate) fn kind(&self) -> Kind {
-        self.kind
-    }
-
     pub(crate) fn config(message: impl Into<String>) -> Error {
         Error::new(Kind::Config, message)
     }

@@ -156,7 +156,10 @@ impl fmt::Display for Cursor {
 pub(crate) struct Xid8(pub u64);
 
 impl<'a> FromSql<'a> for Xid8 {
-    fn from_sql(_: &Type, raw: &'a [u8]) -> std::result::Result<Self, Box<dyn std::error::Error + Sync + Send>> {
+    fn from_sql(
+        _: &Type,
+        raw: &'a [u8],
+    ) -> std::result::Result<Self, Box<dyn std::error::Error + Sync + Send>> {
         let bytes: [u8; 8] = raw
             .try_into()
             .map_err(|_| format!("xid8 value has {} bytes, expected 8", raw.len()))?;
@@ -183,7 +186,10 @@ impl ToSql for Xid8 {
 pub(crate) struct RawJson(pub String);
 
 impl<'a> FromSql<'a> for RawJson {
-    fn from_sql(ty: &Type, raw: &'a [u8]) -> std::result::Result<Self, Box<dyn std::error::Error + Sync + Send>> {
+    fn from_sql(
+        ty: &Type,
+        raw: &'a [u8],
+    ) -> std::result::Result<Self, Box<dyn std::error::Error + Sync + Send>> {
         let body = if *ty == Type::JSONB {
             match raw.split_first() {
                 Some((1, rest)) => rest,
@@ -278,7 +284,8 @@ impl StoredEvent {
     }
 
     /// Column list matching [`StoredEvent::from_row_at`], for `SELECT`s.
-    pub(crate) const COLUMNS: &'static str = "global_position, transaction_id, event_id, aggregate_type, \
+    pub(crate) const COLUMNS: &'static str =
+        "global_position, transaction_id, event_id, aggregate_type, \
          aggregate_id, aggregate_version, event_type, event_version, payload, metadata, created_at";
 
     /// Decodes the columns of [`StoredEvent::COLUMNS`] starting at `at`.
@@ -326,7 +333,9 @@ mod tests {
 
     #[test]
     fn decode_error_names_type_position_and_serde_message() {
-        let e = stored(r#"{"amount":"ten"}"#).decode::<Deposited>().unwrap_err();
+        let e = stored(r#"{"amount":"ten"}"#)
+            .decode::<Deposited>()
+            .unwrap_err();
         let m = e.to_string();
         assert!(e.is_payload());
         assert!(m.contains("MoneyDeposited"), "{m}");

@@ -17,9 +17,7 @@ impl Ident {
     pub fn new(what: &str, name: &str) -> Result<Ident> {
         let ok = !name.is_empty()
             && name.len() <= 63
-            && name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '_')
+            && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
             && !name.starts_with(|c: char| c.is_ascii_digit());
         if ok {
             Ok(Ident(name.to_owned()))

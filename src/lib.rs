@@ -24,24 +24,24 @@ mod store;
 #[cfg(feature = "testing")]
 pub mod testing;
 
-pub use db::{describe as describe_database, parse_url, DEFAULT_POOL_SIZE};
 pub use admin::{reset, status, SlotStatus};
 pub use checkpoint::Checkpoint;
 pub use cli::App;
+pub use db::{describe as describe_database, parse_url, DEFAULT_POOL_SIZE};
 pub use dispatcher::DispatcherKind;
 pub use error::{Error, Result};
+pub use event::{Cursor, Metadata, NewEvent, StoredEvent};
+pub use migrate::{embedded_migrations, migrate, MigrationReport, HISTORY_TABLE};
 pub use projection::{Filter, Partition, Projection, Transaction};
 pub use runner::{
     Progress, Runner, RunnerConfig, DEFAULT_BATCH_SIZE, DEFAULT_MAX_BACKOFF, DEFAULT_POLL_INTERVAL,
     DEFAULT_SHUTDOWN_TIMEOUT, MAX_BATCH_SIZE,
 };
-pub use event::{Cursor, Metadata, NewEvent, StoredEvent};
-pub use migrate::{embedded_migrations, migrate, MigrationReport, HISTORY_TABLE};
 pub use store::{
     AppendResult, EventStore, ExpectedVersion, ReadBatch, StoreConfig, DEFAULT_NOTIFY_CHANNEL,
 };
 
-/// Re-exported so users need not depend on the pool crate directly.
-pub use deadpool_postgres::Pool;
 /// Re-exported for implementing [`Projection`].
 pub use async_trait::async_trait;
+/// Re-exported so users need not depend on the pool crate directly.
+pub use deadpool_postgres::Pool;

@@ -24,7 +24,10 @@ pub const HISTORY_TABLE: &str = "projectionist_migrations";
 fn lock_key(schema: &Ident) -> i64 {
     // FNV-1a, stable across builds and platforms.
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in b"projectionist:migrate:".iter().chain(schema.as_str().as_bytes()) {
+    for b in b"projectionist:migrate:"
+        .iter()
+        .chain(schema.as_str().as_bytes())
+    {
         h ^= u64::from(*b);
         h = h.wrapping_mul(0x0100_0000_01b3);
     }

@@ -28,8 +28,8 @@ pub(crate) struct BatchOutcome {
     pub(crate) handled: usize,
     /// The page was not full: nothing more is readable right now.
     pub(crate) caught_up: bool,
-    /// The log's highest position when the page was read.
-    pub(crate) head: i64,
+    /// The watermark the page was read below.
+    pub(crate) watermark: u64,
     /// The cursor after the batch.
     pub(crate) cursor: Cursor,
 }
@@ -107,7 +107,9 @@ impl Processor {
     pub(crate) async fn run_batch(&mut self) -> Result<BatchOutcome> {
         let mut client = self.pool.get().await?;
         let read = client.prepare_cached(&self.read_sql).await?;
-        let advance = client.prepare_cached(self.checkpoints.advance_sql()).await?;
+        let advance = client
+            .prepare_cached(self.checkpoints.advance_sql())
+            .await?;
         let tx = client.transaction().await?;
         let page = read_page(&*tx, &read, self.read_cursor, self.batch_size, &self.filter).await?;
         let caught_up = (page.events.len() as i64) < self.batch_size;
@@ -121,7 +123,7 @@ impl Processor {
             return Ok(BatchOutcome {
                 handled: 0,
                 caught_up,
-                head: page.head,
+                watermark: page.watermark,
                 cursor: self.cursor,
             });
         }
@@ -169,7 +171,7 @@ impl Processor {
         Ok(BatchOutcome {
             handled,
             caught_up,
-            head: page.head,
+            watermark: page.watermark,
             cursor: next,
         })
     }
@@ -179,7 +181,12 @@ impl Processor {
         if let Ok(client) = self.pool.get().await {
             let _ = self
                 .checkpoints
-                .record_error(&**client, &self.name, self.slot.partition, &error.to_string())
+                .record_error(
+                    &**client,
+                    &self.name,
+                    self.slot.partition,
+                    &error.to_string(),
+                )
                 .await;
         }
     }

@@ -2,7 +2,7 @@
 //! shared dispatcher, graceful shutdown (in-flight batches commit, then the
 //! runner returns), and `once` mode (catch up, then return).
 
-use crate::dispatcher::{self, DispatcherKind, RECONCILE_INTERVAL};
+use crate::dispatcher::{self, DispatcherKind, Watermarks, RECONCILE_INTERVAL};
 use crate::error::{Error, Result};
 use crate::ident::Ident;
 use crate::processor::{Processor, Slot};
@@ -73,7 +73,9 @@ impl RunnerConfig {
     /// How often the poll dispatcher checks the head. Default: 200 ms.
     pub fn poll_interval(mut self, d: Duration) -> Result<RunnerConfig> {
         if d.is_zero() {
-            return Err(Error::config("POLL_INTERVAL must be greater than zero (default 200ms)"));
+            return Err(Error::config(
+                "POLL_INTERVAL must be greater than zero (default 200ms)",
+            ));
         }
         self.poll_interval = d;
         Ok(self)
@@ -230,7 +232,9 @@ impl Runner {
                     let outcome = p.run_batch().await.inspect_err(|e| {
                         tracing::error!(projection = p.name(), error = %e, "batch failed");
                     })?;
-                    progress.handled.fetch_add(outcome.handled as u64, Ordering::Relaxed);
+                    progress
+                        .handled
+                        .fetch_add(outcome.handled as u64, Ordering::Relaxed);
                     progress.batches.fetch_add(1, Ordering::Relaxed);
                     if outcome.caught_up {
                         return Ok::<_, Error>(());
@@ -240,7 +244,12 @@ impl Runner {
         }
         let mut first_error = None;
         while let Some(joined) = tasks.join_next().await {
-            let r = joined.map_err(|e| Error::new(crate::error::Kind::Other, format!("processor task panicked: {e}")));
+            let r = joined.map_err(|e| {
+                Error::new(
+                    crate::error::Kind::Other,
+                    format!("processor task panicked: {e}"),
+                )
+            });
             if let Err(e) = r.and_then(|r| r) {
                 first_error.get_or_insert(e);
             }
@@ -254,6 +263,7 @@ impl Runner {
         let processors = self.start_processors().await?;
         let (stop_tx, stop_rx) = watch::channel(false);
         let (wake, _) = watch::channel(0u64);
+        let marks = Arc::new(Watermarks::default());
         let mut background = tokio::task::JoinSet::new();
         let head_sql = self.store.statements().head().to_owned();
         match self.config.dispatcher {
@@ -273,6 +283,13 @@ impl Runner {
                     listen_config,
                     self.config.notify_channel.clone(),
                     self.config.max_backoff,
+                    marks.clone(),
+                    wake.clone(),
+                    stop_rx.clone(),
+                ));
+                background.spawn(dispatcher::chase_watermark(
+                    self.store.pool().clone(),
+                    marks.clone(),
                     wake.clone(),
                     stop_rx.clone(),
                 ));
@@ -289,6 +306,7 @@ impl Runner {
         for p in processors {
             workers.spawn(processor_loop(
                 p,
+                marks.clone(),
                 wake.subscribe(),
                 stop_rx.clone(),
                 self.config.max_backoff,
@@ -327,12 +345,16 @@ impl Runner {
     }
 }
 
-pub(crate) fn check_unique<'a>(projections: impl Iterator<Item = &'a Arc<dyn Projection>>) -> Result<()> {
+pub(crate) fn check_unique<'a>(
+    projections: impl Iterator<Item = &'a Arc<dyn Projection>>,
+) -> Result<()> {
     let mut seen = HashSet::new();
     for p in projections {
         let name = p.name();
         if name.is_empty() {
-            return Err(Error::config("a projection has an empty name: give every projection a stable, unique name"));
+            return Err(Error::config(
+                "a projection has an empty name: give every projection a stable, unique name",
+            ));
         }
         if !seen.insert(name.to_owned()) {
             return Err(Error::config(format!(
@@ -348,6 +370,7 @@ pub(crate) fn check_unique<'a>(projections: impl Iterator<Item = &'a Arc<dyn Pro
 /// slot stops.
 async fn processor_loop(
     mut p: Processor,
+    marks: Arc<Watermarks>,
     mut wake: watch::Receiver<u64>,
     mut stop: watch::Receiver<bool>,
     max_backoff: Duration,
@@ -363,11 +386,19 @@ async fn processor_loop(
         match p.run_batch().await {
             Ok(outcome) => {
                 backoff = initial;
+                marks.saw(outcome.watermark);
                 if outcome.handled > 0 {
-                    progress.handled.fetch_add(outcome.handled as u64, Ordering::Relaxed);
+                    progress
+                        .handled
+                        .fetch_add(outcome.handled as u64, Ordering::Relaxed);
                     progress.batches.fetch_add(1, Ordering::Relaxed);
-                    tracing::debug!(projection = p.name(), partition = p.slot().partition,
-                        events = outcome.handled, position = outcome.cursor.global_position, "batch committed");
+                    tracing::debug!(
+                        projection = p.name(),
+                        partition = p.slot().partition,
+                        events = outcome.handled,
+                        position = outcome.cursor.global_position,
+                        "batch committed"
+                    );
                 }
                 if !outcome.caught_up {
                     continue;

@@ -80,7 +80,8 @@ impl Default for StoreConfig {
         StoreConfig {
             schema: Ident::new("schema", "public").unwrap_or_else(|_| unreachable!()),
             notify_channel: Some(
-                Ident::new("NOTIFY channel", DEFAULT_NOTIFY_CHANNEL).unwrap_or_else(|_| unreachable!()),
+                Ident::new("NOTIFY channel", DEFAULT_NOTIFY_CHANNEL)
+                    .unwrap_or_else(|_| unreachable!()),
             ),
             pool_size: db::DEFAULT_POOL_SIZE,
         }
@@ -134,7 +135,7 @@ impl Statements {
         let checkpoints = format!("{s}.projection_checkpoints");
         let partition_fn = format!("{s}.projectionist_partition");
         let notify_col = if notify {
-            ", CASE WHEN count(*) > 0 THEN pg_notify($9, max(global_position)::text)::text END"
+            ", CASE WHEN count(*) > 0 THEN pg_notify($9, pg_current_xact_id()::text)::text END"
         } else {
             ""
         };
@@ -243,7 +244,11 @@ pub(crate) fn gap_safe_query(events: &str, partition_fn: &str, filter: &ReadFilt
 
 /// The SQL conditions (each starting with ` AND `, on table alias `e`) of
 /// `filter`, numbering its parameters after `$last_fixed`.
-pub(crate) fn filter_conditions(partition_fn: &str, filter: &ReadFilter, last_fixed: usize) -> String {
+pub(crate) fn filter_conditions(
+    partition_fn: &str,
+    filter: &ReadFilter,
+    last_fixed: usize,
+) -> String {
     let mut conds = String::new();
     let mut n = last_fixed;
     if !filter.aggregate_types.is_empty() {
@@ -265,7 +270,11 @@ pub(crate) fn filter_conditions(partition_fn: &str, filter: &ReadFilter, last_fi
 }
 
 /// Decodes the rows of a [`gap_safe_query`] into a page.
-pub(crate) fn decode_page(rows: &[tokio_postgres::Row], after: Cursor, limit: i64) -> Result<ReadBatch> {
+pub(crate) fn decode_page(
+    rows: &[tokio_postgres::Row],
+    after: Cursor,
+    limit: i64,
+) -> Result<ReadBatch> {
     let first = rows
         .first()
         .ok_or_else(|| Error::new(Kind::Other, "the gap-safe read returned no watermark row"))?;
@@ -303,7 +312,9 @@ pub struct EventStore {
 
 impl std::fmt::Debug for EventStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("EventStore").field("config", &self.config).finish()
+        f.debug_struct("EventStore")
+            .field("config", &self.config)
+            .finish()
     }
 }
 
@@ -329,8 +340,16 @@ impl EventStore {
     /// Uses an existing pool; `pg` must point at the same database (it is
     /// used for the few dedicated connections, such as LISTEN).
     pub fn from_parts(pool: Pool, pg: tokio_postgres::Config, config: StoreConfig) -> EventStore {
-        let sql = Arc::new(Statements::new(&config.schema, config.notify_channel.is_some()));
-        EventStore { pool, pg, config, sql }
+        let sql = Arc::new(Statements::new(
+            &config.schema,
+            config.notify_channel.is_some(),
+        ));
+        EventStore {
+            pool,
+            pg,
+            config,
+            sql,
+        }
     }
 
     /// The connection configuration (for dedicated connections).
@@ -363,8 +382,15 @@ impl EventStore {
     ) -> Result<AppendResult> {
         let client = self.pool.get().await?;
         let stmt = client.prepare_cached(&self.sql.append).await?;
-        self.append_on(&**client, Some(&stmt), aggregate_type, aggregate_id, expected, events)
-            .await
+        self.append_on(
+            &**client,
+            Some(&stmt),
+            aggregate_type,
+            aggregate_id,
+            expected,
+            events,
+        )
+        .await
     }
 
     /// Appends `events` in the caller's transaction (or on any client), as
@@ -399,7 +425,9 @@ impl EventStore {
         events: &[NewEvent],
     ) -> Result<AppendResult> {
         if events.is_empty() {
-            return Err(Error::config("append called with no events: pass at least one"));
+            return Err(Error::config(
+                "append called with no events: pass at least one",
+            ));
         }
         let expected_param = expected.as_param();
         let ids: Vec<Uuid> = events.iter().map(|e| e.event_id).collect();
@@ -462,7 +490,10 @@ impl EventStore {
              ORDER BY aggregate_version DESC LIMIT 1",
             self.sql.events
         );
-        let actual = match client.query_opt(&q, &[&aggregate_type, &aggregate_id]).await {
+        let actual = match client
+            .query_opt(&q, &[&aggregate_type, &aggregate_id])
+            .await
+        {
             Ok(row) => row.and_then(|r| r.try_get::<_, i64>(0).ok()).unwrap_or(0),
             Err(e) => return Error::from(e),
         };
@@ -496,9 +527,14 @@ impl EventStore {
         let client = self.pool.get().await?;
         let stmt = client.prepare_cached(&self.sql.read_stream).await?;
         let rows = client
-            .query(&stmt, &[&aggregate_type, &aggregate_id, &from_version, &limit])
+            .query(
+                &stmt,
+                &[&aggregate_type, &aggregate_id, &from_version, &limit],
+            )
             .await?;
-        rows.iter().map(|r| StoredEvent::from_row_at(r, 0)).collect()
+        rows.iter()
+            .map(|r| StoredEvent::from_row_at(r, 0))
+            .collect()
     }
 
     /// Reads up to `limit` events after `after`, gap-safely: only events of

@@ -43,7 +43,39 @@ where
         if check().await {
             return;
         }
-        assert!(start.elapsed() < timeout, "timed out after {timeout:?} waiting for {what}");
+        assert!(
+            start.elapsed() < timeout,
+            "timed out after {timeout:?} waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Reads the whole log gap-safely from the start until `n` events have
+/// arrived (transactions of parallel tests on the same server may hold the
+/// watermark back for a moment).
+pub async fn read_all_events(
+    store: &projectionist::EventStore,
+    n: usize,
+) -> Vec<projectionist::StoredEvent> {
+    let mut cursor = projectionist::Cursor::START;
+    let mut seen = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let page = store.read_all(cursor, 1000).await.expect("read_all");
+        let full = page.events.len() == 1000;
+        seen.extend(page.events);
+        cursor = page.next_cursor;
+        if seen.len() >= n {
+            return seen;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "only {} of {n} events became readable",
+            seen.len()
+        );
+        if !full {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 }

@@ -1,7 +1,7 @@
 //! The event store: appends, conflicts, stream reads, gap-safe reads,
 //! migrations.
 
-use crate::common::env;
+use crate::common::{env, read_all_events};
 use projectionist::{Cursor, ExpectedVersion, Metadata, NewEvent, StoredEvent};
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
@@ -49,10 +49,17 @@ async fn append_and_read_round_trip_with_typed_payloads_and_metadata() {
     assert_eq!(r.stream_version, 3);
     assert_eq!(r.last_position - r.first_position, 2);
 
-    let stream = env.store.read_stream("Account", "a-1", 1, 100).await.unwrap();
+    let stream = env
+        .store
+        .read_stream("Account", "a-1", 1, 100)
+        .await
+        .unwrap();
     assert_eq!(stream.len(), 3);
     assert_eq!(
-        stream.iter().map(|e| e.aggregate_version).collect::<Vec<_>>(),
+        stream
+            .iter()
+            .map(|e| e.aggregate_version)
+            .collect::<Vec<_>>(),
         vec![1, 2, 3]
     );
     assert_eq!(stream.iter().map(|e| e.event_id).collect::<Vec<_>>(), ids);
@@ -62,7 +69,11 @@ async fn append_and_read_round_trip_with_typed_payloads_and_metadata() {
     assert_eq!(stream[1].metadata().unwrap(), Metadata::default());
     assert!(stream.iter().all(|e| e.transaction_id == r.transaction_id));
     // From a version on.
-    let tail = env.store.read_stream("Account", "a-1", 3, 100).await.unwrap();
+    let tail = env
+        .store
+        .read_stream("Account", "a-1", 3, 100)
+        .await
+        .unwrap();
     assert_eq!(tail.len(), 1);
     assert_eq!(tail[0].decode::<Deposited>().unwrap().amount, -5);
 
@@ -75,7 +86,10 @@ async fn append_and_read_round_trip_with_typed_payloads_and_metadata() {
     let e = stream[0].decode::<Opened>().unwrap_err();
     let msg = e.to_string();
     assert!(e.is_payload());
-    assert!(msg.contains("MoneyDeposited") && msg.contains(&format!("global position {}", stream[0].global_position)));
+    assert!(
+        msg.contains("MoneyDeposited")
+            && msg.contains(&format!("global position {}", stream[0].global_position))
+    );
     assert!(msg.contains("missing field `owner`"), "{msg}");
 
     // Appending at the right version continues the stream.
@@ -85,8 +99,8 @@ async fn append_and_read_round_trip_with_typed_payloads_and_metadata() {
         .await
         .unwrap();
     assert_eq!(r2.stream_version, 4);
-    let all = env.store.read_all(Cursor::START, 100).await.unwrap();
-    assert_eq!(all.events.len(), 4);
+    let all = read_all_events(&env.store, 4).await;
+    assert_eq!(all.len(), 4);
 }
 
 #[tokio::test]
@@ -94,7 +108,12 @@ async fn version_conflicts_and_duplicate_ids_are_distinct_errors() {
     let env = env().await;
     let first = deposit(1);
     env.store
-        .append("Account", "a", ExpectedVersion::NoStream, std::slice::from_ref(&first))
+        .append(
+            "Account",
+            "a",
+            ExpectedVersion::NoStream,
+            std::slice::from_ref(&first),
+        )
         .await
         .unwrap();
     let e = env
@@ -110,14 +129,26 @@ async fn version_conflicts_and_duplicate_ids_are_distinct_errors() {
         .await
         .unwrap_err();
     assert!(e.is_conflict());
-    assert!(e.to_string().contains("expected version 5, but the stream is at version 1"), "{e}");
+    assert!(
+        e.to_string()
+            .contains("expected version 5, but the stream is at version 1"),
+        "{e}"
+    );
     // Same event id again, even on another stream.
     let e = env
         .store
-        .append("Account", "b", ExpectedVersion::Any, &[first.clone()])
+        .append(
+            "Account",
+            "b",
+            ExpectedVersion::Any,
+            std::slice::from_ref(&first),
+        )
         .await
         .unwrap_err();
-    assert!(e.is_duplicate_event() && !e.is_conflict() && !e.is_retryable(), "{e:?}");
+    assert!(
+        e.is_duplicate_event() && !e.is_conflict() && !e.is_retryable(),
+        "{e:?}"
+    );
     assert!(e.to_string().contains("duplicate event id"), "{e}");
     // Nothing of the failed appends was written.
     assert_eq!(env.scalar_i64("SELECT count(*) FROM events").await, 1);
@@ -143,7 +174,10 @@ async fn eight_concurrent_writers_exactly_one_wins_each_version() {
                 } else {
                     ExpectedVersion::Exact(round)
                 };
-                match store.append("Account", "hot", expected, &[deposit(w as i64)]).await {
+                match store
+                    .append("Account", "hot", expected, &[deposit(w as i64)])
+                    .await
+                {
                     Ok(r) => wins.push(r.stream_version),
                     Err(e) if e.is_conflict() => conflicts += 1,
                     Err(e) => panic!("writer {w}: unexpected error {e:?}"),
@@ -162,9 +196,17 @@ async fn eight_concurrent_writers_exactly_one_wins_each_version() {
         conflicts += c;
     }
     all_wins.sort();
-    assert_eq!(all_wins, (1..=ROUNDS).collect::<Vec<_>>(), "one winner per version");
+    assert_eq!(
+        all_wins,
+        (1..=ROUNDS).collect::<Vec<_>>(),
+        "one winner per version"
+    );
     assert_eq!(conflicts, (WRITERS as i64 - 1) * ROUNDS);
-    let stream = env.store.read_stream("Account", "hot", 1, 1000).await.unwrap();
+    let stream = env
+        .store
+        .read_stream("Account", "hot", 1, 1000)
+        .await
+        .unwrap();
     let versions: Vec<i64> = stream.iter().map(|e| e.aggregate_version).collect();
     assert_eq!(versions, (1..=ROUNDS).collect::<Vec<_>>(), "no holes");
 }
@@ -181,15 +223,28 @@ async fn eight_concurrent_writers_exactly_one_wins_each_version() {
 async fn gap_safe_read_never_steps_over_an_open_transaction() {
     let env = env().await;
     env.store
-        .append("Account", "before", ExpectedVersion::NoStream, &[deposit(1)])
+        .append(
+            "Account",
+            "before",
+            ExpectedVersion::NoStream,
+            &[deposit(1)],
+        )
         .await
         .unwrap();
+    // Start reading after the event that was committed before A and B.
+    let start = read_all_events(&env.store, 1).await[0].cursor();
 
     let mut a_client = env.client().await;
     let a_tx = a_client.transaction().await.unwrap();
     let a = env
         .store
-        .append_in(&a_tx, "Account", "a", ExpectedVersion::NoStream, &[deposit(10)])
+        .append_in(
+            &a_tx,
+            "Account",
+            "a",
+            ExpectedVersion::NoStream,
+            &[deposit(10)],
+        )
         .await
         .unwrap();
     let b = env
@@ -197,12 +252,18 @@ async fn gap_safe_read_never_steps_over_an_open_transaction() {
         .append("Account", "b", ExpectedVersion::NoStream, &[deposit(20)])
         .await
         .unwrap();
-    assert!(b.first_position > a.first_position, "B was inserted after A");
+    assert!(
+        b.first_position > a.first_position,
+        "B was inserted after A"
+    );
 
     // While A is open: neither A's nor B's event, nothing past A.
-    let page = env.store.read_all(Cursor::START, 100).await.unwrap();
+    let page = env.store.read_all(start, 100).await.unwrap();
     let positions: Vec<i64> = page.events.iter().map(|e| e.global_position).collect();
-    assert!(!positions.contains(&b.first_position), "B must not be read while A is open");
+    assert!(
+        !positions.contains(&b.first_position),
+        "B must not be read while A is open"
+    );
     assert!(!positions.contains(&a.first_position));
     assert!(
         page.next_cursor < Cursor::new(a.transaction_id, a.first_position),
@@ -221,7 +282,10 @@ async fn gap_safe_read_never_steps_over_an_open_transaction() {
     let mut seen: Vec<StoredEvent> = Vec::new();
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     while seen.len() < 2 {
-        assert!(std::time::Instant::now() < deadline, "A's and B's events never became readable");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "A's and B's events never became readable"
+        );
         let p = env.store.read_all(cursor, 100).await.unwrap();
         seen.extend(p.events);
         cursor = p.next_cursor;
@@ -241,7 +305,10 @@ async fn per_stream_order_rule_refuses_an_older_transaction() {
     let mut old_client = env.client().await;
     let old_tx = old_client.transaction().await.unwrap();
     // The old transaction takes its id first (e.g. it wrote something else).
-    old_tx.query_one("SELECT pg_current_xact_id()", &[]).await.unwrap();
+    old_tx
+        .query_one("SELECT pg_current_xact_id()", &[])
+        .await
+        .unwrap();
     // A newer transaction appends version 1 and commits.
     env.store
         .append("Account", "s", ExpectedVersion::NoStream, &[deposit(1)])
@@ -286,7 +353,11 @@ async fn raw_sql_inserts_are_read_like_any_other_event() {
     )
     .await
     .unwrap();
-    let stream = env.store.read_stream("Account", "raw-1", 1, 10).await.unwrap();
+    let stream = env
+        .store
+        .read_stream("Account", "raw-1", 1, 10)
+        .await
+        .unwrap();
     assert_eq!(stream.len(), 2);
     assert_eq!(stream[0].event_version, 1);
     assert_eq!(stream[0].metadata().unwrap(), Metadata::default());
@@ -295,19 +366,7 @@ async fn raw_sql_inserts_are_read_like_any_other_event() {
         stream[1].event_id.to_string(),
         "0194b3a0-0000-7000-8000-000000000001"
     );
-    let mut cursor = Cursor::START;
-    let mut n = 0;
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while n < 2 {
-        assert!(std::time::Instant::now() < deadline, "raw events never became readable");
-        let p = env.store.read_all(cursor, 10).await.unwrap();
-        n += p.events.len();
-        cursor = p.next_cursor;
-        if n < 2 {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-    assert_eq!(n, 2);
+    assert_eq!(read_all_events(&env.store, 2).await.len(), 2);
     // And the library appends after them at the right version.
     let r = env
         .store
@@ -319,7 +378,9 @@ async fn raw_sql_inserts_are_read_like_any_other_event() {
 
 #[tokio::test]
 async fn concurrent_migrations_apply_once() {
-    let db = projectionist::testing::TestDatabase::create().await.unwrap();
+    let db = projectionist::testing::TestDatabase::create()
+        .await
+        .unwrap();
     let mut tasks = Vec::new();
     for _ in 0..10 {
         let config = db.config();
@@ -331,7 +392,11 @@ async fn concurrent_migrations_apply_once() {
     for t in tasks {
         applied.extend(t.await.unwrap().unwrap().applied);
     }
-    assert_eq!(applied, projectionist::embedded_migrations(), "each migration applied exactly once");
+    assert_eq!(
+        applied,
+        projectionist::embedded_migrations(),
+        "each migration applied exactly once"
+    );
     let c = db.connect().await.unwrap();
     let n: i64 = c
         .query_one("SELECT count(*) FROM projectionist_migrations", &[])
@@ -340,13 +405,17 @@ async fn concurrent_migrations_apply_once() {
         .get(0);
     assert_eq!(n as usize, projectionist::embedded_migrations().len());
     // Running it again is a no-op.
-    let again = projectionist::migrate(&db.config(), "public").await.unwrap();
+    let again = projectionist::migrate(&db.config(), "public")
+        .await
+        .unwrap();
     assert!(again.applied.is_empty());
 }
 
 #[tokio::test]
 async fn migrations_into_another_schema_and_bad_schema_names() {
-    let db = projectionist::testing::TestDatabase::create().await.unwrap();
+    let db = projectionist::testing::TestDatabase::create()
+        .await
+        .unwrap();
     projectionist::migrate(&db.config(), "es").await.unwrap();
     let store = projectionist::EventStore::connect_config(
         db.config(),
@@ -358,10 +427,17 @@ async fn migrations_into_another_schema_and_bad_schema_names() {
         .await
         .unwrap();
     let c = db.connect().await.unwrap();
-    let n: i64 = c.query_one("SELECT count(*) FROM es.events", &[]).await.unwrap().get(0);
+    let n: i64 = c
+        .query_one("SELECT count(*) FROM es.events", &[])
+        .await
+        .unwrap()
+        .get(0);
     assert_eq!(n, 1);
     let public_events: i64 = c
-        .query_one("SELECT count(*) FROM pg_tables WHERE schemaname = 'public' AND tablename = 'events'", &[])
+        .query_one(
+            "SELECT count(*) FROM pg_tables WHERE schemaname = 'public' AND tablename = 'events'",
+            &[],
+        )
         .await
         .unwrap()
         .get(0);
@@ -370,8 +446,15 @@ async fn migrations_into_another_schema_and_bad_schema_names() {
     let e = projectionist::migrate(&db.config(), "x\"; DROP TABLE es.events; --")
         .await
         .unwrap_err();
-    assert!(e.is_config() && e.to_string().contains("plain identifier"), "{e}");
-    let n: i64 = c.query_one("SELECT count(*) FROM es.events", &[]).await.unwrap().get(0);
+    assert!(
+        e.is_config() && e.to_string().contains("plain identifier"),
+        "{e}"
+    );
+    let n: i64 = c
+        .query_one("SELECT count(*) FROM es.events", &[])
+        .await
+        .unwrap()
+        .get(0);
     assert_eq!(n, 1);
 }
 
@@ -393,7 +476,14 @@ async fn nul_bytes_and_large_payloads() {
             "Account",
             "nul",
             ExpectedVersion::Any,
-            &[NewEvent::new("MoneyDeposited", &Deposited { amount: 1, note: "a\0b".into() }).unwrap()],
+            &[NewEvent::new(
+                "MoneyDeposited",
+                &Deposited {
+                    amount: 1,
+                    note: "a\0b".into(),
+                },
+            )
+            .unwrap()],
         )
         .await
         .unwrap_err();
