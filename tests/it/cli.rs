@@ -64,13 +64,20 @@ async fn seed_accounts(db: &TestDatabase, events: i64, accounts: i64) {
 /// `run-projections --once` until `status` shows no lag (transactions of
 /// parallel tests on the same server may hold the watermark back).
 async fn catch_up(db: &TestDatabase, args: &[&str], env: &[(&str, &str)]) {
+    catch_up_all(db, args, &[env]).await
+}
+
+/// [`catch_up`] for several processes (e.g. one per partition).
+async fn catch_up_all(db: &TestDatabase, args: &[&str], envs: &[&[(&str, &str)]]) {
     let mut full: Vec<&str> = vec!["run-projections", "--once"];
     full.extend_from_slice(args);
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     loop {
-        let o = run(db, &full, env);
-        assert!(o.status.success(), "{}", text(&o));
-        let s = run(db, &["status", "--json"], env);
+        for env in envs {
+            let o = run(db, &full, env);
+            assert!(o.status.success(), "{}", text(&o));
+        }
+        let s = run(db, &["status", "--json"], &[]);
         assert!(s.status.success(), "{}", text(&s));
         let status: serde_json::Value =
             serde_json::from_slice(&s.stdout).expect("status --json is JSON");
@@ -263,9 +270,15 @@ async fn partition_options_are_checked_with_clear_errors() {
         "{}",
         text(&o)
     );
-    for k in ["0", "1"] {
-        catch_up(&db, &[], &[("PARTITION_KEY", k), ("TOTAL_PARTITIONS", "2")]).await;
-    }
+    catch_up_all(
+        &db,
+        &[],
+        &[
+            &[("PARTITION_KEY", "0"), ("TOTAL_PARTITIONS", "2")],
+            &[("PARTITION_KEY", "1"), ("TOTAL_PARTITIONS", "2")],
+        ],
+    )
+    .await;
     assert_read_model_exact(&db).await;
 }
 
