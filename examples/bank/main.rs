@@ -1,0 +1,200 @@
+//! # bank: a complete projectionist application
+//!
+//! A tiny bank on the event store: every account is an `Account` stream of
+//! `AccountOpened {"owner"}`, `MoneyDeposited {"amount"}` and
+//! `MoneyWithdrawn {"amount"}` events (amounts in integer cents). It shows
+//!
+//! - a binary that adds its own subcommand (`simulate`) to the engine's
+//!   `migrate`, `run-projections`, `status` and `reset`, by flattening
+//!   [`projectionist::cli::Command`] into its clap enum and calling
+//!   [`App::execute`];
+//! - a transactional projection, `account_balances`, that maintains a read
+//!   model exactly once, either with one upsert per event or with one
+//!   set-based statement per batch (`handle_batch` over `unnest` arrays);
+//! - a non-transactional consumer, `large_withdrawal_notifier`, with
+//!   at-least-once side effects keyed by `event_id`;
+//! - writers that append with expected versions and retry on conflicts.
+//!
+//! ## Running it
+//!
+//! ```sh
+//! createdb bank && export DATABASE_URL=postgres://postgres@localhost/bank
+//! cargo run --example bank -- migrate        # engine tables + the account_balances table
+//! cargo run --example bank -- run-projections &   # DISPATCHER=notify for instant wake-ups
+//! cargo run --example bank -- simulate --accounts 100 --events 20000 --writers 4
+//! cargo run --example bank -- status         # until the lag is 0
+//! psql "$DATABASE_URL" -c 'SELECT sum(balance), sum(event_count) FROM account_balances'
+//! cargo run --example bank -- run-projections --once   # catch up, then exit
+//! ```
+//!
+//! The two sums equal the `net amount` and the event count `simulate`
+//! printed (on a fresh database).
+//!
+//! Environment: everything the engine reads (`DATABASE_URL`,
+//! `PROJECTIONIST_SCHEMA`, `DISPATCHER`, `BATCH_SIZE`, …, see `--help`),
+//! plus
+//! - `BANK_PER_EVENT=1`: run `account_balances` with one upsert per event
+//!   instead of one set-based statement per batch (the default);
+//! - `BANK_LARGE_WITHDRAWAL_CENTS`: the notifier's threshold (default
+//!   100000);
+//! - `SIM_ACCOUNTS`, `SIM_EVENTS`, `SIM_WRITERS`, `SIM_SEED`: defaults of
+//!   `simulate`'s options.
+//!
+//! Exit codes: 0 success, 1 runtime error, 2 usage or configuration error.
+
+mod events;
+mod projections;
+mod simulate;
+
+use clap::{Parser, Subcommand};
+use projectionist::cli::{Command, GlobalArgs};
+use projectionist::{App, Error};
+use projections::{AccountBalances, LargeWithdrawalNotifier, LARGE_WITHDRAWAL_CENTS};
+use simulate::SimulateArgs;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+/// An event-sourced bank on PostgreSQL (a projectionist example).
+#[derive(Parser, Debug)]
+#[command(name = "bank", version)]
+struct Cli {
+    #[command(flatten)]
+    global: GlobalArgs,
+    #[command(subcommand)]
+    command: BankCommand,
+}
+
+#[derive(Subcommand, Debug)]
+enum BankCommand {
+    #[command(flatten)]
+    Engine(Command),
+    /// Open accounts and append random deposits and withdrawals from concurrent writers.
+    Simulate(SimulateArgs),
+}
+
+/// Reads a boolean switch from the environment (unset: `false`).
+fn env_flag(name: &str) -> Result<bool, String> {
+    match std::env::var(name) {
+        Err(std::env::VarError::NotPresent) => Ok(false),
+        Err(std::env::VarError::NotUnicode(_)) => {
+            Err(format!("{name} is not valid UTF-8: set it to 1 or 0"))
+        }
+        Ok(v) => match v.trim() {
+            "1" | "true" | "yes" | "on" => Ok(true),
+            "" | "0" | "false" | "no" | "off" => Ok(false),
+            other => Err(format!(
+                "{name}={other:?} is not a switch: set it to 1 or 0"
+            )),
+        },
+    }
+}
+
+/// Reads a non-negative amount in cents from the environment.
+fn env_cents(name: &str, default: i64) -> Result<i64, String> {
+    match std::env::var(name) {
+        Err(std::env::VarError::NotPresent) => Ok(default),
+        Err(std::env::VarError::NotUnicode(_)) => Err(format!(
+            "{name} is not valid UTF-8: set it to a number of cents"
+        )),
+        Ok(v) => v
+            .trim()
+            .parse::<i64>()
+            .ok()
+            .filter(|c| *c >= 0)
+            .ok_or_else(|| {
+                format!(
+                    "{name}={v:?} is not an amount: set it to a number of cents, e.g. {default}"
+                )
+            }),
+    }
+}
+
+/// The app and its projections, configured from the environment.
+fn build_app() -> Result<(App, bool), String> {
+    let balances = AccountBalances::new(!env_flag("BANK_PER_EVENT")?);
+    let threshold = env_cents("BANK_LARGE_WITHDRAWAL_CENTS", LARGE_WITHDRAWAL_CENTS)?;
+    let batch = balances.is_batch();
+    let app = App::new("bank")
+        .projection(Arc::new(balances))
+        .projection(Arc::new(LargeWithdrawalNotifier::new(threshold)));
+    Ok((app, batch))
+}
+
+/// Prints `e` and maps it to an exit code, as [`App::execute`] does.
+fn fail(e: &Error) -> ExitCode {
+    eprintln!("error: {e}");
+    ExitCode::from(if e.is_config() && !e.is_not_migrated() {
+        2
+    } else {
+        1
+    })
+}
+
+/// `migrate`: the engine's tables first, then the bank's read model.
+async fn migrate(app: &App, global: &GlobalArgs) -> ExitCode {
+    let code = app.execute(global, Command::Migrate).await;
+    if code != ExitCode::SUCCESS {
+        return code;
+    }
+    let created = async {
+        let store = app.store(global)?;
+        let client = store.pool().get().await?;
+        projections::ensure_schema(&**client).await
+    }
+    .await;
+    match created {
+        Ok(()) => {
+            println!("read model account_balances is ready");
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(&e),
+    }
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            // --help and --version print to stdout and are not errors.
+            return ExitCode::from(if e.use_stderr() { 2 } else { 0 });
+        }
+    };
+    let (app, batch) = match build_app() {
+        Ok(built) => built,
+        Err(message) => {
+            eprintln!("error: {message}");
+            return ExitCode::from(2);
+        }
+    };
+    let global = cli.global;
+    match cli.command {
+        BankCommand::Engine(Command::Migrate) => migrate(&app, &global).await,
+        BankCommand::Engine(command) => {
+            if let Command::RunProjections(_) = &command {
+                projectionist::cli::init_logging(&global.log_format, &global.log_level);
+                tracing::info!(
+                    mode = if batch {
+                        "batch (one statement per batch)"
+                    } else {
+                        "per event (BANK_PER_EVENT=1)"
+                    },
+                    "account_balances"
+                );
+            }
+            app.execute(&global, command).await
+        }
+        BankCommand::Simulate(args) => {
+            projectionist::cli::init_logging(&global.log_format, &global.log_level);
+            let result = match app.store(&global) {
+                Ok(store) => simulate::run(&store, &args).await,
+                Err(e) => Err(e),
+            };
+            match result {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => fail(&e),
+            }
+        }
+    }
+}
