@@ -18,8 +18,10 @@ pub struct SlotStatus {
     pub partition: i32,
     /// Partition count the checkpoint was made with.
     pub total_partitions: i32,
-    /// Global position of the cursor.
-    pub cursor_position: i64,
+    /// Global position of the last event the cursor passed, or `None` when
+    /// the cursor sits at the watermark (every event of transactions older
+    /// than `cursor_transaction_id` + 1 passed, whatever their position).
+    pub cursor_position: Option<i64>,
     /// Transaction id of the cursor.
     pub cursor_transaction_id: u64,
     /// Events after the cursor that this slot will receive.
@@ -71,7 +73,7 @@ pub async fn status(
             projection: c.projection,
             partition: c.partition,
             total_partitions: c.total_partitions,
-            cursor_position: c.cursor.global_position,
+            cursor_position: (c.cursor.global_position != i64::MAX).then_some(c.cursor.global_position),
             cursor_transaction_id: c.cursor.transaction_id,
             lag_events: row.try_get(0)?,
             lag_seconds: row.try_get::<_, f64>(1)?.max(0.0),
@@ -120,10 +122,12 @@ pub async fn reset(
             Some(Partition { key, total })
         }
     };
-    tx.batch_execute(&format!(
-        "SET LOCAL search_path TO {}",
-        store.config().schema.quoted()
-    ))
+    // The reset hook can call projectionist_partition() unqualified and
+    // still find its own (unqualified) tables on the usual search path.
+    tx.execute(
+        "SELECT set_config('search_path', $1 || ', ' || current_setting('search_path'), true)",
+        &[&store.config().schema.quoted()],
+    )
     .await?;
     projection
         .reset(&tx, scope)

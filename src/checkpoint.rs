@@ -2,8 +2,11 @@
 //! holding the cursor, the partition count it was made with, and the state.
 //!
 //! Architecture invariant: the cursor only moves through
-//! [`Checkpoints::advance`], a compare-and-set executed inside the batch
-//! transaction, so two runners can never both commit the same batch.
+//! the compare-and-set of [`Checkpoints::advance_sql`], executed inside the
+//! batch transaction, so two runners can never both commit the same batch.
+//! In worker mode the same statement also share-locks the slot's
+//! assignment row and requires it to still name this worker and generation
+//! (fencing): a worker whose slot moved can never commit a batch for it.
 
 use crate::error::{Error, Result};
 use crate::event::{Cursor, Xid8};
@@ -35,36 +38,53 @@ pub struct Checkpoint {
 pub(crate) struct Checkpoints {
     table: String,
     advance: String,
+    advance_fenced: String,
 }
 
 impl Checkpoints {
     pub(crate) fn new(table: &str) -> Checkpoints {
+        Checkpoints::with_assignments(table, "consumer_assignments")
+    }
+
+    pub(crate) fn with_assignments(table: &str, assignments: &str) -> Checkpoints {
+        let update = format!(
+            "UPDATE {table} SET last_transaction_id = $5, last_global_position = $6, \
+             events_handled = events_handled + $7, status = 'running', last_error = NULL, \
+             updated_at = now() \
+             WHERE projection_name = $1 AND partition_key = $2 \
+               AND last_transaction_id = $3 AND last_global_position = $4"
+        );
         Checkpoints {
             table: table.to_owned(),
-            advance: format!(
-                "UPDATE {table} SET last_transaction_id = $5, last_global_position = $6, \
-                 events_handled = events_handled + $7, status = 'running', last_error = NULL, \
-                 updated_at = now() \
-                 WHERE projection_name = $1 AND partition_key = $2 \
-                   AND last_transaction_id = $3 AND last_global_position = $4"
+            advance_fenced: format!(
+                "WITH fence AS ( \
+                    SELECT 1 FROM {assignments} \
+                    WHERE projection_name = $1 AND partition_key = $2 AND worker_id = $8 AND generation = $9 \
+                    FOR SHARE \
+                 ) {update} AND EXISTS (SELECT 1 FROM fence)"
             ),
+            advance: update,
         }
     }
 
-    pub(crate) fn advance_sql(&self) -> &str {
-        &self.advance
+    /// The compare-and-set: `$1` name, `$2` partition, `$3`/`$4` expected
+    /// cursor, `$5`/`$6` new cursor, `$7` events handled; with `fenced`,
+    /// also `$8` worker id and `$9` assignment generation.
+    pub(crate) fn advance_sql(&self, fenced: bool) -> &str {
+        if fenced {
+            &self.advance_fenced
+        } else {
+            &self.advance
+        }
     }
 
-    /// Creates the row for `(name, partition)` if missing and returns its
-    /// cursor, after checking that every existing row of the projection was
-    /// made with `total` partitions.
-    pub(crate) async fn ensure<C: GenericClient>(
+    /// Refuses a partition count that differs from the stored checkpoints.
+    pub(crate) async fn check_total<C: GenericClient>(
         &self,
         client: &C,
         name: &str,
-        partition: i32,
         total: i32,
-    ) -> Result<Cursor> {
+    ) -> Result<()> {
         let totals = client
             .query(
                 &format!(
@@ -78,13 +98,30 @@ impl Checkpoints {
             let stored: i32 = row.try_get(0)?;
             if stored != total {
                 return Err(Error::config(format!(
-                    "projection {name} has checkpoints made with TOTAL_PARTITIONS={stored}, but this process \
-                     runs with TOTAL_PARTITIONS={total}; its events would be split differently and some \
-                     skipped or handled twice. Either run with TOTAL_PARTITIONS={stored}, or rebuild it \
-                     with `reset {name}` and start all {total} partitions, or use worker mode"
+                    "projection {name} has checkpoints made with {stored} partition(s), but this process \
+                     runs it with {total}; its events would be split differently and some skipped or handled \
+                     twice. Either run it with {stored} partition(s) (TOTAL_PARTITIONS={stored}, or \
+                     PROJECTION_PARTITIONS={name}={stored} in worker mode), or rebuild it: stop every \
+                     process running it, run `reset {name} --yes`, and start it with the new count; \
+                     worker mode (run-projections --mode worker) lets you add processes without \
+                     changing the partition count"
                 )));
             }
         }
+        Ok(())
+    }
+
+    /// Creates the row for `(name, partition)` if missing and returns its
+    /// cursor, after checking that every existing row of the projection was
+    /// made with `total` partitions.
+    pub(crate) async fn ensure<C: GenericClient>(
+        &self,
+        client: &C,
+        name: &str,
+        partition: i32,
+        total: i32,
+    ) -> Result<Cursor> {
+        self.check_total(client, name, total).await?;
         client
             .execute(
                 &format!(

@@ -461,7 +461,9 @@ fn print_status_table(rows: &[crate::admin::SlotStatus]) {
         table.add_row([
             r.projection.clone(),
             format!("{}/{}", r.partition, r.total_partitions),
-            r.cursor_position.to_string(),
+            r.cursor_position
+                .map(|p| p.to_string())
+                .unwrap_or_else(|| format!("watermark (tx {})", r.cursor_transaction_id)),
             r.lag_events.to_string(),
             format!("{:.1}", r.lag_seconds),
             r.state.clone(),

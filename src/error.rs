@@ -54,7 +54,9 @@ impl Error {
         self
     }
 
-    pub(crate) fn config(message: impl Into<String>) -> Error {
+    /// A configuration or input error (exit code 2 on the command line):
+    /// the message should name what was wrong and how to fix it.
+    pub fn config(message: impl Into<String>) -> Error {
         Error::new(Kind::Config, message)
     }
 
@@ -179,6 +181,22 @@ impl StdError for Error {
     }
 }
 
+/// Whether a "does not exist" error is about projectionist's own objects
+/// (then `migrate` is the fix) rather than, say, a read model's table.
+fn names_our_objects(e: &tokio_postgres::Error) -> bool {
+    let message = e.as_db_error().map(|d| d.message()).unwrap_or_default();
+    [
+        "\"events\"",
+        "projection_checkpoints",
+        "consumer_assignments",
+        "worker_nodes",
+        "projectionist_partition",
+        "schema \"",
+    ]
+    .iter()
+    .any(|name| message.contains(name))
+}
+
 /// Describes a database error with its server message, detail and hint.
 fn describe_db(e: &tokio_postgres::Error) -> String {
     match e.as_db_error() {
@@ -206,7 +224,7 @@ impl From<tokio_postgres::Error> for Error {
     fn from(e: tokio_postgres::Error) -> Error {
         let code = e.code().map(|c| c.code().to_owned());
         let (kind, message) = match code.as_deref() {
-            Some("42P01") | Some("3F000") | Some("42883") => (
+            Some("42P01") | Some("3F000") | Some("42883") if names_our_objects(&e) => (
                 Kind::NotMigrated,
                 format!(
                     "the projectionist tables are missing ({}): run `migrate` first",

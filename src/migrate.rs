@@ -64,7 +64,7 @@ pub async fn migrate(config: &tokio_postgres::Config, schema: &str) -> Result<Mi
     // closes it and releases the lock on every path, including errors.
     client
         .batch_execute(&format!(
-            "CREATE SCHEMA IF NOT EXISTS {s}; SET search_path TO {s}",
+            "SET client_min_messages TO warning; CREATE SCHEMA IF NOT EXISTS {s}; SET search_path TO {s}",
             s = schema.quoted()
         ))
         .await?;

@@ -21,6 +21,14 @@ pub(crate) struct Slot {
     pub(crate) total: i32,
 }
 
+/// Worker-mode fencing: the batch commits only while the slot's assignment
+/// row still names this worker with this generation.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Fence {
+    pub(crate) worker_id: String,
+    pub(crate) generation: i64,
+}
+
 /// What one batch did.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct BatchOutcome {
@@ -44,6 +52,7 @@ pub(crate) struct Processor {
     checkpoints: Checkpoints,
     slot: Slot,
     batch_size: i64,
+    fence: Option<Fence>,
     /// The cursor stored in the checkpoint row.
     cursor: Cursor,
     /// The cursor reads resume from: ahead of `cursor` when empty pages
@@ -62,6 +71,7 @@ impl Processor {
         sql: &Statements,
         slot: Slot,
         batch_size: i64,
+        fence: Option<Fence>,
     ) -> Result<Processor> {
         let name = projection.name().to_owned();
         let f = projection.filter();
@@ -71,7 +81,7 @@ impl Processor {
             partition: (slot.total > 1).then_some((slot.partition, slot.total)),
         };
         let read_sql = gap_safe_query(&sql.events, &sql.partition_fn, &filter);
-        let checkpoints = Checkpoints::new(&sql.checkpoints);
+        let checkpoints = Checkpoints::with_assignments(&sql.checkpoints, &sql.assignments);
         let client = pool.get().await?;
         let cursor = checkpoints
             .ensure(&**client, &name, slot.partition, slot.total)
@@ -85,6 +95,7 @@ impl Processor {
             checkpoints,
             slot,
             batch_size,
+            fence,
             cursor,
             read_cursor: cursor,
             persisted_head: 0,
@@ -108,7 +119,7 @@ impl Processor {
         let mut client = self.pool.get().await?;
         let read = client.prepare_cached(&self.read_sql).await?;
         let advance = client
-            .prepare_cached(self.checkpoints.advance_sql())
+            .prepare_cached(self.checkpoints.advance_sql(self.fence.is_some()))
             .await?;
         let tx = client.transaction().await?;
         let page = read_page(&*tx, &read, self.read_cursor, self.batch_size, &self.filter).await?;
@@ -143,25 +154,39 @@ impl Processor {
                 })?;
         }
         let handled = page.events.len();
-        let moved = tx
-            .execute(
-                &advance,
-                &[
-                    &self.name,
-                    &self.slot.partition,
-                    &Xid8(self.cursor.transaction_id),
-                    &self.cursor.global_position,
-                    &Xid8(next.transaction_id),
-                    &next.global_position,
-                    &(handled as i64),
-                ],
-            )
-            .await?;
+        let old_tx = Xid8(self.cursor.transaction_id);
+        let new_tx = Xid8(next.transaction_id);
+        let handled_i64 = handled as i64;
+        let mut params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = vec![
+            &self.name,
+            &self.slot.partition,
+            &old_tx,
+            &self.cursor.global_position,
+            &new_tx,
+            &next.global_position,
+            &handled_i64,
+        ];
+        if let Some(f) = &self.fence {
+            params.push(&f.worker_id);
+            params.push(&f.generation);
+        }
+        let moved = tx.execute(&advance, &params).await?;
         if moved != 1 {
+            let why = match &self.fence {
+                Some(f) => format!(
+                    "the slot is no longer assigned to worker {} (generation {}), or its checkpoint moved \
+                     from {}",
+                    f.worker_id, f.generation, self.cursor
+                ),
+                None => format!(
+                    "the checkpoint is no longer at {} (another runner moved or reset it)",
+                    self.cursor
+                ),
+            };
             return Err(Error::fenced(format!(
-                "projection {} partition {}: the checkpoint is no longer at {} (another runner moved or \
-                 reset it); this runner stops processing the slot and its batch was rolled back",
-                self.name, self.slot.partition, self.cursor
+                "projection {} partition {}: {why}; this runner stops processing the slot and its batch \
+                 was rolled back",
+                self.name, self.slot.partition
             )));
         }
         tx.commit().await?;

@@ -39,6 +39,7 @@ pub struct RunnerConfig {
     pub(crate) partition: i32,
     pub(crate) total_partitions: i32,
     pub(crate) shutdown_timeout: Duration,
+    pub(crate) synchronous_commit: bool,
 }
 
 impl Default for RunnerConfig {
@@ -54,6 +55,7 @@ impl Default for RunnerConfig {
             partition: 0,
             total_partitions: 1,
             shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
+            synchronous_commit: false,
         }
     }
 }
@@ -128,6 +130,18 @@ impl RunnerConfig {
         Ok(self)
     }
 
+    /// Whether batch transactions wait for their commit to reach disk.
+    /// Default: `false` — batches commit with `synchronous_commit = off`, so
+    /// projections do not compete with writers for WAL flushes. A server
+    /// crash may then lose the last moments of committed batches; the read
+    /// model and the checkpoint are lost together and the events are handled
+    /// again, so transactional read models stay exact (side effects are
+    /// at-least-once either way). Appends are not affected.
+    pub fn synchronous_commit(mut self, on: bool) -> RunnerConfig {
+        self.synchronous_commit = on;
+        self
+    }
+
     /// How long in-flight batches may take to commit after a shutdown
     /// request before the runner gives up on them (they roll back).
     /// Default: 30 s.
@@ -159,6 +173,8 @@ impl Progress {
 /// Runs projections.
 pub struct Runner {
     store: EventStore,
+    /// Connections for batch transactions (see `RunnerConfig::synchronous_commit`).
+    pool: deadpool_postgres::Pool,
     config: RunnerConfig,
     projections: Vec<Arc<dyn Projection>>,
     progress: Arc<Progress>,
@@ -167,8 +183,22 @@ pub struct Runner {
 impl Runner {
     /// A runner over `store` with `config`.
     pub fn new(store: EventStore, config: RunnerConfig) -> Runner {
+        let pool = if config.synchronous_commit {
+            store.pool().clone()
+        } else {
+            let mut pg = store.pg_config().clone();
+            let options = match pg.get_options() {
+                Some(o) if !o.is_empty() => format!("{o} -c synchronous_commit=off"),
+                _ => "-c synchronous_commit=off".to_owned(),
+            };
+            pg.options(&options);
+            // Building a pool only fails on an invalid size, which the
+            // store's own pool already passed.
+            crate::db::pool(&pg, store.config().pool_size).unwrap_or_else(|_| store.pool().clone())
+        };
         Runner {
             store,
+            pool,
             config,
             projections: Vec::new(),
             progress: Arc::new(Progress::default()),
@@ -210,10 +240,11 @@ impl Runner {
             processors.push(
                 Processor::start(
                     p.clone(),
-                    self.store.pool().clone(),
+                    self.pool.clone(),
                     self.store.statements(),
                     slot,
                     self.config.batch_size,
+                    None,
                 )
                 .await?,
             );

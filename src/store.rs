@@ -121,6 +121,8 @@ pub const DEFAULT_NOTIFY_CHANNEL: &str = "projectionist_events";
 pub(crate) struct Statements {
     pub(crate) events: String,
     pub(crate) checkpoints: String,
+    pub(crate) assignments: String,
+    pub(crate) workers: String,
     pub(crate) partition_fn: String,
     append: String,
     read_stream: String,
@@ -133,6 +135,8 @@ impl Statements {
         let s = schema.quoted();
         let events = format!("{s}.events");
         let checkpoints = format!("{s}.projection_checkpoints");
+        let assignments = format!("{s}.consumer_assignments");
+        let workers = format!("{s}.worker_nodes");
         let partition_fn = format!("{s}.projectionist_partition");
         let notify_col = if notify {
             ", CASE WHEN count(*) > 0 THEN pg_notify($9, pg_current_xact_id()::text)::text END"
@@ -176,6 +180,8 @@ impl Statements {
         Statements {
             events,
             checkpoints,
+            assignments,
+            workers,
             partition_fn,
             append,
             read_stream,
