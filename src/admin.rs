@@ -38,6 +38,58 @@ pub struct SlotStatus {
     pub updated_at: String,
     /// Whether this binary has a projection of that name registered.
     pub registered: bool,
+    /// Worker mode: the worker the slot is assigned to, if any.
+    pub worker_id: Option<String>,
+}
+
+/// A worker of the worker pool.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct WorkerStatus {
+    /// The worker's id.
+    pub worker_id: String,
+    /// Its host name.
+    pub hostname: String,
+    /// Its process id.
+    pub pid: i32,
+    /// Its projectionist version.
+    pub version: String,
+    /// Seconds since its last heartbeat.
+    pub heartbeat_age_seconds: f64,
+    /// Whether it holds the leader lock.
+    pub is_leader: bool,
+    /// How many slots are assigned to it.
+    pub slots: i64,
+}
+
+/// The workers of the worker pool (empty in static mode).
+pub async fn workers(store: &EventStore) -> Result<Vec<WorkerStatus>> {
+    let sql = store.statements();
+    let client = store.pool().get().await?;
+    // The leader holds its advisory lock on a connection named
+    // `projectionist-leader:<worker id>`.
+    let rows = client
+        .query(
+            &format!(
+                "SELECT w.worker_id, w.hostname, w.pid, w.version,                         extract(epoch FROM now() - w.heartbeat_at)::float8,                         (SELECT count(*) FROM {a} a WHERE a.worker_id = w.worker_id),                         EXISTS (SELECT 1 FROM pg_locks l JOIN pg_stat_activity s ON s.pid = l.pid                                 WHERE l.locktype = 'advisory' AND l.granted                                   AND s.application_name = 'projectionist-leader:' || w.worker_id)                  FROM {w} w ORDER BY w.worker_id",
+                a = sql.assignments,
+                w = sql.workers
+            ),
+            &[],
+        )
+        .await?;
+    rows.iter()
+        .map(|r| {
+            Ok(WorkerStatus {
+                worker_id: r.try_get(0)?,
+                hostname: r.try_get(1)?,
+                pid: r.try_get(2)?,
+                version: r.try_get(3)?,
+                heartbeat_age_seconds: r.try_get::<_, f64>(4)?.max(0.0),
+                slots: r.try_get(5)?,
+                is_leader: r.try_get(6)?,
+            })
+        })
+        .collect()
 }
 
 /// Reads every checkpoint and computes its lag, using the registered
@@ -49,6 +101,17 @@ pub async fn status(
     let sql = store.statements();
     let client = store.pool().get().await?;
     let checkpoints = Checkpoints::new(&sql.checkpoints).list(&**client).await?;
+    let owners: std::collections::HashMap<(String, i32), String> = client
+        .query(
+            &format!(
+                "SELECT projection_name, partition_key, worker_id FROM {} WHERE worker_id IS NOT NULL",
+                sql.assignments
+            ),
+            &[],
+        )
+        .await
+        .map(|rows| rows.iter().map(|r| ((r.get(0), r.get(1)), r.get(2))).collect())
+        .unwrap_or_default();
     let mut out = Vec::with_capacity(checkpoints.len());
     for c in checkpoints {
         let projection = projections.iter().find(|p| p.name() == c.projection);
@@ -69,11 +132,14 @@ pub async fn status(
             vec![&tx, &c.cursor.global_position];
         params.extend(filter.params());
         let row = client.query_one(&q, &params).await?;
+        let worker_id = owners.get(&(c.projection.clone(), c.partition)).cloned();
         out.push(SlotStatus {
+            worker_id,
             projection: c.projection,
             partition: c.partition,
             total_partitions: c.total_partitions,
-            cursor_position: (c.cursor.global_position != i64::MAX).then_some(c.cursor.global_position),
+            cursor_position: (c.cursor.global_position != i64::MAX)
+                .then_some(c.cursor.global_position),
             cursor_transaction_id: c.cursor.transaction_id,
             lag_events: row.try_get(0)?,
             lag_seconds: row.try_get::<_, f64>(1)?.max(0.0),

@@ -115,9 +115,28 @@ pub struct RunArgs {
     /// Run only these projections (repeatable). Default: all.
     #[arg(long = "projection", env = "PROJECTIONS", value_delimiter = ',')]
     pub projections: Vec<String>,
-    /// Catch up with every readable event, then exit 0.
+    /// Catch up with every readable event, then exit 0 (static mode only).
     #[arg(long)]
     pub once: bool,
+    /// static: this process runs PARTITION_KEY of TOTAL_PARTITIONS; worker: join the worker pool
+    /// and run the slots the leader assigns.
+    #[arg(long, env = "RUN_MODE", default_value = "static", value_parser = ["static", "worker"])]
+    pub mode: String,
+    /// Worker mode: how often a worker refreshes its heartbeat.
+    #[arg(long, env = "HEARTBEAT_INTERVAL", default_value = "5s")]
+    pub heartbeat_interval: String,
+    /// Worker mode: after how long without a heartbeat a worker's slots move elsewhere.
+    #[arg(long, env = "HEARTBEAT_TIMEOUT", default_value = "30s")]
+    pub heartbeat_timeout: String,
+    /// Worker mode: how often the leader rebalances and workers re-read their assignments.
+    #[arg(long, env = "REBALANCE_INTERVAL", default_value = "5s")]
+    pub rebalance_interval: String,
+    /// Worker mode: failed batches in a row after which a slot is released to another worker.
+    #[arg(long, env = "MAX_CONSECUTIVE_FAILURES", default_value_t = crate::worker::DEFAULT_MAX_CONSECUTIVE_FAILURES)]
+    pub max_consecutive_failures: u32,
+    /// Worker mode: partition counts overriding the projections' own, e.g. account_balances=4,notifier=1.
+    #[arg(long, env = "PROJECTION_PARTITIONS", default_value = "")]
+    pub projection_partitions: String,
 }
 
 #[derive(Parser, Debug)]
@@ -295,12 +314,15 @@ impl App {
             Command::Status { json } => {
                 let store = self.store(global)?;
                 let rows = crate::admin::status(&store, &self.projections).await?;
+                let workers = crate::admin::workers(&store).await?;
                 if json {
-                    let text =
-                        serde_json::to_string_pretty(&serde_json::json!({ "projections": rows }))?;
+                    let text = serde_json::to_string_pretty(
+                        &serde_json::json!({ "projections": rows, "workers": workers }),
+                    )?;
                     println!("{text}");
                 } else {
                     print_status_table(&rows);
+                    print_workers_table(&workers);
                 }
                 Ok(())
             }
@@ -346,7 +368,7 @@ impl App {
         let partition_key = match args.partition_key {
             Some(k) => k,
             None => match hostname().as_deref().and_then(ordinal_from_hostname) {
-                Some(k) if args.total_partitions > 1 => {
+                Some(k) if args.total_partitions > 1 && args.mode == "static" => {
                     tracing::info!(
                         partition_key = k,
                         "PARTITION_KEY unset: using the ordinal of hostname {}",
@@ -367,6 +389,35 @@ impl App {
             .partition(partition_key, args.total_partitions)?;
         let store = self.store(global)?;
         let runner = Runner::new(store.clone(), config).with_projections(&projections)?;
+        if args.mode == "worker" {
+            if args.once {
+                return Err(Error::config(
+                    "--once runs static partitions only: drop --once, or use --mode static",
+                ));
+            }
+            if args.partition_key.is_some() || args.total_partitions != 1 {
+                return Err(Error::config(
+                    "PARTITION_KEY/TOTAL_PARTITIONS belong to static mode: in worker mode set partition \
+                     counts with PROJECTION_PARTITIONS (e.g. account_balances=4) and unset them",
+                ));
+            }
+            let worker = crate::worker::WorkerConfig::default()
+                .heartbeat_interval(parse_duration(
+                    "HEARTBEAT_INTERVAL",
+                    &args.heartbeat_interval,
+                )?)?
+                .heartbeat_timeout(parse_duration(
+                    "HEARTBEAT_TIMEOUT",
+                    &args.heartbeat_timeout,
+                )?)?
+                .rebalance_interval(parse_duration(
+                    "REBALANCE_INTERVAL",
+                    &args.rebalance_interval,
+                )?)?
+                .max_consecutive_failures(args.max_consecutive_failures)?
+                .partitions_from_spec(&args.projection_partitions)?;
+            return runner.run_workers_until(worker, shutdown_signal()).await;
+        }
         if args.once {
             return run_once_with_progress(&store, &runner).await;
         }
@@ -444,6 +495,37 @@ pub async fn shutdown_signal() {
     });
 }
 
+fn print_workers_table(workers: &[crate::admin::WorkerStatus]) {
+    if workers.is_empty() {
+        return;
+    }
+    let mut table = comfy_table::Table::new();
+    table.load_preset(comfy_table::presets::UTF8_FULL_CONDENSED);
+    table.set_header([
+        "worker",
+        "host",
+        "pid",
+        "heartbeat age (s)",
+        "leader",
+        "slots",
+    ]);
+    for w in workers {
+        table.add_row([
+            w.worker_id.clone(),
+            w.hostname.clone(),
+            w.pid.to_string(),
+            format!("{:.1}", w.heartbeat_age_seconds),
+            if w.is_leader {
+                "yes".into()
+            } else {
+                String::new()
+            },
+            w.slots.to_string(),
+        ]);
+    }
+    println!("{table}");
+}
+
 fn print_status_table(rows: &[crate::admin::SlotStatus]) {
     let mut table = comfy_table::Table::new();
     table.load_preset(comfy_table::presets::UTF8_FULL_CONDENSED);
@@ -454,6 +536,7 @@ fn print_status_table(rows: &[crate::admin::SlotStatus]) {
         "lag (events)",
         "lag (s)",
         "state",
+        "worker",
         "last error",
         "updated at",
     ]);
@@ -467,6 +550,7 @@ fn print_status_table(rows: &[crate::admin::SlotStatus]) {
             r.lag_events.to_string(),
             format!("{:.1}", r.lag_seconds),
             r.state.clone(),
+            r.worker_id.clone().unwrap_or_default(),
             r.last_error.clone().unwrap_or_default(),
             r.updated_at.clone(),
         ]);

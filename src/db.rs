@@ -90,3 +90,25 @@ pub async fn connect_dedicated(config: &tokio_postgres::Config) -> Result<Client
     });
     Ok(client)
 }
+
+/// The connection settings for batch transactions: `synchronous_commit`
+/// off unless `synchronous` (see `RunnerConfig::synchronous_commit`), and
+/// an `application_name` when given.
+pub(crate) fn batch_config(
+    config: &tokio_postgres::Config,
+    synchronous: bool,
+    application_name: Option<&str>,
+) -> tokio_postgres::Config {
+    let mut pg = config.clone();
+    if !synchronous {
+        let options = match pg.get_options() {
+            Some(o) if !o.is_empty() => format!("{o} -c synchronous_commit=off"),
+            _ => "-c synchronous_commit=off".to_owned(),
+        };
+        pg.options(&options);
+    }
+    if let Some(name) = application_name {
+        pg.application_name(name);
+    }
+    pg
+}

@@ -131,7 +131,7 @@ pub(crate) async fn chase_watermark(
     }
 }
 
-fn bump(wake: &Wake) {
+pub(crate) fn bump(wake: &Wake) {
     wake.send_modify(|g| *g = g.wrapping_add(1));
 }
 
@@ -173,14 +173,38 @@ pub(crate) async fn poll_loop(
     }
 }
 
-/// Listens on `channel` over a dedicated connection, reconnecting with
-/// backoff; wakes on every notification and after every (re)connect.
+/// What a notification on one channel does.
+#[derive(Clone)]
+pub(crate) enum Route {
+    /// Appends: the payload is the appending transaction id; wake the
+    /// processors.
+    Events { marks: Arc<Watermarks>, wake: Wake },
+    /// Worker-mode membership and assignment changes: wake the worker's
+    /// leader and follower loops.
+    Workers { wake: Wake },
+}
+
+impl Route {
+    fn deliver(&self, payload: Option<&str>) {
+        match self {
+            Route::Events { marks, wake } => {
+                if let Some(tx) = payload.and_then(|p| p.parse::<u64>().ok()) {
+                    marks.announce(tx);
+                }
+                bump(wake);
+            }
+            Route::Workers { wake } => bump(wake),
+        }
+    }
+}
+
+/// Listens on every channel of `routes` over one dedicated connection,
+/// reconnecting with backoff; after every (re)connect every route is woken,
+/// so nothing sent while the listener was away is missed.
 pub(crate) async fn listen_loop(
     config: tokio_postgres::Config,
-    channel: Ident,
+    routes: Vec<(Ident, Route)>,
     max_backoff: Duration,
-    marks: Arc<Watermarks>,
-    wake: Wake,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut backoff = Duration::from_millis(100);
@@ -188,10 +212,10 @@ pub(crate) async fn listen_loop(
         if *shutdown.borrow() {
             return;
         }
-        match listen_once(&config, &channel, &marks, &wake, &mut shutdown).await {
+        match listen_once(&config, &routes, &mut shutdown).await {
             Ok(()) => return,
             Err(e) => {
-                tracing::warn!(error = %e, channel = %channel, retry_in_ms = backoff.as_millis() as u64,
+                tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64,
                     "notify listener disconnected; reconnecting");
             }
         }
@@ -207,27 +231,27 @@ pub(crate) async fn listen_loop(
 /// connection failed or ended.
 async fn listen_once(
     config: &tokio_postgres::Config,
-    channel: &Ident,
-    marks: &Arc<Watermarks>,
-    wake: &Wake,
+    routes: &[(Ident, Route)],
     shutdown: &mut watch::Receiver<bool>,
 ) -> Result<()> {
     let (client, mut connection) = config.connect(NoTls).await.map_err(|e| {
         Error::from(e).context(format!("LISTEN connection to {}", db::describe(config)))
     })?;
     let (ended_tx, mut ended_rx) = tokio::sync::oneshot::channel::<String>();
-    let wake_n = wake.clone();
-    let marks_n = marks.clone();
+    let table: Vec<(String, Route)> = routes
+        .iter()
+        .map(|(c, r)| (c.as_str().to_owned(), r.clone()))
+        .collect();
     let driver = tokio::spawn(async move {
         let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
         let reason = loop {
             match messages.next().await {
                 Some(Ok(AsyncMessage::Notification(n))) => {
-                    // The library's appends send their transaction id.
-                    if let Ok(tx) = n.payload().parse::<u64>() {
-                        marks_n.announce(tx);
+                    for (channel, route) in &table {
+                        if channel == n.channel() {
+                            route.deliver(Some(n.payload()));
+                        }
                     }
-                    bump(&wake_n);
                 }
                 Some(Ok(_)) => {}
                 Some(Err(e)) => break e.to_string(),
@@ -236,16 +260,19 @@ async fn listen_once(
         };
         let _ = ended_tx.send(reason);
     });
-    let listened = client
-        .batch_execute(&format!("LISTEN {}", channel.quoted()))
-        .await;
-    if let Err(e) = listened {
+    let listen: String = routes
+        .iter()
+        .map(|(c, _)| format!("LISTEN {};", c.quoted()))
+        .collect();
+    if let Err(e) = client.batch_execute(&listen).await {
         driver.abort();
         return Err(Error::from(e).context("LISTEN failed"));
     }
-    tracing::debug!(channel = %channel, "listening for notifications");
-    // Anything appended while we were not listening must still be read.
-    bump(wake);
+    tracing::debug!(channels = routes.len(), "listening for notifications");
+    // Anything sent while we were not listening must still be acted on.
+    for (_, route) in routes {
+        route.deliver(None);
+    }
     let result = tokio::select! {
         reason = &mut ended_rx => Err(Error::new(
             crate::error::Kind::Connection,

@@ -20,11 +20,12 @@ mod processor;
 mod projection;
 mod runner;
 mod store;
+mod worker;
 
 #[cfg(feature = "testing")]
 pub mod testing;
 
-pub use admin::{reset, status, SlotStatus};
+pub use admin::{reset, status, workers, SlotStatus, WorkerStatus};
 pub use checkpoint::Checkpoint;
 pub use cli::App;
 pub use db::{describe as describe_database, parse_url, DEFAULT_POOL_SIZE};
@@ -39,6 +40,10 @@ pub use runner::{
 };
 pub use store::{
     AppendResult, EventStore, ExpectedVersion, ReadBatch, StoreConfig, DEFAULT_NOTIFY_CHANNEL,
+};
+pub use worker::{
+    WorkerConfig, DEFAULT_HEARTBEAT_INTERVAL, DEFAULT_HEARTBEAT_TIMEOUT,
+    DEFAULT_MAX_CONSECUTIVE_FAILURES, DEFAULT_REBALANCE_INTERVAL, WORKERS_CHANNEL,
 };
 
 /// Re-exported for implementing [`Projection`].

@@ -100,6 +100,14 @@ pub trait Projection: Send + Sync + 'static {
         Filter::all()
     }
 
+    /// Into how many partitions worker mode splits this projection (each
+    /// partition is a slot that one worker runs at a time). Default: 1.
+    /// Overridable per deployment with `PROJECTION_PARTITIONS`. Changing it
+    /// for a projection with checkpoints requires `reset`.
+    fn partitions(&self) -> i32 {
+        1
+    }
+
     /// Handles one event inside the batch transaction `tx`.
     async fn handle(&self, event: &StoredEvent, tx: &Transaction<'_>) -> Result<()>;
 

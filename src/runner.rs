@@ -2,7 +2,7 @@
 //! shared dispatcher, graceful shutdown (in-flight batches commit, then the
 //! runner returns), and `once` mode (catch up, then return).
 
-use crate::dispatcher::{self, DispatcherKind, Watermarks, RECONCILE_INTERVAL};
+use crate::dispatcher::{self, DispatcherKind, Route, Watermarks, RECONCILE_INTERVAL};
 use crate::error::{Error, Result};
 use crate::ident::Ident;
 use crate::processor::{Processor, Slot};
@@ -186,15 +186,13 @@ impl Runner {
         let pool = if config.synchronous_commit {
             store.pool().clone()
         } else {
-            let mut pg = store.pg_config().clone();
-            let options = match pg.get_options() {
-                Some(o) if !o.is_empty() => format!("{o} -c synchronous_commit=off"),
-                _ => "-c synchronous_commit=off".to_owned(),
-            };
-            pg.options(&options);
             // Building a pool only fails on an invalid size, which the
             // store's own pool already passed.
-            crate::db::pool(&pg, store.config().pool_size).unwrap_or_else(|_| store.pool().clone())
+            crate::db::pool(
+                &crate::db::batch_config(store.pg_config(), false, None),
+                store.config().pool_size,
+            )
+            .unwrap_or_else(|_| store.pool().clone())
         };
         Runner {
             store,
@@ -288,6 +286,72 @@ impl Runner {
         first_error.map_or(Ok(()), Err)
     }
 
+    /// Starts the process's dispatcher on `background`: poll, or LISTEN
+    /// (with the watermark chaser and the reconciliation poll), listening
+    /// also on `extra_routes` (worker mode's channel).
+    pub(crate) fn spawn_dispatcher(
+        &self,
+        background: &mut tokio::task::JoinSet<()>,
+        wake: &dispatcher::Wake,
+        marks: &Arc<Watermarks>,
+        mut extra_routes: Vec<(Ident, Route)>,
+        stop: &watch::Receiver<bool>,
+    ) {
+        let head_sql = self.store.statements().head().to_owned();
+        let poll_interval = match self.config.dispatcher {
+            DispatcherKind::Poll => self.config.poll_interval,
+            DispatcherKind::Notify => {
+                extra_routes.push((
+                    self.config.notify_channel.clone(),
+                    Route::Events {
+                        marks: marks.clone(),
+                        wake: wake.clone(),
+                    },
+                ));
+                background.spawn(dispatcher::chase_watermark(
+                    self.store.pool().clone(),
+                    marks.clone(),
+                    wake.clone(),
+                    stop.clone(),
+                ));
+                self.config.reconcile_interval
+            }
+        };
+        background.spawn(dispatcher::poll_loop(
+            self.store.pool().clone(),
+            head_sql,
+            poll_interval,
+            wake.clone(),
+            stop.clone(),
+        ));
+        if !extra_routes.is_empty() {
+            let mut listen_config = self.store.pg_config().clone();
+            listen_config.application_name("projectionist-listener");
+            background.spawn(dispatcher::listen_loop(
+                listen_config,
+                extra_routes,
+                self.config.max_backoff,
+                stop.clone(),
+            ));
+        }
+    }
+
+    pub(crate) fn store(&self) -> &EventStore {
+        &self.store
+    }
+
+    pub(crate) fn config(&self) -> &RunnerConfig {
+        &self.config
+    }
+
+    pub(crate) fn projections(&self) -> &[Arc<dyn Projection>] {
+        &self.projections
+    }
+
+    pub(crate) fn progress_counters(&self) -> &Arc<Progress> {
+        &self.progress
+    }
+
     /// Runs until `shutdown` completes, then lets every in-flight batch
     /// commit (within the shutdown timeout) and returns.
     pub async fn run_until(&self, shutdown: impl Future<Output = ()>) -> Result<()> {
@@ -296,43 +360,7 @@ impl Runner {
         let (wake, _) = watch::channel(0u64);
         let marks = Arc::new(Watermarks::default());
         let mut background = tokio::task::JoinSet::new();
-        let head_sql = self.store.statements().head().to_owned();
-        match self.config.dispatcher {
-            DispatcherKind::Poll => {
-                background.spawn(dispatcher::poll_loop(
-                    self.store.pool().clone(),
-                    head_sql,
-                    self.config.poll_interval,
-                    wake.clone(),
-                    stop_rx.clone(),
-                ));
-            }
-            DispatcherKind::Notify => {
-                let mut listen_config = self.store.pg_config().clone();
-                listen_config.application_name("projectionist-listener");
-                background.spawn(dispatcher::listen_loop(
-                    listen_config,
-                    self.config.notify_channel.clone(),
-                    self.config.max_backoff,
-                    marks.clone(),
-                    wake.clone(),
-                    stop_rx.clone(),
-                ));
-                background.spawn(dispatcher::chase_watermark(
-                    self.store.pool().clone(),
-                    marks.clone(),
-                    wake.clone(),
-                    stop_rx.clone(),
-                ));
-                background.spawn(dispatcher::poll_loop(
-                    self.store.pool().clone(),
-                    head_sql,
-                    self.config.reconcile_interval,
-                    wake.clone(),
-                    stop_rx.clone(),
-                ));
-            }
-        }
+        self.spawn_dispatcher(&mut background, &wake, &marks, Vec::new(), &stop_rx);
         let mut workers = tokio::task::JoinSet::new();
         for p in processors {
             workers.spawn(processor_loop(
@@ -340,7 +368,10 @@ impl Runner {
                 marks.clone(),
                 wake.subscribe(),
                 stop_rx.clone(),
-                self.config.max_backoff,
+                LoopLimits {
+                    max_backoff: self.config.max_backoff,
+                    max_failures: None,
+                },
                 self.progress.clone(),
             ));
         }
@@ -363,16 +394,37 @@ impl Runner {
             Ok(()) => Ok(()),
             Err(_) => {
                 workers.abort_all();
-                Err(Error::new(
-                    crate::error::Kind::Other,
-                    format!(
-                        "shutdown timeout ({:?}) exceeded: unfinished batches were rolled back and will be \
-                         handled again on the next start; raise SHUTDOWN_TIMEOUT if batches take longer",
-                        self.config.shutdown_timeout
-                    ),
-                ))
+                Err(self.shutdown_timeout_error())
             }
         }
+    }
+
+    /// Runs this process in worker mode (see [`crate::WorkerConfig`]) until
+    /// `shutdown` completes: it joins the worker pool, runs the slots the
+    /// leader assigns it, and on shutdown finishes its batches, leaves the
+    /// pool and lets the others take over at once.
+    pub async fn run_workers_until(
+        &self,
+        worker: crate::worker::WorkerConfig,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<()> {
+        if self.projections.is_empty() {
+            return Err(Error::config(
+                "no projections to run: register at least one (or check --projection)",
+            ));
+        }
+        crate::worker::run(self, worker, shutdown).await
+    }
+
+    pub(crate) fn shutdown_timeout_error(&self) -> Error {
+        Error::new(
+            crate::error::Kind::Other,
+            format!(
+                "shutdown timeout ({:?}) exceeded: unfinished batches were rolled back and will be \
+                 handled again on the next start; raise SHUTDOWN_TIMEOUT if batches take longer",
+                self.config.shutdown_timeout
+            ),
+        )
     }
 }
 
@@ -396,27 +448,49 @@ pub(crate) fn check_unique<'a>(
     Ok(())
 }
 
+/// Limits of a processor loop.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct LoopLimits {
+    pub(crate) max_backoff: Duration,
+    /// Give the slot up after this many failed batches in a row (worker
+    /// mode); `None` retries for ever.
+    pub(crate) max_failures: Option<u32>,
+}
+
+/// Why a processor loop ended.
+#[derive(Debug)]
+pub(crate) enum LoopExit {
+    /// Asked to stop; the in-flight batch finished first.
+    Stopped,
+    /// The checkpoint or the assignment moved: this runner lost the slot.
+    Fenced,
+    /// Too many failed batches in a row; the last error.
+    GaveUp(Error),
+}
+
 /// One slot's loop: batches back to back while pages are full; otherwise
 /// wait for a wake-up. Errors are logged and retried with backoff; a fenced
 /// slot stops.
-async fn processor_loop(
+pub(crate) async fn processor_loop(
     mut p: Processor,
     marks: Arc<Watermarks>,
     mut wake: watch::Receiver<u64>,
     mut stop: watch::Receiver<bool>,
-    max_backoff: Duration,
+    limits: LoopLimits,
     progress: Arc<Progress>,
-) {
+) -> LoopExit {
     let initial = Duration::from_millis(100);
     let mut backoff = initial;
+    let mut failures: u32 = 0;
     loop {
         if *stop.borrow() {
-            return;
+            return LoopExit::Stopped;
         }
         wake.borrow_and_update();
         match p.run_batch().await {
             Ok(outcome) => {
                 backoff = initial;
+                failures = 0;
                 marks.saw(outcome.watermark);
                 if outcome.handled > 0 {
                     progress
@@ -440,18 +514,22 @@ async fn processor_loop(
                 }
             }
             Err(e) if e.is_fenced() => {
-                tracing::error!(projection = p.name(), partition = p.slot().partition, error = %e, "slot fenced; stopping it");
-                return;
+                tracing::warn!(projection = p.name(), partition = p.slot().partition, error = %e, "slot fenced; stopping it");
+                return LoopExit::Fenced;
             }
             Err(e) => {
+                failures += 1;
                 tracing::warn!(projection = p.name(), partition = p.slot().partition, error = %e,
-                    cursor = %p.cursor(), retry_in_ms = backoff.as_millis() as u64, "batch failed; retrying");
+                    cursor = %p.cursor(), failures, retry_in_ms = backoff.as_millis() as u64, "batch failed; retrying");
                 p.record_error(&e).await;
+                if limits.max_failures.is_some_and(|max| failures >= max) {
+                    return LoopExit::GaveUp(e);
+                }
                 tokio::select! {
                     _ = tokio::time::sleep(backoff) => {}
                     _ = stop.changed() => {}
                 }
-                backoff = (backoff * 2).min(max_backoff);
+                backoff = (backoff * 2).min(limits.max_backoff);
             }
         }
     }
