@@ -362,6 +362,8 @@ impl App {
     }
 
     async fn run_projections(&self, global: &GlobalArgs, args: RunArgs) -> Result<()> {
+        // Handlers first: a SIGTERM during start-up must still be graceful.
+        let shutdown = shutdown_signal();
         crate::runner::check_unique(self.projections.iter())?;
         let projections = self.selected(&args.projections)?;
         let dispatcher: DispatcherKind = args.dispatcher.parse()?;
@@ -416,12 +418,18 @@ impl App {
                 )?)?
                 .max_consecutive_failures(args.max_consecutive_failures)?
                 .partitions_from_spec(&args.projection_partitions)?;
-            return runner.run_workers_until(worker, shutdown_signal()).await;
+            return runner.run_workers_until(worker, shutdown).await;
         }
         if args.once {
-            return run_once_with_progress(&store, &runner).await;
+            return tokio::select! {
+                r = run_once_with_progress(&store, &runner) => r,
+                _ = shutdown => Err(Error::new(
+                    crate::error::Kind::Other,
+                    "interrupted: batches in flight were rolled back; run again to finish",
+                )),
+            };
         }
-        runner.run_until(shutdown_signal()).await
+        runner.run_until(shutdown).await
     }
 }
 
@@ -466,14 +474,25 @@ async fn run_once_with_progress(store: &EventStore, runner: &Runner) -> Result<(
     Ok(())
 }
 
-/// Completes on the first SIGTERM or SIGINT; a second one exits the
-/// process at once (code 130).
-pub async fn shutdown_signal() {
+/// Installs SIGTERM/SIGINT handlers at once (call it inside the runtime,
+/// before starting work) and returns a future that completes on the first
+/// signal; a second one exits the process at once (code 130).
+pub fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     use tokio::signal::unix::{signal, SignalKind};
-    let (mut term, mut int) = match (
+    let handlers = (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
-    ) {
+    );
+    async move { wait_for_signals(handlers).await }
+}
+
+async fn wait_for_signals(
+    handlers: (
+        std::io::Result<tokio::signal::unix::Signal>,
+        std::io::Result<tokio::signal::unix::Signal>,
+    ),
+) {
+    let (mut term, mut int) = match handlers {
         (Ok(t), Ok(i)) => (t, i),
         _ => {
             tracing::error!("cannot install signal handlers; stop with SIGKILL");

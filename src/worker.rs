@@ -453,7 +453,38 @@ async fn lead(
                     leading = true;
                     break;
                 }
-                Ok(_) => {}
+                Ok(_) => {
+                    // A leader whose worker stopped heartbeating (a paused
+                    // or hung process) still holds the lock: end its session.
+                    let timeout_s = wc.heartbeat_timeout.as_secs_f64();
+                    let deposed = client
+                        .query(
+                            &format!(
+                                "SELECT pg_terminate_backend(s.pid) FROM pg_stat_activity s \
+                                 WHERE s.datname = current_database() \
+                                   AND s.application_name LIKE 'projectionist-leader:%' \
+                                   AND s.pid <> pg_backend_pid() \
+                                   AND EXISTS (SELECT 1 FROM pg_locks l WHERE l.pid = s.pid \
+                                               AND l.locktype = 'advisory' AND l.granted) \
+                                   AND NOT EXISTS (SELECT 1 FROM {} w \
+                                       WHERE s.application_name = 'projectionist-leader:' || w.worker_id \
+                                         AND w.heartbeat_at > now() - make_interval(secs => $1))",
+                                sql.workers
+                            ),
+                            &[&timeout_s],
+                        )
+                        .await;
+                    match deposed {
+                        Ok(rows) if !rows.is_empty() => {
+                            tracing::warn!(
+                                "ended the session of a leader whose heartbeat timed out"
+                            );
+                            continue;
+                        }
+                        Ok(_) => {}
+                        Err(_) => break,
+                    }
+                }
                 Err(_) => break,
             }
             tokio::select! {

@@ -8,7 +8,7 @@ use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
 /// The bank example binary that `cargo test` built beside this test binary.
-fn bank() -> Command {
+pub fn bank() -> Command {
     let exe = std::env::current_exe().expect("test binary path");
     let dir = exe
         .parent()
@@ -29,7 +29,7 @@ fn bank() -> Command {
     cmd
 }
 
-fn run(db: &TestDatabase, args: &[&str], env: &[(&str, &str)]) -> Output {
+pub fn run(db: &TestDatabase, args: &[&str], env: &[(&str, &str)]) -> Output {
     let mut cmd = bank();
     cmd.env("DATABASE_URL", db.url()).args(args);
     for (k, v) in env {
@@ -38,7 +38,7 @@ fn run(db: &TestDatabase, args: &[&str], env: &[(&str, &str)]) -> Output {
     cmd.output().expect("run bank")
 }
 
-fn text(o: &Output) -> String {
+pub fn text(o: &Output) -> String {
     format!(
         "status {:?}\nstdout:\n{}\nstderr:\n{}",
         o.status.code(),
@@ -47,7 +47,7 @@ fn text(o: &Output) -> String {
     )
 }
 
-async fn seed_accounts(db: &TestDatabase, events: i64, accounts: i64) {
+pub async fn seed_accounts(db: &TestDatabase, events: i64, accounts: i64) {
     let c = db.connect().await.unwrap();
     c.execute(
         "INSERT INTO events (aggregate_type, aggregate_id, aggregate_version, event_type, payload) \
@@ -97,7 +97,7 @@ async fn catch_up_all(db: &TestDatabase, args: &[&str], envs: &[&[(&str, &str)]]
     }
 }
 
-async fn assert_read_model_exact(db: &TestDatabase) {
+pub async fn assert_read_model_exact(db: &TestDatabase) {
     let c = db.connect().await.unwrap();
     let want = c
         .query_one(

@@ -6,3 +6,4 @@ mod cli;
 mod common;
 mod engine;
 mod store;
+mod worker;
