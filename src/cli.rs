@@ -62,12 +62,23 @@ pub enum Command {
     /// Create or upgrade the projectionist tables (safe to run from many replicas at once).
     Migrate,
     /// Run the projections until SIGTERM/SIGINT (or, with --once, until caught up).
-    RunProjections(RunArgs),
+    RunProjections(Box<RunArgs>),
     /// Show each projection's cursor, lag and state.
     Status {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
+    },
+    /// Dead letters: events projections gave up on (failure policy DeadLetter).
+    #[command(subcommand)]
+    Dlq(DlqCommand),
+    /// Put a failed projection back to running (processes pick it up within a second).
+    Resume {
+        /// The projection's name.
+        name: String,
+        /// Only this partition.
+        #[arg(long)]
+        partition: Option<i32>,
     },
     /// Clear a projection's read model and checkpoints so the next run rebuilds it.
     Reset {
@@ -76,6 +87,46 @@ pub enum Command {
         /// Reset only this partition's checkpoint (and its part of the read model).
         #[arg(long)]
         partition: Option<i32>,
+        /// Do not ask for confirmation.
+        #[arg(long)]
+        yes: bool,
+    },
+}
+
+/// `dlq` subcommands.
+#[derive(Subcommand, Debug, Clone)]
+pub enum DlqCommand {
+    /// List dead letters.
+    List {
+        /// Only this projection's.
+        #[arg(long)]
+        projection: Option<String>,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one dead letter with its event.
+    Show {
+        /// The dead letter's id (from `dlq list`).
+        id: i64,
+    },
+    /// Run the handler again on dead letters; on success they go away.
+    Retry {
+        /// The dead letter's id (or use --all).
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        id: Option<i64>,
+        /// Retry every dead letter (of --projection, if given).
+        #[arg(long)]
+        all: bool,
+        /// With --all: only this projection's.
+        #[arg(long)]
+        projection: Option<String>,
+    },
+    /// Delete dead letters.
+    Purge {
+        /// Only this projection's.
+        #[arg(long)]
+        projection: Option<String>,
         /// Do not ask for confirmation.
         #[arg(long)]
         yes: bool,
@@ -310,7 +361,19 @@ impl App {
                 }
                 Ok(())
             }
-            Command::RunProjections(args) => self.run_projections(global, args).await,
+            Command::RunProjections(args) => self.run_projections(global, *args).await,
+            Command::Dlq(cmd) => self.dlq(global, cmd).await,
+            Command::Resume { name, partition } => {
+                self.find(&name)?;
+                let store = self.store(global)?;
+                let n = crate::dead_letter::resume(&store, &name, partition).await?;
+                if n == 0 {
+                    println!("{name} has no failed partition: nothing to resume");
+                } else {
+                    println!("resumed {n} failed partition(s) of {name}");
+                }
+                Ok(())
+            }
             Command::Status { json } => {
                 let store = self.store(global)?;
                 let rows = crate::admin::status(&store, &self.projections).await?;
@@ -332,30 +395,152 @@ impl App {
                 yes,
             } => {
                 let projection = self.find(&name)?;
-                if !yes {
-                    if !std::io::stdin().is_terminal() {
-                        return Err(Error::config(format!(
-                            "reset {name} clears its read model and checkpoints: pass --yes to confirm"
-                        )));
-                    }
-                    eprint!(
-                        "reset {name}{}: clear its read model and checkpoints? [y/N] ",
-                        partition
-                            .map(|p| format!(" partition {p}"))
-                            .unwrap_or_default()
-                    );
-                    let mut answer = String::new();
-                    std::io::stdin()
-                        .read_line(&mut answer)
-                        .map_err(|e| Error::config(format!("cannot read the answer: {e}")))?;
-                    if !matches!(answer.trim(), "y" | "Y" | "yes") {
-                        println!("reset cancelled");
-                        return Ok(());
-                    }
+                let what = format!(
+                    "reset {name}{}: clear its read model and checkpoints?",
+                    partition
+                        .map(|p| format!(" partition {p}"))
+                        .unwrap_or_default()
+                );
+                if !yes && !confirm(&what)? {
+                    println!("reset cancelled");
+                    return Ok(());
                 }
                 let store = self.store(global)?;
                 let n = crate::admin::reset(&store, projection.as_ref(), partition).await?;
                 println!("reset {name}: {n} checkpoint(s) cleared; the next run rebuilds it");
+                Ok(())
+            }
+        }
+    }
+
+    async fn dlq(&self, global: &GlobalArgs, cmd: DlqCommand) -> Result<()> {
+        let store = self.store(global)?;
+        match cmd {
+            DlqCommand::List { projection, json } => {
+                if let Some(p) = &projection {
+                    self.find(p)?;
+                }
+                let rows = crate::dead_letter::list(&store, projection.as_deref()).await?;
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&rows)?);
+                } else if rows.is_empty() {
+                    println!("no dead letters");
+                } else {
+                    let mut table = comfy_table::Table::new();
+                    table.load_preset(comfy_table::presets::UTF8_FULL_CONDENSED);
+                    table.set_header([
+                        "id",
+                        "projection",
+                        "partition",
+                        "position",
+                        "event",
+                        "stream",
+                        "attempts",
+                        "error",
+                    ]);
+                    for d in &rows {
+                        let mut error = d.error.clone();
+                        if error.chars().count() > 120 {
+                            error = error.chars().take(117).collect::<String>() + "...";
+                        }
+                        table.add_row([
+                            d.id.to_string(),
+                            d.projection.clone(),
+                            d.partition.to_string(),
+                            d.global_position.to_string(),
+                            d.event_type.clone(),
+                            format!("{}/{}", d.aggregate_type, d.aggregate_id),
+                            d.attempts.to_string(),
+                            error,
+                        ]);
+                    }
+                    println!("{table}");
+                }
+                Ok(())
+            }
+            DlqCommand::Show { id } => {
+                let (dl, event) = crate::dead_letter::show(&store, id).await?;
+                let event = event.map(|e| {
+                    serde_json::json!({
+                        "global_position": e.global_position,
+                        "transaction_id": e.transaction_id,
+                        "event_id": e.event_id,
+                        "aggregate_type": e.aggregate_type,
+                        "aggregate_id": e.aggregate_id,
+                        "aggregate_version": e.aggregate_version,
+                        "event_type": e.event_type,
+                        "event_version": e.event_version,
+                        "created_at": e.created_at.to_rfc3339(),
+                        "payload": serde_json::from_str::<serde_json::Value>(e.payload_json()).unwrap_or_default(),
+                        "metadata": serde_json::from_str::<serde_json::Value>(e.metadata_json()).unwrap_or_default(),
+                    })
+                });
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(
+                        &serde_json::json!({ "dead_letter": dl, "event": event })
+                    )?
+                );
+                Ok(())
+            }
+            DlqCommand::Retry {
+                id,
+                all,
+                projection,
+            } => {
+                let ids: Vec<i64> = match (id, all) {
+                    (Some(id), _) => vec![id],
+                    (None, _) => {
+                        if let Some(p) = &projection {
+                            self.find(p)?;
+                        }
+                        crate::dead_letter::list(&store, projection.as_deref())
+                            .await?
+                            .iter()
+                            .map(|d| d.id)
+                            .collect()
+                    }
+                };
+                let (mut ok, mut failed) = (0, 0);
+                for id in ids {
+                    let r = crate::dead_letter::retry(&store, &self.projections, id).await?;
+                    if r.succeeded {
+                        ok += 1;
+                        println!("dead letter {id}: handled; removed");
+                    } else {
+                        failed += 1;
+                        println!(
+                            "dead letter {id}: failed again: {}",
+                            r.error.unwrap_or_default()
+                        );
+                    }
+                }
+                println!(
+                    "retried {}: {ok} succeeded, {failed} still failing",
+                    ok + failed
+                );
+                if failed > 0 {
+                    return Err(Error::new(
+                        crate::error::Kind::Handler,
+                        format!("{failed} dead letter(s) still fail; fix the handler or the data and retry"),
+                    ));
+                }
+                Ok(())
+            }
+            DlqCommand::Purge { projection, yes } => {
+                if let Some(p) = &projection {
+                    self.find(p)?;
+                }
+                let what = projection
+                    .as_deref()
+                    .map(|p| format!("the dead letters of {p}"))
+                    .unwrap_or_else(|| "every dead letter".to_owned());
+                if !yes && !confirm(&format!("delete {what}?"))? {
+                    println!("purge cancelled");
+                    return Ok(());
+                }
+                let n = crate::dead_letter::purge(&store, projection.as_deref()).await?;
+                println!("purged {n} dead letter(s)");
                 Ok(())
             }
         }
@@ -472,6 +657,22 @@ async fn run_once_with_progress(store: &EventStore, runner: &Runner) -> Result<(
         progress.batches()
     );
     Ok(())
+}
+
+/// Asks `question` on a terminal; without one, refuses with a message
+/// asking for `--yes`.
+fn confirm(question: &str) -> Result<bool> {
+    if !std::io::stdin().is_terminal() {
+        return Err(Error::config(format!(
+            "{question} This needs confirmation and stdin is not a terminal: pass --yes to confirm"
+        )));
+    }
+    eprint!("{question} [y/N] ");
+    let mut answer = String::new();
+    std::io::stdin()
+        .read_line(&mut answer)
+        .map_err(|e| Error::config(format!("cannot read the answer: {e}")))?;
+    Ok(matches!(answer.trim(), "y" | "Y" | "yes"))
 }
 
 /// Installs SIGTERM/SIGINT handlers at once (call it inside the runtime,

@@ -32,6 +32,8 @@ pub(crate) enum Kind {
     Handler,
     /// The checkpoint moved under us: another runner owns this slot.
     Fenced,
+    /// A projection stopped on an event (failure policy Stop).
+    Failed,
     /// The database refused or failed a statement.
     Database,
     /// The database could not be reached (connection refused, closed, pool).
@@ -122,6 +124,12 @@ impl Error {
     /// projection's cursor; this runner must stop processing the slot.
     pub fn is_fenced(&self) -> bool {
         self.kind == Kind::Fenced
+    }
+
+    /// A projection slot stopped on a failing event (failure policy
+    /// `Stop`): it stays stopped until `resume` or a restart.
+    pub fn is_failed(&self) -> bool {
+        self.kind == Kind::Failed
     }
 
     /// The database could not be reached.

@@ -11,11 +11,13 @@ mod admin;
 mod checkpoint;
 pub mod cli;
 mod db;
+pub mod dead_letter;
 mod dispatcher;
 mod error;
 mod event;
 mod ident;
 mod migrate;
+mod policy;
 mod processor;
 mod projection;
 mod runner;
@@ -33,6 +35,7 @@ pub use dispatcher::DispatcherKind;
 pub use error::{Error, Result};
 pub use event::{Cursor, Metadata, NewEvent, StoredEvent};
 pub use migrate::{embedded_migrations, migrate, MigrationReport, HISTORY_TABLE};
+pub use policy::{FailurePolicy, OnFailure};
 pub use projection::{Filter, Partition, Projection, Transaction};
 pub use runner::{
     Progress, Runner, RunnerConfig, DEFAULT_BATCH_SIZE, DEFAULT_MAX_BACKOFF, DEFAULT_POLL_INTERVAL,

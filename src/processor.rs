@@ -7,12 +7,19 @@
 //! commit together.
 
 use crate::checkpoint::Checkpoints;
-use crate::error::{Error, Result};
-use crate::event::{Cursor, Xid8};
+use crate::error::{Error, Kind, Result};
+use crate::event::{Cursor, StoredEvent, Xid8};
+use crate::policy::OnFailure;
 use crate::projection::Projection;
 use crate::store::{gap_safe_query, read_page, ReadFilter, Statements};
 use deadpool_postgres::Pool;
 use std::sync::Arc;
+
+/// Errors that the failure policy handles (the handler failed); the rest
+/// (connection lost, fenced) are retried or end the slot as they are.
+fn is_handler_failure(e: &Error) -> bool {
+    !e.is_connection() && !e.is_fenced() && !e.is_failed()
+}
 
 /// A unit of work: one partition of one projection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -50,6 +57,8 @@ pub(crate) struct Processor {
     read_sql: String,
     filter: ReadFilter,
     checkpoints: Checkpoints,
+    checkpoints_table: String,
+    dead_letters: String,
     slot: Slot,
     batch_size: i64,
     fence: Option<Fence>,
@@ -93,6 +102,8 @@ impl Processor {
             read_sql,
             filter,
             checkpoints,
+            checkpoints_table: sql.checkpoints.clone(),
+            dead_letters: sql.dead_letters.clone(),
             slot,
             batch_size,
             fence,
@@ -115,12 +126,13 @@ impl Processor {
     }
 
     /// Runs one batch. A rolled-back batch leaves the cursor where it was.
+    /// When the handler fails, the batch is re-run event by event to find
+    /// the failing event, the good events before it are committed, and the
+    /// projection's [`FailurePolicy`](crate::FailurePolicy) decides the
+    /// rest (see [`Processor::isolate`]).
     pub(crate) async fn run_batch(&mut self) -> Result<BatchOutcome> {
         let mut client = self.pool.get().await?;
         let read = client.prepare_cached(&self.read_sql).await?;
-        let advance = client
-            .prepare_cached(self.checkpoints.advance_sql(self.fence.is_some()))
-            .await?;
         let tx = client.transaction().await?;
         let page = read_page(&*tx, &read, self.read_cursor, self.batch_size, &self.filter).await?;
         let caught_up = (page.events.len() as i64) < self.batch_size;
@@ -139,21 +151,42 @@ impl Processor {
             });
         }
         if !page.events.is_empty() {
-            self.projection
-                .handle_batch(&page.events, &tx)
-                .await
-                .map_err(|e| {
-                    let first = page.events.first().map(|e| e.global_position).unwrap_or(0);
-                    let last = page.events.last().map(|e| e.global_position).unwrap_or(0);
-                    e.context(format!(
-                        "projection {} partition {} failed on a batch of {} events (global positions {first}..{last})",
-                        self.name,
-                        self.slot.partition,
-                        page.events.len()
-                    ))
-                })?;
+            if let Err(e) = self.projection.handle_batch(&page.events, &tx).await {
+                if !is_handler_failure(&e) {
+                    return Err(e);
+                }
+                drop(tx);
+                drop(client);
+                tracing::warn!(projection = %self.name, partition = self.slot.partition, error = %e,
+                    events = page.events.len(), "batch failed; re-running its events one by one");
+                return self.isolate(page.events, page.watermark).await;
+            }
         }
         let handled = page.events.len();
+        self.advance(&tx, next, handled).await?;
+        tx.commit().await?;
+        self.cursor = next;
+        self.read_cursor = next;
+        self.persisted_head = page.head;
+        Ok(BatchOutcome {
+            handled,
+            caught_up,
+            watermark: page.watermark,
+            cursor: next,
+        })
+    }
+
+    /// Moves the checkpoint from `self.cursor` to `next` inside `tx` (the
+    /// compare-and-set, fenced in worker mode).
+    async fn advance(
+        &self,
+        tx: &deadpool_postgres::Transaction<'_>,
+        next: Cursor,
+        handled: usize,
+    ) -> Result<()> {
+        let advance = tx
+            .prepare_cached(self.checkpoints.advance_sql(self.fence.is_some()))
+            .await?;
         let old_tx = Xid8(self.cursor.transaction_id);
         let new_tx = Xid8(next.transaction_id);
         let handled_i64 = handled as i64;
@@ -189,16 +222,185 @@ impl Processor {
                 self.name, self.slot.partition
             )));
         }
-        tx.commit().await?;
-        self.cursor = next;
-        self.read_cursor = next;
-        self.persisted_head = page.head;
-        Ok(BatchOutcome {
-            handled,
-            caught_up,
-            watermark: page.watermark,
-            cursor: next,
-        })
+        Ok(())
+    }
+
+    /// Commits `events` (handled one by one in savepoints) up to the first
+    /// failing one, then retries that event alone with backoff, then applies
+    /// the failure policy: dead-letter it and go on, or stop the slot.
+    async fn isolate(&mut self, events: Vec<StoredEvent>, watermark: u64) -> Result<BatchOutcome> {
+        let policy = self.projection.failure_policy();
+        // Pass 1: the good prefix.
+        let mut client = self.pool.get().await?;
+        let tx = client.transaction().await?;
+        let mut done = 0usize;
+        let mut poison: Option<(usize, Error)> = None;
+        for (i, event) in events.iter().enumerate() {
+            tx.batch_execute("SAVEPOINT projectionist_event").await?;
+            match self
+                .projection
+                .handle_batch(std::slice::from_ref(event), &tx)
+                .await
+            {
+                Ok(()) => {
+                    tx.batch_execute("RELEASE SAVEPOINT projectionist_event")
+                        .await?;
+                    done += 1;
+                }
+                Err(e) if is_handler_failure(&e) => {
+                    tx.batch_execute("ROLLBACK TO SAVEPOINT projectionist_event")
+                        .await?;
+                    poison = Some((i, e));
+                    break;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        let Some((index, mut error)) = poison else {
+            // Every event succeeded on its own: commit them all.
+            let next = events
+                .last()
+                .map(StoredEvent::cursor)
+                .unwrap_or(self.cursor);
+            self.advance(&tx, next, done).await?;
+            tx.commit().await?;
+            self.cursor = next;
+            self.read_cursor = next;
+            return Ok(BatchOutcome {
+                handled: done,
+                caught_up: false,
+                watermark,
+                cursor: next,
+            });
+        };
+        if done > 0 {
+            let next = events[done - 1].cursor();
+            self.advance(&tx, next, done).await?;
+            tx.commit().await?;
+            self.cursor = next;
+            self.read_cursor = next;
+        } else {
+            drop(tx);
+        }
+        drop(client);
+        // Pass 2: the failing event alone, with backoff between attempts
+        // (no transaction is held open while waiting).
+        let event = &events[index];
+        let mut attempts = 1u32;
+        while attempts < policy.attempts {
+            attempts += 1;
+            tokio::time::sleep(policy.delay_before(attempts)).await;
+            let mut client = self.pool.get().await?;
+            let tx = client.transaction().await?;
+            match self
+                .projection
+                .handle_batch(std::slice::from_ref(event), &tx)
+                .await
+            {
+                Ok(()) => {
+                    self.advance(&tx, event.cursor(), 1).await?;
+                    tx.commit().await?;
+                    self.cursor = event.cursor();
+                    self.read_cursor = event.cursor();
+                    tracing::info!(projection = %self.name, position = event.global_position, attempts,
+                        "event succeeded on retry");
+                    return Ok(BatchOutcome {
+                        handled: done + 1,
+                        caught_up: false,
+                        watermark,
+                        cursor: event.cursor(),
+                    });
+                }
+                Err(e) if is_handler_failure(&e) => error = e,
+                Err(e) => return Err(e),
+            }
+        }
+        match policy.on_failure {
+            OnFailure::DeadLetter => {
+                let mut client = self.pool.get().await?;
+                let tx = client.transaction().await?;
+                tx.execute(
+                    &format!(
+                        "INSERT INTO {} (projection_name, partition_key, global_position, transaction_id, \
+                         event_id, aggregate_type, aggregate_id, event_type, error, attempts) \
+                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) \
+                         ON CONFLICT (projection_name, event_id) DO UPDATE SET error = excluded.error, \
+                         attempts = dead_letters.attempts + excluded.attempts, last_attempt_at = now()",
+                        self.dead_letters
+                    ),
+                    &[
+                        &self.name,
+                        &self.slot.partition,
+                        &event.global_position,
+                        &Xid8(event.transaction_id),
+                        &event.event_id,
+                        &event.aggregate_type,
+                        &event.aggregate_id,
+                        &event.event_type,
+                        &error.to_string(),
+                        &(attempts as i32),
+                    ],
+                )
+                .await?;
+                self.advance(&tx, event.cursor(), 0).await?;
+                tx.commit().await?;
+                self.cursor = event.cursor();
+                self.read_cursor = event.cursor();
+                tracing::error!(projection = %self.name, partition = self.slot.partition,
+                    position = event.global_position, event_type = %event.event_type, attempts, error = %error,
+                    "event dead-lettered; processing continues");
+                Ok(BatchOutcome {
+                    handled: done,
+                    caught_up: false,
+                    watermark,
+                    cursor: event.cursor(),
+                })
+            }
+            OnFailure::Stop => {
+                let message = format!(
+                    "projection {} partition {} stopped at global position {} ({} {} v{}, {}) after {attempts} \
+                     attempt(s): {error}. Fix the handler or the data, then run `resume {}` (or restart)",
+                    self.name,
+                    self.slot.partition,
+                    event.global_position,
+                    event.aggregate_type,
+                    event.aggregate_id,
+                    event.aggregate_version,
+                    event.event_type,
+                    self.name
+                );
+                let client = self.pool.get().await?;
+                client
+                    .execute(
+                        &format!(
+                            "UPDATE {} SET status = 'failed', last_error = $3, failed_position = $4, \
+                             updated_at = now() WHERE projection_name = $1 AND partition_key = $2",
+                            self.checkpoints_table
+                        ),
+                        &[&self.name, &self.slot.partition, &message, &event.global_position],
+                    )
+                    .await?;
+                tracing::error!(projection = %self.name, partition = self.slot.partition,
+                    position = event.global_position, "projection failed and stopped: {message}");
+                Err(Error::new(Kind::Failed, message))
+            }
+        }
+    }
+
+    /// Whether the slot's checkpoint is back in the `running` state (after
+    /// `resume`).
+    pub(crate) async fn resumed(&self) -> Result<bool> {
+        let client = self.pool.get().await?;
+        let row = client
+            .query_opt(
+                &format!(
+                    "SELECT status FROM {} WHERE projection_name = $1 AND partition_key = $2",
+                    self.checkpoints_table
+                ),
+                &[&self.name, &self.slot.partition],
+            )
+            .await?;
+        Ok(row.is_none_or(|r| r.get::<_, String>(0) == "running"))
     }
 
     /// Records `error` on the checkpoint row (best effort).

@@ -9,6 +9,7 @@
 
 use crate::error::Result;
 use crate::event::StoredEvent;
+use crate::policy::FailurePolicy;
 use async_trait::async_trait;
 
 /// The open batch transaction handed to handlers. It is a
@@ -106,6 +107,12 @@ pub trait Projection: Send + Sync + 'static {
     /// for a projection with checkpoints requires `reset`.
     fn partitions(&self) -> i32 {
         1
+    }
+
+    /// What to do when the handler keeps failing on an event. Default:
+    /// [`FailurePolicy::stop`] (3 attempts, then the slot stops).
+    fn failure_policy(&self) -> FailurePolicy {
+        FailurePolicy::default()
     }
 
     /// Handles one event inside the batch transaction `tx`.

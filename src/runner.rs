@@ -513,6 +513,26 @@ pub(crate) async fn processor_loop(
                     _ = stop.changed() => {}
                 }
             }
+            Err(e) if e.is_failed() => {
+                // Stopped by the failure policy: wait for `resume`.
+                loop {
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                        _ = stop.changed() => return LoopExit::Stopped,
+                    }
+                    if *stop.borrow() {
+                        return LoopExit::Stopped;
+                    }
+                    if p.resumed().await.unwrap_or(false) {
+                        tracing::info!(
+                            projection = p.name(),
+                            partition = p.slot().partition,
+                            "resumed"
+                        );
+                        break;
+                    }
+                }
+            }
             Err(e) if e.is_fenced() => {
                 tracing::warn!(projection = p.name(), partition = p.slot().partition, error = %e, "slot fenced; stopping it");
                 return LoopExit::Fenced;

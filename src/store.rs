@@ -123,6 +123,7 @@ pub(crate) struct Statements {
     pub(crate) checkpoints: String,
     pub(crate) assignments: String,
     pub(crate) workers: String,
+    pub(crate) dead_letters: String,
     pub(crate) partition_fn: String,
     append: String,
     read_stream: String,
@@ -137,6 +138,7 @@ impl Statements {
         let checkpoints = format!("{s}.projection_checkpoints");
         let assignments = format!("{s}.consumer_assignments");
         let workers = format!("{s}.worker_nodes");
+        let dead_letters = format!("{s}.dead_letters");
         let partition_fn = format!("{s}.projectionist_partition");
         let notify_col = if notify {
             ", CASE WHEN count(*) > 0 THEN pg_notify($9, pg_current_xact_id()::text)::text END"
@@ -182,6 +184,7 @@ impl Statements {
             checkpoints,
             assignments,
             workers,
+            dead_letters,
             partition_fn,
             append,
             read_stream,

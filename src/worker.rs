@@ -422,7 +422,7 @@ async fn lead(
     let sql = store.statements().clone();
     let mut config = store.pg_config().clone();
     // `status` finds the leader by this name and the advisory lock it holds.
-    config.application_name(&format!("projectionist-leader:{worker_id}"));
+    config.application_name(format!("projectionist-leader:{worker_id}"));
     loop {
         if *stop.borrow() {
             return;
@@ -526,6 +526,10 @@ async fn lead(
     }
 }
 
+/// A slot's assignment as the leader finds it: owner, the worker that
+/// released it (failure budget), and whether it is resting.
+type Current = (Option<String>, Option<String>, bool);
+
 /// One rebalance, in one transaction on the leader's connection.
 async fn rebalance(
     client: &mut tokio_postgres::Client,
@@ -586,7 +590,7 @@ async fn rebalance(
             &[],
         )
         .await?;
-    let mut current: BTreeMap<(String, i32), (Option<String>, Option<String>, bool)> =
+    let mut current: BTreeMap<(String, i32), Current> =
         BTreeMap::new();
     for r in &rows {
         current.insert((r.get(0), r.get(1)), (r.get(2), r.get(3), r.get(4)));

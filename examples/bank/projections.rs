@@ -14,7 +14,8 @@ use crate::events::{
     MONEY_WITHDRAWN,
 };
 use projectionist::{
-    async_trait, Error, Filter, Partition, Projection, Result, StoredEvent, Transaction,
+    async_trait, Error, FailurePolicy, Filter, Partition, Projection, Result, StoredEvent,
+    Transaction,
 };
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -222,6 +223,14 @@ impl Projection for AccountBalances {
 
     fn filter(&self) -> Filter {
         Filter::all().aggregate_types([ACCOUNT])
+    }
+
+    /// An event whose payload cannot be decoded (say, a raw-SQL writer put a
+    /// string where the amount goes) would fail for ever: after the retries
+    /// it goes to the dead-letter table and the balances go on. `dlq list`
+    /// shows it; fix the data and `dlq retry` it.
+    fn failure_policy(&self) -> FailurePolicy {
+        FailurePolicy::dead_letter()
     }
 
     async fn handle(&self, event: &StoredEvent, tx: &Transaction<'_>) -> Result<()> {

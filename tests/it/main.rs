@@ -5,5 +5,6 @@
 mod cli;
 mod common;
 mod engine;
+mod failure;
 mod store;
 mod worker;
