@@ -51,6 +51,9 @@ pub struct GlobalArgs {
     /// Maximum pooled database connections.
     #[arg(long, env = "POOL_SIZE", default_value_t = crate::db::DEFAULT_POOL_SIZE, global = true)]
     pub pool_size: usize,
+    /// How long to keep retrying when the database cannot be reached at start-up.
+    #[arg(long, env = "CONNECT_TIMEOUT", default_value = "30s", global = true)]
+    pub connect_timeout: String,
     /// Channel that appends NOTIFY and the notify dispatcher LISTENs on.
     #[arg(long, env = "NOTIFY_CHANNEL", default_value = DEFAULT_NOTIFY_CHANNEL, global = true)]
     pub notify_channel: String,
@@ -320,6 +323,15 @@ impl App {
         EventStore::connect_with(url, config)
     }
 
+    /// Opens the event store and waits (up to `CONNECT_TIMEOUT`) until the
+    /// database answers.
+    pub async fn connect(&self, global: &GlobalArgs) -> Result<EventStore> {
+        let timeout = parse_duration("CONNECT_TIMEOUT", &global.connect_timeout)?;
+        let store = self.store(global)?;
+        crate::db::wait_until_reachable(store.pool(), store.pg_config(), timeout).await?;
+        Ok(store)
+    }
+
     fn selected(&self, names: &[String]) -> Result<Vec<Arc<dyn Projection>>> {
         if names.is_empty() {
             return Ok(self.projections.clone());
@@ -348,7 +360,7 @@ impl App {
     async fn execute_inner(&self, global: &GlobalArgs, command: Command) -> Result<()> {
         match command {
             Command::Migrate => {
-                let store = self.store(global)?;
+                let store = self.connect(global).await?;
                 let report = crate::migrate(store.pg_config(), &global.schema).await?;
                 if report.applied.is_empty() {
                     println!("schema {} is up to date", global.schema);
@@ -365,7 +377,7 @@ impl App {
             Command::Dlq(cmd) => self.dlq(global, cmd).await,
             Command::Resume { name, partition } => {
                 self.find(&name)?;
-                let store = self.store(global)?;
+                let store = self.connect(global).await?;
                 let n = crate::dead_letter::resume(&store, &name, partition).await?;
                 if n == 0 {
                     println!("{name} has no failed partition: nothing to resume");
@@ -375,7 +387,7 @@ impl App {
                 Ok(())
             }
             Command::Status { json } => {
-                let store = self.store(global)?;
+                let store = self.connect(global).await?;
                 let rows = crate::admin::status(&store, &self.projections).await?;
                 let workers = crate::admin::workers(&store).await?;
                 if json {
@@ -405,7 +417,7 @@ impl App {
                     println!("reset cancelled");
                     return Ok(());
                 }
-                let store = self.store(global)?;
+                let store = self.connect(global).await?;
                 let n = crate::admin::reset(&store, projection.as_ref(), partition).await?;
                 println!("reset {name}: {n} checkpoint(s) cleared; the next run rebuilds it");
                 Ok(())
@@ -414,7 +426,7 @@ impl App {
     }
 
     async fn dlq(&self, global: &GlobalArgs, cmd: DlqCommand) -> Result<()> {
-        let store = self.store(global)?;
+        let store = self.connect(global).await?;
         match cmd {
             DlqCommand::List { projection, json } => {
                 if let Some(p) = &projection {
@@ -574,7 +586,7 @@ impl App {
             .dispatcher(dispatcher)
             .notify_channel(&global.notify_channel)?
             .partition(partition_key, args.total_partitions)?;
-        let store = self.store(global)?;
+        let store = self.connect(global).await?;
         let runner = Runner::new(store.clone(), config).with_projections(&projections)?;
         if args.mode == "worker" {
             if args.once {

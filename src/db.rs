@@ -112,3 +112,69 @@ pub(crate) fn batch_config(
     }
     pg
 }
+
+/// Waits until the database answers, retrying connection failures with
+/// backoff (0.5 s doubling to 5 s) and logging each attempt, for at most
+/// `timeout`. Errors that retrying cannot fix (authentication, a missing
+/// database) fail at once with the fix named.
+pub(crate) async fn wait_until_reachable(
+    pool: &Pool,
+    config: &tokio_postgres::Config,
+    timeout: Duration,
+) -> Result<()> {
+    let start = std::time::Instant::now();
+    let mut delay = Duration::from_millis(500);
+    let mut attempt = 1u32;
+    loop {
+        let outcome = async {
+            let client = pool.get().await?;
+            client.simple_query("SELECT 1").await?;
+            Ok::<_, Error>(())
+        }
+        .await;
+        let e = match outcome {
+            Ok(()) => return Ok(()),
+            Err(e) => e,
+        };
+        if let Some(fatal) = explain_fatal(&e, config) {
+            return Err(fatal);
+        }
+        let elapsed = start.elapsed();
+        if elapsed >= timeout {
+            return Err(Error::new(
+                Kind::Connection,
+                format!(
+                    "could not connect to {} within {:?} ({attempt} attempts): {e}. Check that DATABASE_URL \
+                     names the right host and port and that the server is running and reachable; raise \
+                     CONNECT_TIMEOUT to wait longer",
+                    describe(config),
+                    timeout
+                ),
+            ));
+        }
+        let delay_now = delay.min(timeout - elapsed);
+        tracing::warn!(database = %describe(config), attempt, retry_in_ms = delay_now.as_millis() as u64,
+            error = %e, "database unreachable; retrying");
+        tokio::time::sleep(delay_now).await;
+        delay = (delay * 2).min(Duration::from_secs(5));
+        attempt += 1;
+    }
+}
+
+/// Connection errors that waiting will not fix, with their fix.
+fn explain_fatal(e: &Error, config: &tokio_postgres::Config) -> Option<Error> {
+    let code = e.db_code()?;
+    let target = describe(config);
+    let message = match code {
+        "28P01" | "28000" => format!(
+            "the server refused the login for {target} ({e}): check the user and password in DATABASE_URL"
+        ),
+        "3D000" => format!(
+            "the database in DATABASE_URL does not exist on the server ({target}): create it \
+             (createdb) or fix the database name"
+        ),
+        "42501" => format!("permission denied connecting to {target} ({e}): grant the role CONNECT on the database"),
+        _ => return None,
+    };
+    Some(Error::new(Kind::Connection, message))
+}

@@ -69,6 +69,9 @@ pub(crate) struct Processor {
     read_cursor: Cursor,
     /// The log head at the last checkpoint write.
     persisted_head: i64,
+    /// The server's start time when this processor last read; a change
+    /// means a restart, after which only the durable checkpoint is trusted.
+    server_started: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 impl Processor {
@@ -110,6 +113,7 @@ impl Processor {
             cursor,
             read_cursor: cursor,
             persisted_head: 0,
+            server_started: None,
         })
     }
 
@@ -135,6 +139,24 @@ impl Processor {
         let read = client.prepare_cached(&self.read_sql).await?;
         let tx = client.transaction().await?;
         let page = read_page(&*tx, &read, self.read_cursor, self.batch_size, &self.filter).await?;
+        if self.server_started.is_some_and(|s| s != page.server_started) {
+            // The server restarted: commits not yet durable were lost and
+            // their transaction ids may be handed out again, so the cursor in
+            // memory (and any watermark it came from) is void. Resume from
+            // the durable checkpoint.
+            drop(tx);
+            self.server_started = Some(page.server_started);
+            self.reload(&client).await?;
+            tracing::warn!(projection = %self.name, partition = self.slot.partition, cursor = %self.cursor,
+                "the database restarted; resuming from the stored checkpoint");
+            return Ok(BatchOutcome {
+                handled: 0,
+                caught_up: false,
+                watermark: 0,
+                cursor: self.cursor,
+            });
+        }
+        self.server_started = Some(page.server_started);
         let caught_up = (page.events.len() as i64) < self.batch_size;
         let next = page.next_cursor;
         if page.events.is_empty() && (next <= self.cursor || page.head <= self.persisted_head) {
@@ -385,6 +407,36 @@ impl Processor {
                 Err(Error::new(Kind::Failed, message))
             }
         }
+    }
+
+    /// Reloads the cursor from the checkpoint row (after a server restart,
+    /// or when another runner moved it).
+    pub(crate) async fn reload(&mut self, client: &deadpool_postgres::Object) -> Result<()> {
+        let row = client
+            .query_one(
+                &format!(
+                    "SELECT last_transaction_id, last_global_position FROM {} \
+                     WHERE projection_name = $1 AND partition_key = $2",
+                    self.checkpoints_table
+                ),
+                &[&self.name, &self.slot.partition],
+            )
+            .await?;
+        self.cursor = Cursor::new(row.try_get::<_, Xid8>(0)?.0, row.try_get(1)?);
+        self.read_cursor = self.cursor;
+        self.persisted_head = 0;
+        Ok(())
+    }
+
+    /// [`Processor::reload`] on a pooled connection.
+    pub(crate) async fn reload_checkpoint(&mut self) -> Result<()> {
+        let client = self.pool.get().await?;
+        self.reload(&client).await
+    }
+
+    /// Whether this processor runs under worker-mode fencing.
+    pub(crate) fn is_fenced_slot(&self) -> bool {
+        self.fence.is_some()
     }
 
     /// Whether the slot's checkpoint is back in the `running` state (after

@@ -533,6 +533,23 @@ pub(crate) async fn processor_loop(
                     }
                 }
             }
+            Err(e) if e.is_fenced() && !p.is_fenced_slot() => {
+                // Static mode: the stored checkpoint is not where this
+                // process left it (a commit lost in a server crash, a reset,
+                // or another process running the same partition). Resume
+                // from the stored one; the compare-and-set keeps every
+                // commit exactly-once.
+                tracing::warn!(projection = p.name(), partition = p.slot().partition, error = %e,
+                    "checkpoint moved under this process; reloading it");
+                if let Err(e) = p.reload_checkpoint().await {
+                    tracing::warn!(projection = p.name(), error = %e, "cannot reload the checkpoint");
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = stop.changed() => {}
+                    }
+                    backoff = (backoff * 2).min(limits.max_backoff);
+                }
+            }
             Err(e) if e.is_fenced() => {
                 tracing::warn!(projection = p.name(), partition = p.slot().partition, error = %e, "slot fenced; stopping it");
                 return LoopExit::Fenced;

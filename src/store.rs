@@ -65,6 +65,11 @@ pub struct ReadBatch {
     pub watermark: u64,
     /// The highest global position in the log at read time (0 when empty).
     pub head: i64,
+    /// When the server last started. If it changes between two pages, the
+    /// server restarted: transaction ids above the durable state may be
+    /// handed out again, so a reader must resume from a cursor it stored
+    /// durably (the engine reloads its checkpoint), not from one in memory.
+    pub server_started: chrono::DateTime<chrono::Utc>,
 }
 
 /// Options for an [`EventStore`], with documented defaults.
@@ -228,8 +233,9 @@ impl ReadFilter {
 
 /// The gap-safe page query: `$1` cursor transaction id, `$2` cursor
 /// position, `$3` limit, then the filter's parameters. Returns the
-/// watermark and head in columns 0 and 1 of every row (one row with null
-/// event columns when no event qualifies), the event columns from 2 on.
+/// watermark, head and server start time in columns 0 to 2 of every row
+/// (one row with null event columns when no event qualifies), the event
+/// columns from 3 on.
 pub(crate) fn gap_safe_query(events: &str, partition_fn: &str, filter: &ReadFilter) -> String {
     let conds = filter_conditions(partition_fn, filter, 3);
     let cols = StoredEvent::COLUMNS
@@ -238,9 +244,10 @@ pub(crate) fn gap_safe_query(events: &str, partition_fn: &str, filter: &ReadFilt
         .collect::<Vec<_>>()
         .join(", ");
     format!(
-        "SELECT w.xmin, w.head, {cols} \
+        "SELECT w.xmin, w.head, w.started, {cols} \
          FROM (SELECT pg_snapshot_xmin(pg_current_snapshot()) AS xmin, \
-                      coalesce((SELECT max(global_position) FROM {events}), 0) AS head) w \
+                      coalesce((SELECT max(global_position) FROM {events}), 0) AS head, \
+                      pg_postmaster_start_time() AS started) w \
          LEFT JOIN LATERAL ( \
             SELECT * FROM {events} e \
             WHERE (e.transaction_id, e.global_position) > ($1::xid8, $2::int8) \
@@ -289,12 +296,13 @@ pub(crate) fn decode_page(
         .ok_or_else(|| Error::new(Kind::Other, "the gap-safe read returned no watermark row"))?;
     let watermark = first.try_get::<_, Xid8>(0)?.0;
     let head: i64 = first.try_get(1)?;
+    let server_started = first.try_get(2)?;
     let mut events = Vec::with_capacity(rows.len());
     for row in rows {
-        if row.try_get::<_, Option<i64>>(2)?.is_none() {
+        if row.try_get::<_, Option<i64>>(3)?.is_none() {
             continue;
         }
-        events.push(StoredEvent::from_row_at(row, 2)?);
+        events.push(StoredEvent::from_row_at(row, 3)?);
     }
     let last = events.last().map(StoredEvent::cursor).unwrap_or(after);
     let next_cursor = if (events.len() as i64) < limit {
@@ -307,6 +315,7 @@ pub(crate) fn decode_page(
         next_cursor,
         watermark,
         head,
+        server_started,
     })
 }
 

@@ -590,8 +590,7 @@ async fn rebalance(
             &[],
         )
         .await?;
-    let mut current: BTreeMap<(String, i32), Current> =
-        BTreeMap::new();
+    let mut current: BTreeMap<(String, i32), Current> = BTreeMap::new();
     for r in &rows {
         current.insert((r.get(0), r.get(1)), (r.get(2), r.get(3), r.get(4)));
     }

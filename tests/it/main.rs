@@ -6,5 +6,6 @@ mod cli;
 mod common;
 mod engine;
 mod failure;
+mod outage;
 mod store;
 mod worker;
