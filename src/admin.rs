@@ -205,3 +205,107 @@ pub async fn reset(
     tx.commit().await?;
     Ok(deleted)
 }
+
+/// The oldest open writing transaction on the server: it holds back the
+/// gap-safe watermark of every projection (in every database of the
+/// server), so events committed after it started are not read until it
+/// ends.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct WatermarkHolder {
+    /// Its backend process id (`SELECT pg_terminate_backend(pid)` ends it).
+    pub pid: i32,
+    /// Its database.
+    pub database: Option<String>,
+    /// Its role.
+    pub user: Option<String>,
+    /// Its `application_name`.
+    pub application_name: Option<String>,
+    /// Its state (`active`, `idle in transaction`, …).
+    pub state: Option<String>,
+    /// Seconds since its transaction started.
+    pub open_seconds: f64,
+    /// The start of its current or last query (first 200 characters; empty
+    /// when the role may not see it).
+    pub query: String,
+}
+
+/// The oldest open writing transaction, if any (see [`WatermarkHolder`]).
+pub async fn watermark_holder(store: &EventStore) -> Result<Option<WatermarkHolder>> {
+    let client = store.pool().get().await?;
+    let row = client
+        .query_opt(
+            "SELECT pid, datname::text, usename::text, application_name, state, \
+                    coalesce(extract(epoch FROM now() - xact_start), 0)::float8, \
+                    coalesce(left(query, 200), '') \
+             FROM pg_stat_activity \
+             WHERE backend_xid IS NOT NULL AND pid <> pg_backend_pid() \
+             ORDER BY age(backend_xid) DESC LIMIT 1",
+            &[],
+        )
+        .await?;
+    row.map(|r| {
+        Ok(WatermarkHolder {
+            pid: r.try_get(0)?,
+            database: r.try_get(1)?,
+            user: r.try_get(2)?,
+            application_name: r.try_get(3)?,
+            state: r.try_get(4)?,
+            open_seconds: r.try_get::<_, f64>(5)?.max(0.0),
+            query: r.try_get(6)?,
+        })
+    })
+    .transpose()
+}
+
+/// Everything `status --json` and `/status` show.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct StatusReport {
+    /// One entry per (projection, partition).
+    pub projections: Vec<SlotStatus>,
+    /// The worker pool (empty in static mode).
+    pub workers: Vec<WorkerStatus>,
+    /// The oldest open writing transaction, when one is open.
+    pub watermark_held_by: Option<WatermarkHolder>,
+    /// Dead letters per projection.
+    pub dead_letters: std::collections::BTreeMap<String, i64>,
+    /// The highest global position in the log.
+    pub log_head: i64,
+}
+
+/// Collects a [`StatusReport`].
+pub async fn report(
+    store: &EventStore,
+    projections: &[Arc<dyn Projection>],
+) -> Result<StatusReport> {
+    let client = store.pool().get().await?;
+    let dead_letters = client
+        .query(
+            &format!(
+                "SELECT projection_name, count(*) FROM {} GROUP BY projection_name",
+                store.statements().dead_letters
+            ),
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+        .collect::<Result<_>>()?;
+    let log_head: i64 = client
+        .query_one(
+            &format!(
+                "SELECT coalesce(max(global_position), 0) FROM {}",
+                store.statements().events
+            ),
+            &[],
+        )
+        .await?
+        .try_get(0)?;
+    drop(client);
+    Ok(StatusReport {
+        projections: status(store, projections).await?,
+        workers: workers(store).await?,
+        watermark_held_by: watermark_holder(store).await?,
+        dead_letters,
+        log_head,
+    })
+}

@@ -169,6 +169,12 @@ pub struct RunArgs {
     /// Run only these projections (repeatable). Default: all.
     #[arg(long = "projection", env = "PROJECTIONS", value_delimiter = ',')]
     pub projections: Vec<String>,
+    /// Address of the admin HTTP server (/metrics /healthz /readyz /status), or off.
+    #[arg(long, env = "ADMIN_ADDR", default_value = "0.0.0.0:9090")]
+    pub admin_addr: String,
+    /// /readyz fails while a slot lags by more than this many events (unset: no lag limit).
+    #[arg(long, env = "READY_MAX_LAG")]
+    pub ready_max_lag: Option<i64>,
     /// Catch up with every readable event, then exit 0 (static mode only).
     #[arg(long)]
     pub once: bool,
@@ -388,16 +394,28 @@ impl App {
             }
             Command::Status { json } => {
                 let store = self.connect(global).await?;
-                let rows = crate::admin::status(&store, &self.projections).await?;
-                let workers = crate::admin::workers(&store).await?;
+                let report = crate::admin::report(&store, &self.projections).await?;
                 if json {
-                    let text = serde_json::to_string_pretty(
-                        &serde_json::json!({ "projections": rows, "workers": workers }),
-                    )?;
-                    println!("{text}");
+                    println!("{}", serde_json::to_string_pretty(&report)?);
                 } else {
-                    print_status_table(&rows);
-                    print_workers_table(&workers);
+                    print_status_table(&report.projections);
+                    print_workers_table(&report.workers);
+                    if let Some(h) = &report.watermark_held_by {
+                        if h.open_seconds >= 1.0 {
+                            println!(
+                                "watermark held back by pid {} ({} on database {}, {}) open for {:.0}s: {}",
+                                h.pid,
+                                h.user.as_deref().unwrap_or("?"),
+                                h.database.as_deref().unwrap_or("?"),
+                                h.state.as_deref().unwrap_or("?"),
+                                h.open_seconds,
+                                h.query
+                            );
+                        }
+                    }
+                    for (p, n) in &report.dead_letters {
+                        println!("{p}: {n} dead letter(s): see `dlq list --projection {p}`");
+                    }
                 }
                 Ok(())
             }
@@ -586,8 +604,35 @@ impl App {
             .dispatcher(dispatcher)
             .notify_channel(&global.notify_channel)?
             .partition(partition_key, args.total_partitions)?;
+        let admin_addr = crate::server::parse_admin_addr(&args.admin_addr)?;
         let store = self.connect(global).await?;
         let runner = Runner::new(store.clone(), config).with_projections(&projections)?;
+        let (admin_stop, admin_stop_rx) = tokio::sync::watch::channel(false);
+        if let (Some(addr), false) = (admin_addr, args.once) {
+            let poll = parse_duration("POLL_INTERVAL", &args.poll_interval)?;
+            let window = (poll * 3).clamp(Duration::from_secs(15), Duration::from_secs(120));
+            let state = std::sync::Arc::new(crate::server::AdminState::new(
+                store.clone(),
+                self.projections.clone(),
+                args.ready_max_lag,
+                window,
+            ));
+            crate::server::serve(addr, state, admin_stop_rx).await?;
+        }
+        crate::metrics::with(|m| m.worker_up.set(1));
+        let result = self.run_with(&store, &runner, args, shutdown).await;
+        crate::metrics::with(|m| m.worker_up.set(0));
+        let _ = admin_stop.send(true);
+        result
+    }
+
+    async fn run_with(
+        &self,
+        store: &EventStore,
+        runner: &Runner,
+        args: RunArgs,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) -> Result<()> {
         if args.mode == "worker" {
             if args.once {
                 return Err(Error::config(
@@ -619,7 +664,7 @@ impl App {
         }
         if args.once {
             return tokio::select! {
-                r = run_once_with_progress(&store, &runner) => r,
+                r = run_once_with_progress(store, runner) => r,
                 _ = shutdown => Err(Error::new(
                     crate::error::Kind::Other,
                     "interrupted: batches in flight were rolled back; run again to finish",

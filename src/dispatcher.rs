@@ -151,6 +151,7 @@ pub(crate) async fn poll_loop(
             _ = ticker.tick() => {}
             _ = shutdown.changed() => return,
         }
+        crate::server::tick();
         let head = async {
             let client = pool.get().await?;
             let stmt = client.prepare_cached(&head_sql).await?;
@@ -162,6 +163,7 @@ pub(crate) async fn poll_loop(
             Ok(h) => {
                 if last != Some(h) {
                     last = Some(h);
+                    crate::metrics::with(|m| m.wakeups.with_label_values(&["poll"]).inc());
                     bump(&wake);
                 }
             }
@@ -190,6 +192,9 @@ impl Route {
             Route::Events { marks, wake } => {
                 if let Some(tx) = payload.and_then(|p| p.parse::<u64>().ok()) {
                     marks.announce(tx);
+                }
+                if payload.is_some() {
+                    crate::metrics::with(|m| m.wakeups.with_label_values(&["notify"]).inc());
                 }
                 bump(wake);
             }

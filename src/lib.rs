@@ -16,18 +16,23 @@ mod dispatcher;
 mod error;
 mod event;
 mod ident;
+mod metrics;
 mod migrate;
 mod policy;
 mod processor;
 mod projection;
 mod runner;
+mod server;
 mod store;
 mod worker;
 
 #[cfg(feature = "testing")]
 pub mod testing;
 
-pub use admin::{reset, status, workers, SlotStatus, WorkerStatus};
+pub use admin::{
+    report, reset, status, watermark_holder, workers, SlotStatus, StatusReport, WatermarkHolder,
+    WorkerStatus,
+};
 pub use checkpoint::Checkpoint;
 pub use cli::App;
 pub use db::{describe as describe_database, parse_url, DEFAULT_POOL_SIZE};

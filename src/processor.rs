@@ -135,11 +135,42 @@ impl Processor {
     /// projection's [`FailurePolicy`](crate::FailurePolicy) decides the
     /// rest (see [`Processor::isolate`]).
     pub(crate) async fn run_batch(&mut self) -> Result<BatchOutcome> {
+        let started = std::time::Instant::now();
+        let outcome = self.batch().await;
+        if let Ok(o) = &outcome {
+            if o.handled > 0 {
+                let partition = self.slot.partition.to_string();
+                crate::metrics::with(|m| {
+                    m.batch_duration
+                        .with_label_values(&[self.name.as_str()])
+                        .observe(started.elapsed().as_secs_f64());
+                    m.events_handled
+                        .with_label_values(&[self.name.as_str(), partition.as_str(), "ok"])
+                        .inc_by(o.handled as u64);
+                });
+            }
+        }
+        outcome
+    }
+
+    fn count(&self, result: &str, n: u64) {
+        let partition = self.slot.partition.to_string();
+        crate::metrics::with(|m| {
+            m.events_handled
+                .with_label_values(&[self.name.as_str(), partition.as_str(), result])
+                .inc_by(n)
+        });
+    }
+
+    async fn batch(&mut self) -> Result<BatchOutcome> {
         let mut client = self.pool.get().await?;
         let read = client.prepare_cached(&self.read_sql).await?;
         let tx = client.transaction().await?;
         let page = read_page(&*tx, &read, self.read_cursor, self.batch_size, &self.filter).await?;
-        if self.server_started.is_some_and(|s| s != page.server_started) {
+        if self
+            .server_started
+            .is_some_and(|s| s != page.server_started)
+        {
             // The server restarted: commits not yet durable were lost and
             // their transaction ids may be handed out again, so the cursor in
             // memory (and any watermark it came from) is void. Resume from
@@ -173,7 +204,14 @@ impl Processor {
             });
         }
         if !page.events.is_empty() {
-            if let Err(e) = self.projection.handle_batch(&page.events, &tx).await {
+            let handler_started = std::time::Instant::now();
+            let handled = self.projection.handle_batch(&page.events, &tx).await;
+            crate::metrics::with(|m| {
+                m.handler_duration
+                    .with_label_values(&[self.name.as_str()])
+                    .observe(handler_started.elapsed().as_secs_f64())
+            });
+            if let Err(e) = handled {
                 if !is_handler_failure(&e) {
                     return Err(e);
                 }
@@ -333,7 +371,10 @@ impl Processor {
                         cursor: event.cursor(),
                     });
                 }
-                Err(e) if is_handler_failure(&e) => error = e,
+                Err(e) if is_handler_failure(&e) => {
+                    self.count("error", 1);
+                    error = e
+                }
                 Err(e) => return Err(e),
             }
         }
@@ -368,6 +409,7 @@ impl Processor {
                 tx.commit().await?;
                 self.cursor = event.cursor();
                 self.read_cursor = event.cursor();
+                self.count("dead_letter", 1);
                 tracing::error!(projection = %self.name, partition = self.slot.partition,
                     position = event.global_position, event_type = %event.event_type, attempts, error = %error,
                     "event dead-lettered; processing continues");

@@ -297,6 +297,7 @@ impl Runner {
         mut extra_routes: Vec<(Ident, Route)>,
         stop: &watch::Receiver<bool>,
     ) {
+        background.spawn(watch_watermark(self.store.clone(), stop.clone()));
         let head_sql = self.store.statements().head().to_owned();
         let poll_interval = match self.config.dispatcher {
             DispatcherKind::Poll => self.config.poll_interval,
@@ -446,6 +447,34 @@ pub(crate) fn check_unique<'a>(
         }
     }
     Ok(())
+}
+
+/// A writing transaction open this long is named in a warning.
+const WATERMARK_WARN_AFTER: Duration = Duration::from_secs(30);
+
+/// Every 10 s, warns (naming it) about a writing transaction that has held
+/// the gap-safe watermark back for longer than 30 s: otherwise a quiet
+/// projection looks stuck for no reason.
+async fn watch_watermark(store: EventStore, mut stop: watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(10)) => {}
+            _ = stop.changed() => return,
+        }
+        if let Ok(Some(h)) = crate::admin::watermark_holder(&store).await {
+            if h.open_seconds >= WATERMARK_WARN_AFTER.as_secs_f64() {
+                tracing::warn!(
+                    pid = h.pid,
+                    database = h.database.as_deref().unwrap_or("?"),
+                    application_name = h.application_name.as_deref().unwrap_or(""),
+                    open_seconds = h.open_seconds as u64,
+                    query = %h.query,
+                    "an open writing transaction holds back the watermark: projections wait for it to end \
+                     (end it with SELECT pg_terminate_backend(pid) if it is stuck)"
+                );
+            }
+        }
+    }
 }
 
 /// Limits of a processor loop.

@@ -488,6 +488,7 @@ impl EventStore {
                 .describe_conflict(client, aggregate_type, aggregate_id, expected)
                 .await);
         }
+        crate::metrics::with(|m| m.events_appended.inc_by(events.len() as u64));
         Ok(AppendResult {
             first_position: row.try_get(1)?,
             last_position: row.try_get(2)?,

@@ -292,10 +292,12 @@ pub(crate) async fn run(
     tokio::pin!(shutdown);
     let mut last_read = Instant::now();
     loop {
+        crate::server::tick();
         match follower.read_assignments().await {
             Ok(assigned) => {
                 last_read = Instant::now();
                 follower.reconcile(assigned).await;
+                crate::metrics::with(|m| m.slots_held.set(follower.running.len() as i64));
             }
             Err(e) => {
                 tracing::warn!(error = %e, "cannot read assignments");
@@ -496,6 +498,7 @@ async fn lead(
         }
         if leading {
             is_leader.store(true, Ordering::SeqCst);
+            crate::metrics::with(|m| m.is_leader.set(1));
             tracing::info!("this worker is now the leader");
             loop {
                 if let Err(e) = rebalance(&mut client, &sql, &slots, &wc).await {
@@ -513,6 +516,7 @@ async fn lead(
                 }
             }
             is_leader.store(false, Ordering::SeqCst);
+            crate::metrics::with(|m| m.is_leader.set(0));
         }
         // Dropping the client closes the connection and releases the lock.
         drop(client);

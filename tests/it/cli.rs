@@ -25,7 +25,8 @@ pub fn bank() -> Command {
         .env_remove("TOTAL_PARTITIONS")
         .env_remove("DISPATCHER")
         .env_remove("BATCH_SIZE")
-        .env("LOG_LEVEL", "warn");
+        .env("LOG_LEVEL", "warn")
+        .env("ADMIN_ADDR", "off");
     cmd
 }
 

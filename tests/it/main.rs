@@ -6,6 +6,7 @@ mod cli;
 mod common;
 mod engine;
 mod failure;
+mod ops;
 mod outage;
 mod store;
 mod worker;

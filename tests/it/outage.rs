@@ -24,8 +24,12 @@ async fn append_through_outages(store: EventStore, stream: String, n: i64) {
             format!("{stream}/{version}").as_bytes(),
         ));
         let deadline = Instant::now() + Duration::from_secs(60);
+        let mut last_error = None;
         loop {
-            assert!(Instant::now() < deadline, "appends did not resume");
+            assert!(
+                Instant::now() < deadline,
+                "appends did not resume: {last_error:?}"
+            );
             match store
                 .append(
                     "Account",
@@ -39,6 +43,7 @@ async fn append_through_outages(store: EventStore, stream: String, n: i64) {
                 // The earlier attempt committed before the connection dropped.
                 Err(e) if e.is_duplicate_event() => break,
                 Err(e) if e.is_connection() || e.is_retryable() => {
+                    last_error = Some(e);
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
                 Err(e) => panic!("append failed: {e:?}"),
