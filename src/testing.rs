@@ -266,6 +266,12 @@ impl TestServer {
         self.admin.clone()
     }
 
+    /// The data directory of a throwaway cluster (`None` for a
+    /// `DATABASE_URL` server), e.g. to edit `pg_hba.conf` in a test.
+    pub fn data_dir(&self) -> Option<&std::path::Path> {
+        self.cluster.as_ref().map(|c| c.data.as_path())
+    }
+
     /// Whether this server came from [`TestServer::start_private`].
     pub fn is_private(&self) -> bool {
         self.private

@@ -2,6 +2,7 @@
 //! otherwise a throwaway cluster started once for this test binary (see
 //! `projectionist::testing`). Every test gets a database of its own.
 
+mod catalogue;
 mod cli;
 mod common;
 mod engine;
