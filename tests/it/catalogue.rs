@@ -26,6 +26,9 @@ async fn fingerprint(db: &TestDatabase) -> String {
     r.get(0)
 }
 
+/// Arguments, environment, and what stderr must say.
+type Case<'a> = (&'a [&'a str], Vec<(&'a str, &'a str)>, Vec<&'a str>);
+
 fn check(o: &Output, code: i32, needles: &[&str]) {
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(code), "{}", text(o));
@@ -59,7 +62,7 @@ async fn usage_errors_exit_2_name_the_fix_and_change_nothing() {
     let before = fingerprint(&db).await;
 
     let once = ["run-projections", "--once"];
-    let cases: Vec<(&[&str], Vec<(&str, &str)>, Vec<&str>)> = vec![
+    let cases: Vec<Case> = vec![
         (
             &once,
             vec![("PARTITION_KEY", "5"), ("TOTAL_PARTITIONS", "2")],
