@@ -309,3 +309,127 @@ pub async fn report(
         log_head,
     })
 }
+
+/// What `rebase-cursors` did to one checkpoint.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct Rebased {
+    /// Projection name.
+    pub projection: String,
+    /// Partition key.
+    pub partition: i32,
+    /// Every event of this slot at or below this global position had been
+    /// handled; the slot resumes after it.
+    pub resume_after_position: i64,
+    /// Events above that position that had already been handled and will be
+    /// handled again (the boundary: events that committed out of position
+    /// order before the restore).
+    pub handled_again: i64,
+}
+
+/// Rebases every cursor after a restore into another cluster, in one
+/// transaction: each cursor becomes "after global position P", where P is
+/// the highest position below which the slot had handled everything; all
+/// existing events get transaction id 1 (so they order by position, before
+/// any new transaction of this cluster); the checkpoints record this
+/// cluster. Returns, per slot, how many events will be handled again.
+pub async fn rebase_cursors(
+    store: &EventStore,
+    projections: &[Arc<dyn Projection>],
+) -> Result<Vec<Rebased>> {
+    let sql = store.statements();
+    let mut client = store.pool().get().await?;
+    let tx = client.transaction().await?;
+    tx.execute(
+        &format!("LOCK TABLE {} IN EXCLUSIVE MODE", sql.checkpoints),
+        &[],
+    )
+    .await?;
+    let checkpoints = Checkpoints::new(&sql.checkpoints).list(&*tx).await?;
+    let mut out = Vec::new();
+    for c in &checkpoints {
+        let f = projections
+            .iter()
+            .find(|p| p.name() == c.projection)
+            .map(|p| p.filter())
+            .unwrap_or_default();
+        let filter = ReadFilter {
+            aggregate_types: f.aggregate_types,
+            event_types: f.event_types,
+            partition: (c.total_partitions > 1).then_some((c.partition, c.total_partitions)),
+        };
+        // An event is unhandled when it lies after the cursor (in the old
+        // cluster's transaction ids), or when it was written after the
+        // checkpoint last moved (a new cluster's transaction ids compare
+        // arbitrarily with the old ones).
+        let cursor_tx = Xid8(c.cursor.transaction_id);
+        let updated_at = c.updated_at;
+        let conds = filter_conditions(&sql.partition_fn, &filter, 3);
+        let mut params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
+            vec![&cursor_tx, &c.cursor.global_position, &updated_at];
+        params.extend(filter.params());
+        let resume: i64 = tx
+            .query_one(
+                &format!(
+                    "SELECT coalesce((SELECT min(e.global_position) - 1 FROM {ev} e \
+                       WHERE ((e.transaction_id, e.global_position) > ($1::xid8, $2::int8) \
+                              OR e.created_at > $3::timestamptz){conds}), \
+                       (SELECT coalesce(max(global_position), 0) FROM {ev}))",
+                    ev = sql.events
+                ),
+                &params,
+            )
+            .await?
+            .try_get(0)?;
+        let conds_after = filter_conditions(&sql.partition_fn, &filter, 4);
+        let mut params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
+            vec![&cursor_tx, &c.cursor.global_position, &updated_at, &resume];
+        params.extend(filter.params());
+        let again: i64 = tx
+            .query_one(
+                &format!(
+                    "SELECT count(*) FROM {} e WHERE (e.transaction_id, e.global_position) <= ($1::xid8, $2::int8) \
+                     AND e.created_at <= $3::timestamptz AND e.global_position > $4::int8{conds_after}",
+                    sql.events
+                ),
+                &params,
+            )
+            .await?
+            .try_get(0)?;
+        out.push(Rebased {
+            projection: c.projection.clone(),
+            partition: c.partition,
+            resume_after_position: resume,
+            handled_again: again,
+        });
+    }
+    tx.execute(
+        &format!(
+            "UPDATE {} SET transaction_id = '1' WHERE transaction_id <> '1'",
+            sql.events
+        ),
+        &[],
+    )
+    .await?;
+    tx.execute(
+        &format!(
+            "UPDATE {} SET transaction_id = '1' WHERE transaction_id <> '1'",
+            sql.dead_letters
+        ),
+        &[],
+    )
+    .await?;
+    for r in &out {
+        tx.execute(
+            &format!(
+                "UPDATE {} SET last_transaction_id = '1', last_global_position = $3, \
+                 system_identifier = (SELECT system_identifier::text FROM pg_control_system()), updated_at = now() \
+                 WHERE projection_name = $1 AND partition_key = $2",
+                sql.checkpoints
+            ),
+            &[&r.projection, &r.partition, &r.resume_after_position],
+        )
+        .await?;
+    }
+    tx.commit().await?;
+    Ok(out)
+}

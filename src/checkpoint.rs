@@ -125,7 +125,8 @@ impl Checkpoints {
         client
             .execute(
                 &format!(
-                    "INSERT INTO {} (projection_name, partition_key, total_partitions) VALUES ($1, $2, $3) \
+                    "INSERT INTO {} (projection_name, partition_key, total_partitions, system_identifier) \
+                     SELECT $1, $2, $3, system_identifier::text FROM pg_control_system() \
                      ON CONFLICT (projection_name, partition_key) DO NOTHING",
                     self.table
                 ),
@@ -143,6 +144,43 @@ impl Checkpoints {
             )
             .await?;
         Ok(Cursor::new(row.try_get::<_, Xid8>(0)?.0, row.try_get(1)?))
+    }
+
+    /// Refuses to run on checkpoints made on another PostgreSQL cluster (a
+    /// dump restored elsewhere): their transaction ids mean nothing here.
+    /// Rows without a recorded cluster get this one.
+    pub(crate) async fn check_cluster<C: GenericClient>(&self, client: &C) -> Result<()> {
+        let rows = client
+            .query(
+                &format!(
+                    "SELECT DISTINCT c.system_identifier, s.system_identifier::text \
+                     FROM {} c, pg_control_system() s \
+                     WHERE c.system_identifier IS NOT NULL AND c.system_identifier <> s.system_identifier::text",
+                    self.table
+                ),
+                &[],
+            )
+            .await?;
+        if let Some(r) = rows.first() {
+            let (theirs, ours): (String, String) = (r.try_get(0)?, r.try_get(1)?);
+            return Err(Error::config(format!(
+                "the projection checkpoints were made on another PostgreSQL cluster (system identifier {theirs}; \
+                 this server is {ours}): the database was restored from a dump or copied, and transaction ids \
+                 belong to one cluster, so the cursors are not valid here. Stop every projection process and \
+                 run `rebase-cursors --yes` once: it re-derives the cursors from global positions"
+            )));
+        }
+        client
+            .execute(
+                &format!(
+                    "UPDATE {} SET system_identifier = (SELECT system_identifier::text FROM pg_control_system()) \
+                     WHERE system_identifier IS NULL",
+                    self.table
+                ),
+                &[],
+            )
+            .await?;
+        Ok(())
     }
 
     /// Every checkpoint row, ordered by projection and partition.

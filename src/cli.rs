@@ -83,6 +83,13 @@ pub enum Command {
         #[arg(long)]
         partition: Option<i32>,
     },
+    /// After restoring the database into another PostgreSQL cluster: re-derive every cursor from
+    /// global positions (stop all projection processes first).
+    RebaseCursors {
+        /// Do not ask for confirmation.
+        #[arg(long)]
+        yes: bool,
+    },
     /// Clear a projection's read model and checkpoints so the next run rebuilds it.
     Reset {
         /// The projection's name.
@@ -381,6 +388,31 @@ impl App {
             }
             Command::RunProjections(args) => self.run_projections(global, *args).await,
             Command::Dlq(cmd) => self.dlq(global, cmd).await,
+            Command::RebaseCursors { yes } => {
+                if !yes
+                    && !confirm(
+                        "rebase every cursor to a global position (all projection processes must be stopped)?",
+                    )?
+                {
+                    println!("rebase cancelled");
+                    return Ok(());
+                }
+                let store = self.connect(global).await?;
+                let rebased = crate::admin::rebase_cursors(&store, &self.projections).await?;
+                let mut again = 0;
+                for r in &rebased {
+                    again += r.handled_again;
+                    println!(
+                        "{} partition {}: resumes after global position {}; {} event(s) at the boundary will be handled again",
+                        r.projection, r.partition, r.resume_after_position, r.handled_again
+                    );
+                }
+                println!(
+                    "rebased {} checkpoint(s); {again} event(s) in all will be handled again (make their side effects idempotent)",
+                    rebased.len()
+                );
+                Ok(())
+            }
             Command::Resume { name, partition } => {
                 self.find(&name)?;
                 let store = self.connect(global).await?;

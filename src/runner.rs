@@ -229,6 +229,12 @@ impl Runner {
                 "no projections to run: register at least one (or check --projection)",
             ));
         }
+        {
+            let client = self.store.pool().get().await?;
+            crate::checkpoint::Checkpoints::new(&self.store.statements().checkpoints)
+                .check_cluster(&**client)
+                .await?;
+        }
         let slot = Slot {
             partition: self.config.partition,
             total: self.config.total_partitions,

@@ -505,17 +505,29 @@ impl EventStore {
         expected: ExpectedVersion,
     ) -> Error {
         let q = format!(
-            "SELECT aggregate_version FROM {} WHERE aggregate_type = $1 AND aggregate_id = $2 \
+            "SELECT aggregate_version, transaction_id >= pg_snapshot_xmax(pg_current_snapshot()) \
+             FROM {} WHERE aggregate_type = $1 AND aggregate_id = $2 \
              ORDER BY aggregate_version DESC LIMIT 1",
             self.sql.events
         );
-        let actual = match client
+        let (actual, from_the_future) = match client
             .query_opt(&q, &[&aggregate_type, &aggregate_id])
             .await
         {
-            Ok(row) => row.and_then(|r| r.try_get::<_, i64>(0).ok()).unwrap_or(0),
+            Ok(row) => row
+                .and_then(|r| Some((r.try_get::<_, i64>(0).ok()?, r.try_get::<_, bool>(1).ok()?)))
+                .unwrap_or((0, false)),
             Err(e) => return Error::from(e),
         };
+        if from_the_future {
+            // A committed transaction id above every id this cluster has
+            // handed out: the events come from another cluster (a restore).
+            return Error::new(Kind::Database, format!(
+                "stream {aggregate_type}/{aggregate_id} was written with transaction ids of another PostgreSQL \
+                 cluster (the database was restored or copied): appends to it would be delivered out of \
+                 order. Stop the projection processes and run `rebase-cursors --yes` once"
+            ));
+        }
         let stream = format!("{aggregate_type}/{aggregate_id}");
         let message = match expected {
             ExpectedVersion::Exact(v) if v != actual => format!(

@@ -188,6 +188,7 @@ pub(crate) async fn run(
     {
         let client = store.pool().get().await?;
         let checkpoints = crate::checkpoint::Checkpoints::new(&sql.checkpoints);
+        checkpoints.check_cluster(&**client).await?;
         for p in runner.projections() {
             let total = wc
                 .partitions

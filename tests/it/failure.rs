@@ -366,3 +366,109 @@ async fn bank_dead_letters_a_raw_sql_poison_deposit() {
     let o = run(&db, &["dlq", "purge", "--yes"], &[]);
     assert!(o.status.success(), "{}", text(&o));
 }
+
+/// A dump restored into another cluster: detected, refused with the fix
+/// named, and `rebase-cursors` makes the projections exact again. (The
+/// restore is simulated: the checkpoints carry another cluster's identifier
+/// and the old events and cursors sit in a transaction-id range far above
+/// this cluster's, as after restoring into a younger cluster.)
+#[tokio::test]
+async fn restore_into_another_cluster_is_refused_until_rebased() {
+    let db = projectionist::testing::TestDatabase::create()
+        .await
+        .unwrap();
+    let o = run(&db, &["migrate"], &[]);
+    assert!(o.status.success(), "{}", text(&o));
+    let o = run(
+        &db,
+        &[
+            "simulate",
+            "--accounts",
+            "10",
+            "--events",
+            "300",
+            "--writers",
+            "2",
+        ],
+        &[],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    let c = db.connect().await.unwrap();
+    wait_until(Duration::from_secs(30), "caught up", || async {
+        let o = run(&db, &["run-projections", "--once"], &[]);
+        assert!(o.status.success(), "{}", text(&o));
+        let r = c
+            .query_one("SELECT (SELECT count(*) FROM events), (SELECT sum(event_count)::int8 FROM account_balances)", &[])
+            .await
+            .unwrap();
+        r.get::<_, i64>(0) == r.get::<_, Option<i64>>(1).unwrap_or(0)
+    })
+    .await;
+    c.batch_execute(
+        "UPDATE projection_checkpoints SET system_identifier = '1234567890', \
+                last_transaction_id = (last_transaction_id::text::int8 + 1000000000)::text::xid8; \
+         UPDATE events SET transaction_id = (transaction_id::text::int8 + 1000000000)::text::xid8;",
+    )
+    .await
+    .unwrap();
+    let snapshot = "SELECT string_agg(projection_name || last_transaction_id::text || last_global_position, ',') FROM projection_checkpoints";
+    let before: String = c.query_one(snapshot, &[]).await.unwrap().get(0);
+    let o = run(&db, &["run-projections", "--once"], &[]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("another PostgreSQL cluster") && err.contains("rebase-cursors --yes"),
+        "{err}"
+    );
+    assert_eq!(
+        c.query_one(snapshot, &[])
+            .await
+            .unwrap()
+            .get::<_, String>(0),
+        before
+    );
+
+    // An event written in the "new" cluster sorts below the old cursors…
+    c.batch_execute(
+        "INSERT INTO events (aggregate_type, aggregate_id, aggregate_version, event_type, payload) \
+         VALUES ('Account', 'after-restore', 1, 'MoneyDeposited', '{\"amount\": 42}')",
+    )
+    .await
+    .unwrap();
+    // …and appends to old streams are refused, naming the cause.
+    let sim: &[&str] = &[
+        "simulate",
+        "--accounts",
+        "10",
+        "--events",
+        "100",
+        "--writers",
+        "1",
+    ];
+    let o = run(&db, sim, &[]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("rebase-cursors"),
+        "{}",
+        text(&o)
+    );
+    // The rebase fixes both.
+    let o = run(&db, &["rebase-cursors", "--yes"], &[]);
+    assert!(o.status.success(), "{}", text(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        out.contains("0 event(s) in all will be handled again"),
+        "{out}"
+    );
+    wait_until(Duration::from_secs(30), "caught up after the rebase", || async {
+        let o = run(&db, &["run-projections", "--once"], &[]);
+        assert!(o.status.success(), "{}", text(&o));
+        let r = c
+            .query_one("SELECT (SELECT count(*) FROM events), (SELECT sum(event_count)::int8 FROM account_balances)", &[])
+            .await
+            .unwrap();
+        r.get::<_, i64>(0) == r.get::<_, Option<i64>>(1).unwrap_or(0)
+    })
+    .await;
+    crate::cli::assert_read_model_exact(&db).await;
+}
