@@ -125,7 +125,7 @@ pub async fn status(
             "SELECT count(*), coalesce(extract(epoch FROM now() - min(e.created_at))::float8, 0) \
              FROM {} e WHERE (e.transaction_id, e.global_position) > ($1::xid8, $2::int8){}",
             sql.events,
-            filter_conditions(&sql.partition_fn, &filter, 2)
+            filter_conditions(&filter, 2)
         );
         let tx = Xid8(c.cursor.transaction_id);
         let mut params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
@@ -363,7 +363,7 @@ pub async fn rebase_cursors(
         // arbitrarily with the old ones).
         let cursor_tx = Xid8(c.cursor.transaction_id);
         let updated_at = c.updated_at;
-        let conds = filter_conditions(&sql.partition_fn, &filter, 3);
+        let conds = filter_conditions(&filter, 3);
         let mut params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
             vec![&cursor_tx, &c.cursor.global_position, &updated_at];
         params.extend(filter.params());
@@ -380,7 +380,7 @@ pub async fn rebase_cursors(
             )
             .await?
             .try_get(0)?;
-        let conds_after = filter_conditions(&sql.partition_fn, &filter, 4);
+        let conds_after = filter_conditions(&filter, 4);
         let mut params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
             vec![&cursor_tx, &c.cursor.global_position, &updated_at, &resume];
         params.extend(filter.params());

@@ -92,7 +92,7 @@ impl Processor {
             event_types: f.event_types,
             partition: (slot.total > 1).then_some((slot.partition, slot.total)),
         };
-        let read_sql = gap_safe_query(&sql.events, &sql.partition_fn, &filter);
+        let read_sql = gap_safe_query(&sql.events, &filter);
         let checkpoints = Checkpoints::with_assignments(&sql.checkpoints, &sql.assignments);
         let client = pool.get().await?;
         let cursor = checkpoints

@@ -129,7 +129,6 @@ pub(crate) struct Statements {
     pub(crate) assignments: String,
     pub(crate) workers: String,
     pub(crate) dead_letters: String,
-    pub(crate) partition_fn: String,
     append: String,
     read_stream: String,
     read_all: String,
@@ -144,7 +143,6 @@ impl Statements {
         let assignments = format!("{s}.consumer_assignments");
         let workers = format!("{s}.worker_nodes");
         let dead_letters = format!("{s}.dead_letters");
-        let partition_fn = format!("{s}.projectionist_partition");
         let notify_col = if notify {
             ", CASE WHEN count(*) > 0 THEN pg_notify($9, pg_current_xact_id()::text)::text END"
         } else {
@@ -179,7 +177,7 @@ impl Statements {
              WHERE aggregate_type = $1 AND aggregate_id = $2 AND aggregate_version >= $3 \
              ORDER BY aggregate_version LIMIT $4"
         );
-        let read_all = gap_safe_query(&events, &partition_fn, &ReadFilter::default());
+        let read_all = gap_safe_query(&events, &ReadFilter::default());
         let head = format!(
             "SELECT coalesce((SELECT max(global_position) FROM {events}), 0), \
                     pg_snapshot_xmin(pg_current_snapshot())"
@@ -190,7 +188,6 @@ impl Statements {
             assignments,
             workers,
             dead_letters,
-            partition_fn,
             append,
             read_stream,
             read_all,
@@ -236,8 +233,8 @@ impl ReadFilter {
 /// watermark, head and server start time in columns 0 to 2 of every row
 /// (one row with null event columns when no event qualifies), the event
 /// columns from 3 on.
-pub(crate) fn gap_safe_query(events: &str, partition_fn: &str, filter: &ReadFilter) -> String {
-    let conds = filter_conditions(partition_fn, filter, 3);
+pub(crate) fn gap_safe_query(events: &str, filter: &ReadFilter) -> String {
+    let conds = filter_conditions(filter, 3);
     let cols = StoredEvent::COLUMNS
         .split(", ")
         .map(|c| format!("e.{c}"))
@@ -260,11 +257,7 @@ pub(crate) fn gap_safe_query(events: &str, partition_fn: &str, filter: &ReadFilt
 
 /// The SQL conditions (each starting with ` AND `, on table alias `e`) of
 /// `filter`, numbering its parameters after `$last_fixed`.
-pub(crate) fn filter_conditions(
-    partition_fn: &str,
-    filter: &ReadFilter,
-    last_fixed: usize,
-) -> String {
+pub(crate) fn filter_conditions(filter: &ReadFilter, last_fixed: usize) -> String {
     let mut conds = String::new();
     let mut n = last_fixed;
     if !filter.aggregate_types.is_empty() {
@@ -276,8 +269,10 @@ pub(crate) fn filter_conditions(
         conds.push_str(&format!(" AND e.event_type = ANY(${n}::text[])"));
     }
     if filter.partition.is_some() {
+        // aggregate_hash % n is projectionist_partition(aggregate_id, n),
+        // precomputed at insert (migration V4).
         conds.push_str(&format!(
-            " AND {partition_fn}(e.aggregate_id, ${}::int4) = ${}::int4",
+            " AND e.aggregate_hash % ${}::int4 = ${}::int4",
             n + 2,
             n + 1
         ));
