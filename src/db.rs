@@ -91,22 +91,26 @@ pub async fn connect_dedicated(config: &tokio_postgres::Config) -> Result<Client
     Ok(client)
 }
 
-/// The connection settings for batch transactions: `synchronous_commit`
-/// off unless `synchronous` (see `RunnerConfig::synchronous_commit`), and
-/// an `application_name` when given.
+/// The connection settings for batch transactions: generic plans,
+/// `synchronous_commit` off unless `synchronous` (see
+/// `RunnerConfig::synchronous_commit`), and an `application_name` when given.
 pub(crate) fn batch_config(
     config: &tokio_postgres::Config,
     synchronous: bool,
     application_name: Option<&str>,
 ) -> tokio_postgres::Config {
     let mut pg = config.clone();
+    // Generic plans: the page query is otherwise re-planned on every page,
+    // and partitioned reads get a sequential-scan plan for their first pages.
+    let mut settings = "-c plan_cache_mode=force_generic_plan".to_owned();
     if !synchronous {
-        let options = match pg.get_options() {
-            Some(o) if !o.is_empty() => format!("{o} -c synchronous_commit=off"),
-            _ => "-c synchronous_commit=off".to_owned(),
-        };
-        pg.options(&options);
+        settings.push_str(" -c synchronous_commit=off");
     }
+    let options = match pg.get_options() {
+        Some(o) if !o.is_empty() => format!("{o} {settings}"),
+        _ => settings,
+    };
+    pg.options(&options);
     if let Some(name) = application_name {
         pg.application_name(name);
     }

@@ -183,17 +183,13 @@ pub struct Runner {
 impl Runner {
     /// A runner over `store` with `config`.
     pub fn new(store: EventStore, config: RunnerConfig) -> Runner {
-        let pool = if config.synchronous_commit {
-            store.pool().clone()
-        } else {
-            // Building a pool only fails on an invalid size, which the
-            // store's own pool already passed.
-            crate::db::pool(
-                &crate::db::batch_config(store.pg_config(), false, None),
-                store.config().pool_size,
-            )
-            .unwrap_or_else(|_| store.pool().clone())
-        };
+        // Building a pool only fails on an invalid size, which the store's
+        // own pool already passed.
+        let pool = crate::db::pool(
+            &crate::db::batch_config(store.pg_config(), config.synchronous_commit, None),
+            store.config().pool_size,
+        )
+        .unwrap_or_else(|_| store.pool().clone());
         Runner {
             store,
             pool,

@@ -129,7 +129,12 @@ pub(crate) struct Statements {
     pub(crate) assignments: String,
     pub(crate) workers: String,
     pub(crate) dead_letters: String,
+    /// The append, with the in-transaction NOTIFY when configured (for
+    /// appends in a caller's transaction).
     append: String,
+    /// The append without NOTIFY (autocommit appends notify after commit,
+    /// from the store's notifier).
+    append_quiet: String,
     read_stream: String,
     read_all: String,
     head: String,
@@ -148,7 +153,8 @@ impl Statements {
         } else {
             ""
         };
-        let append = format!(
+        let append_sql = |notify_col: &str| {
+            format!(
             "WITH head AS ( \
                 SELECT aggregate_version AS v, transaction_id AS tx FROM {events} \
                 WHERE aggregate_type = $1 AND aggregate_id = $2 \
@@ -170,7 +176,10 @@ impl Statements {
              SELECT count(*), coalesce(min(global_position), 0), coalesce(max(global_position), 0), \
                     coalesce(max(aggregate_version), 0), pg_current_xact_id(){notify_col} \
              FROM ins"
-        );
+        )
+        };
+        let append = append_sql(notify_col);
+        let append_quiet = append_sql("");
         let cols = StoredEvent::COLUMNS;
         let read_stream = format!(
             "SELECT {cols} FROM {events} \
@@ -189,6 +198,7 @@ impl Statements {
             workers,
             dead_letters,
             append,
+            append_quiet,
             read_stream,
             read_all,
             head,
@@ -319,6 +329,7 @@ pub(crate) fn decode_page(
 pub struct EventStore {
     pool: Pool,
     pg: tokio_postgres::Config,
+    notifier: Option<Arc<Notifier>>,
     config: StoreConfig,
     sql: Arc<Statements>,
 }
@@ -357,9 +368,18 @@ impl EventStore {
             &config.schema,
             config.notify_channel.is_some(),
         ));
+        let notifier = config.notify_channel.as_ref().map(|c| {
+            Arc::new(Notifier {
+                channel: c.as_str().to_owned(),
+                pending: std::sync::atomic::AtomicU64::new(0),
+                signal: tokio::sync::Notify::new(),
+                started: std::sync::OnceLock::new(),
+            })
+        });
         EventStore {
             pool,
             pg,
+            notifier,
             config,
             sql,
         }
@@ -394,16 +414,22 @@ impl EventStore {
         events: &[NewEvent],
     ) -> Result<AppendResult> {
         let client = self.pool.get().await?;
-        let stmt = client.prepare_cached(&self.sql.append).await?;
-        self.append_on(
-            &**client,
-            Some(&stmt),
-            aggregate_type,
-            aggregate_id,
-            expected,
-            events,
-        )
-        .await
+        let stmt = client.prepare_cached(&self.sql.append_quiet).await?;
+        let result = self
+            .append_on(
+                &**client,
+                Some(&stmt),
+                aggregate_type,
+                aggregate_id,
+                expected,
+                events,
+            )
+            .await?;
+        drop(client);
+        if let Some(n) = &self.notifier {
+            n.announce(&self.pool, result.transaction_id);
+        }
+        Ok(result)
     }
 
     /// Appends `events` in the caller's transaction (or on any client), as
@@ -459,7 +485,9 @@ impl EventStore {
             &payloads,
             &metadata,
         ];
-        if let Some(c) = &channel {
+        // The prepared statement is the quiet append (autocommit appends
+        // notify after commit); the typed one notifies in the transaction.
+        if let (Some(c), None) = (&channel, stmt) {
             params.push(c);
         }
         let result = match stmt {
@@ -581,6 +609,60 @@ impl EventStore {
         let client = self.pool.get().await?;
         let row = client.query_one(&self.sql.head, &[]).await?;
         Ok((row.try_get(0)?, row.try_get::<_, Xid8>(1)?.0))
+    }
+}
+
+/// Sends the NOTIFY of autocommit appends after they committed, from a
+/// background task, coalescing bursts into one notification.
+///
+/// A transaction that NOTIFYs holds a database-wide lock from its commit
+/// until the commit is flushed, so notifying inside the append would make
+/// concurrent writers commit one at a time (no group commit). A bare
+/// `SELECT pg_notify(...)` has no transaction id and waits for no flush.
+struct Notifier {
+    channel: String,
+    /// The newest committed appending transaction not yet announced.
+    pending: std::sync::atomic::AtomicU64,
+    signal: tokio::sync::Notify,
+    started: std::sync::OnceLock<()>,
+}
+
+impl Notifier {
+    fn announce(self: &Arc<Self>, pool: &Pool, transaction_id: u64) {
+        self.pending
+            .fetch_max(transaction_id, std::sync::atomic::Ordering::SeqCst);
+        self.started.get_or_init(|| {
+            let me = Arc::downgrade(self);
+            let pool = pool.clone();
+            tokio::spawn(async move {
+                loop {
+                    let Some(n) = me.upgrade() else { return };
+                    let tx = n.pending.swap(0, std::sync::atomic::Ordering::SeqCst);
+                    if tx == 0 {
+                        // Wake on the next append; look again now and then
+                        // so the task ends once the store is dropped.
+                        tokio::select! {
+                            _ = n.signal.notified() => {}
+                            _ = tokio::time::sleep(std::time::Duration::from_secs(5)) => {}
+                        }
+                        continue;
+                    }
+                    let sent = async {
+                        let client = pool.get().await?;
+                        client
+                            .execute("SELECT pg_notify($1, $2)", &[&n.channel, &tx.to_string()])
+                            .await?;
+                        Ok::<_, Error>(())
+                    }
+                    .await;
+                    if let Err(e) = sent {
+                        // Readers also poll: a lost notification only delays them.
+                        tracing::debug!(error = %e, "could not send the append notification");
+                    }
+                }
+            });
+        });
+        self.signal.notify_one();
     }
 }
 
