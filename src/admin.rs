@@ -40,6 +40,10 @@ pub struct SlotStatus {
     pub registered: bool,
     /// Worker mode: the worker the slot is assigned to, if any.
     pub worker_id: Option<String>,
+    /// Concurrency mode: in_flight, running, gaps (complete but not yet
+    /// committable), blocking_position (lowest incomplete event),
+    /// blocked_seconds, fetch_paused — as of the last checkpoint.
+    pub parallel: Option<serde_json::Value>,
 }
 
 /// A worker of the worker pool.
@@ -135,6 +139,7 @@ pub async fn status(
         let worker_id = owners.get(&(c.projection.clone(), c.partition)).cloned();
         out.push(SlotStatus {
             worker_id,
+            parallel: c.parallel,
             projection: c.projection,
             partition: c.partition,
             total_partitions: c.total_partitions,

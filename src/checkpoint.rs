@@ -31,6 +31,8 @@ pub struct Checkpoint {
     pub last_error: Option<String>,
     /// When the row last changed.
     pub updated_at: chrono::DateTime<chrono::Utc>,
+    /// Concurrency mode: the in-flight window at the last checkpoint.
+    pub parallel: Option<serde_json::Value>,
 }
 
 /// SQL over the checkpoint table of one schema.
@@ -189,7 +191,7 @@ impl Checkpoints {
             .query(
                 &format!(
                     "SELECT projection_name, partition_key, total_partitions, last_transaction_id, \
-                     last_global_position, events_handled, status, last_error, updated_at \
+                     last_global_position, events_handled, status, last_error, updated_at, parallel_stats \
                      FROM {} ORDER BY projection_name, partition_key",
                     self.table
                 ),
@@ -207,6 +209,7 @@ impl Checkpoints {
                     status: r.try_get(6)?,
                     last_error: r.try_get(7)?,
                     updated_at: r.try_get(8)?,
+                    parallel: r.try_get(9)?,
                 })
             })
             .collect()

@@ -18,6 +18,7 @@ mod event;
 mod ident;
 mod metrics;
 mod migrate;
+mod parallel;
 mod policy;
 mod processor;
 mod projection;
@@ -41,7 +42,7 @@ pub use error::{Error, Result};
 pub use event::{Cursor, Metadata, NewEvent, StoredEvent};
 pub use migrate::{embedded_migrations, migrate, MigrationReport, HISTORY_TABLE};
 pub use policy::{FailurePolicy, OnFailure};
-pub use projection::{Filter, Partition, Projection, Transaction};
+pub use projection::{Concurrency, Filter, Partition, Projection, Transaction};
 pub use runner::{
     Progress, Runner, RunnerConfig, DEFAULT_BATCH_SIZE, DEFAULT_MAX_BACKOFF, DEFAULT_POLL_INTERVAL,
     DEFAULT_SHUTDOWN_TIMEOUT, MAX_BATCH_SIZE,

@@ -27,6 +27,7 @@ pub(crate) struct Metrics {
     pub(crate) dead_letters: IntGaugeVec,
     pub(crate) pool_connections: IntGaugeVec,
     pub(crate) watermark_held: prometheus::Gauge,
+    pub(crate) parallel: IntGaugeVec,
 }
 
 fn build() -> Result<Metrics, prometheus::Error> {
@@ -85,6 +86,14 @@ fn build() -> Result<Metrics, prometheus::Error> {
             "projectionist_watermark_held_seconds",
             "Age of the oldest open writing transaction on the server, which holds back the gap-safe watermark.",
         )?,
+        parallel: IntGaugeVec::new(
+            Opts::new(
+                "projectionist_parallel",
+                "Concurrency mode: in_flight (fetched, not committed), gaps (done, not yet committable), \
+                 blocking_position (lowest incomplete event), blocked_seconds, fetch_paused (0/1).",
+            ),
+            &["projection", "partition", "measure"],
+        )?,
         registry,
     };
     m.registry.register(Box::new(m.events_handled.clone()))?;
@@ -102,6 +111,7 @@ fn build() -> Result<Metrics, prometheus::Error> {
     m.registry.register(Box::new(m.dead_letters.clone()))?;
     m.registry.register(Box::new(m.pool_connections.clone()))?;
     m.registry.register(Box::new(m.watermark_held.clone()))?;
+    m.registry.register(Box::new(m.parallel.clone()))?;
     Ok(m)
 }
 

@@ -15,6 +15,51 @@ use crate::store::{gap_safe_query, read_page, ReadFilter, Statements};
 use deadpool_postgres::Pool;
 use std::sync::Arc;
 
+/// Writes dead letters of one slot.
+#[derive(Clone, Debug)]
+pub(crate) struct DeadLetterSink {
+    table: String,
+    name: String,
+    partition: i32,
+}
+
+impl DeadLetterSink {
+    /// Records `event` as dead (or raises its attempt count when it already is).
+    pub(crate) async fn insert<C: tokio_postgres::GenericClient>(
+        &self,
+        client: &C,
+        event: &StoredEvent,
+        error: &Error,
+        attempts: u32,
+    ) -> Result<()> {
+        client
+            .execute(
+                &format!(
+                    "INSERT INTO {} (projection_name, partition_key, global_position, transaction_id, \
+                     event_id, aggregate_type, aggregate_id, event_type, error, attempts) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) \
+                     ON CONFLICT (projection_name, event_id) DO UPDATE SET error = excluded.error, \
+                     attempts = dead_letters.attempts + excluded.attempts, last_attempt_at = now()",
+                    self.table
+                ),
+                &[
+                    &self.name,
+                    &self.partition,
+                    &event.global_position,
+                    &Xid8(event.transaction_id),
+                    &event.event_id,
+                    &event.aggregate_type,
+                    &event.aggregate_id,
+                    &event.event_type,
+                    &error.to_string(),
+                    &(attempts as i32),
+                ],
+            )
+            .await?;
+        Ok(())
+    }
+}
+
 /// Errors that the failure policy handles (the handler failed); the rest
 /// (connection lost, fenced) are retried or end the slot as they are.
 fn is_handler_failure(e: &Error) -> bool {
@@ -382,29 +427,7 @@ impl Processor {
             OnFailure::DeadLetter => {
                 let mut client = self.pool.get().await?;
                 let tx = client.transaction().await?;
-                tx.execute(
-                    &format!(
-                        "INSERT INTO {} (projection_name, partition_key, global_position, transaction_id, \
-                         event_id, aggregate_type, aggregate_id, event_type, error, attempts) \
-                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) \
-                         ON CONFLICT (projection_name, event_id) DO UPDATE SET error = excluded.error, \
-                         attempts = dead_letters.attempts + excluded.attempts, last_attempt_at = now()",
-                        self.dead_letters
-                    ),
-                    &[
-                        &self.name,
-                        &self.slot.partition,
-                        &event.global_position,
-                        &Xid8(event.transaction_id),
-                        &event.event_id,
-                        &event.aggregate_type,
-                        &event.aggregate_id,
-                        &event.event_type,
-                        &error.to_string(),
-                        &(attempts as i32),
-                    ],
-                )
-                .await?;
+                self.sink().insert(&*tx, event, &error, attempts).await?;
                 self.advance(&tx, event.cursor(), 0).await?;
                 tx.commit().await?;
                 self.cursor = event.cursor();
@@ -420,35 +443,116 @@ impl Processor {
                     cursor: event.cursor(),
                 })
             }
-            OnFailure::Stop => {
-                let message = format!(
-                    "projection {} partition {} stopped at global position {} ({} {} v{}, {}) after {attempts} \
-                     attempt(s): {error}. Fix the handler or the data, then run `resume {}` (or restart)",
-                    self.name,
-                    self.slot.partition,
-                    event.global_position,
-                    event.aggregate_type,
-                    event.aggregate_id,
-                    event.aggregate_version,
-                    event.event_type,
-                    self.name
-                );
-                let client = self.pool.get().await?;
-                client
-                    .execute(
-                        &format!(
-                            "UPDATE {} SET status = 'failed', last_error = $3, failed_position = $4, \
-                             updated_at = now() WHERE projection_name = $1 AND partition_key = $2",
-                            self.checkpoints_table
-                        ),
-                        &[&self.name, &self.slot.partition, &message, &event.global_position],
-                    )
-                    .await?;
-                tracing::error!(projection = %self.name, partition = self.slot.partition,
-                    position = event.global_position, "projection failed and stopped: {message}");
-                Err(Error::new(Kind::Failed, message))
-            }
+            OnFailure::Stop => Err(self.stop_at(event, &error, attempts).await),
         }
+    }
+
+    pub(crate) fn projection(&self) -> &Arc<dyn Projection> {
+        &self.projection
+    }
+
+    pub(crate) fn pool(&self) -> &Pool {
+        &self.pool
+    }
+
+    /// Reads up to `limit` events after `after` (no transaction), checking
+    /// for a server restart: `Ok(None)` means the server restarted and the
+    /// cursor was reloaded from the checkpoint.
+    pub(crate) async fn fetch(
+        &mut self,
+        after: Cursor,
+        limit: i64,
+    ) -> Result<Option<crate::store::ReadBatch>> {
+        let client = self.pool.get().await?;
+        let read = client.prepare_cached(&self.read_sql).await?;
+        let page = read_page(&**client, &read, after, limit, &self.filter).await?;
+        if self
+            .server_started
+            .is_some_and(|s| s != page.server_started)
+        {
+            self.server_started = Some(page.server_started);
+            self.reload(&client).await?;
+            return Ok(None);
+        }
+        self.server_started = Some(page.server_started);
+        Ok(Some(page))
+    }
+
+    /// Moves the checkpoint to `next` in a transaction of its own (the
+    /// compare-and-set, fenced in worker mode), with `stats` for `status`.
+    pub(crate) async fn commit_to(
+        &mut self,
+        next: Cursor,
+        handled: usize,
+        stats: &serde_json::Value,
+    ) -> Result<()> {
+        let mut client = self.pool.get().await?;
+        let tx = client.transaction().await?;
+        self.advance(&tx, next, handled).await?;
+        let save = tx
+            .prepare_cached(&format!(
+                "UPDATE {} SET parallel_stats = $3 WHERE projection_name = $1 AND partition_key = $2",
+                self.checkpoints_table
+            ))
+            .await?;
+        tx.execute(&save, &[&self.name, &self.slot.partition, stats])
+            .await?;
+        tx.commit().await?;
+        self.cursor = next;
+        self.read_cursor = next;
+        Ok(())
+    }
+
+    /// A handle for dead-lettering this slot's events.
+    pub(crate) fn sink(&self) -> DeadLetterSink {
+        DeadLetterSink {
+            table: self.dead_letters.clone(),
+            name: self.name.clone(),
+            partition: self.slot.partition,
+        }
+    }
+
+    /// Puts the slot in the `failed` state at `event` (failure policy
+    /// Stop) and returns the error that stops its loop.
+    pub(crate) async fn stop_at(&self, event: &StoredEvent, error: &Error, attempts: u32) -> Error {
+        let message = format!(
+            "projection {} partition {} stopped at global position {} ({} {} v{}, {}) after {attempts} \
+             attempt(s): {error}. Fix the handler or the data, then run `resume {}` (or restart)",
+            self.name,
+            self.slot.partition,
+            event.global_position,
+            event.aggregate_type,
+            event.aggregate_id,
+            event.aggregate_version,
+            event.event_type,
+            self.name
+        );
+        let marked = async {
+            let client = self.pool.get().await?;
+            client
+                .execute(
+                    &format!(
+                        "UPDATE {} SET status = 'failed', last_error = $3, failed_position = $4, \
+                         updated_at = now() WHERE projection_name = $1 AND partition_key = $2",
+                        self.checkpoints_table
+                    ),
+                    &[
+                        &self.name,
+                        &self.slot.partition,
+                        &message,
+                        &event.global_position,
+                    ],
+                )
+                .await?;
+            Ok::<_, Error>(())
+        }
+        .await;
+        if let Err(e) = marked {
+            return e;
+        }
+        tracing::error!(projection = %self.name, partition = self.slot.partition,
+            position = event.global_position, "projection failed and stopped: {message}");
+        Error::new(Kind::Failed, message)
     }
 
     /// Reloads the cursor from the checkpoint row (after a server restart,

@@ -63,6 +63,44 @@ impl Filter {
     }
 }
 
+/// Opt-in key-ordered concurrency for projections whose handlers wait on
+/// I/O (HTTP calls, e-mail, other services): events of one aggregate are
+/// handled strictly in order, events of different aggregates concurrently,
+/// up to `max_in_flight` at a time. The checkpoint advances to the highest
+/// position below which every event is complete.
+///
+/// This mode is **at-least-once**: handlers get no transaction, and after a
+/// crash up to `max_in_flight` events are handled again. Key side effects by
+/// [`StoredEvent::event_id`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Concurrency {
+    pub(crate) max_in_flight: usize,
+}
+
+impl Concurrency {
+    /// The default window: 64 events in flight.
+    pub const DEFAULT_MAX_IN_FLIGHT: usize = 64;
+
+    /// At most `max_in_flight` events fetched and not yet committed (at
+    /// least 1). Fetching pauses at the limit (backpressure).
+    pub fn new(max_in_flight: usize) -> Concurrency {
+        Concurrency {
+            max_in_flight: max_in_flight.max(1),
+        }
+    }
+
+    /// The window size.
+    pub fn max_in_flight(&self) -> usize {
+        self.max_in_flight
+    }
+}
+
+impl Default for Concurrency {
+    fn default() -> Concurrency {
+        Concurrency::new(Concurrency::DEFAULT_MAX_IN_FLIGHT)
+    }
+}
+
 /// One static partition: `key` of `total`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Partition {
@@ -113,6 +151,23 @@ pub trait Projection: Send + Sync + 'static {
     /// [`FailurePolicy::stop`] (3 attempts, then the slot stops).
     fn failure_policy(&self) -> FailurePolicy {
         FailurePolicy::default()
+    }
+
+    /// Opt into key-ordered concurrency (see [`Concurrency`]): the engine
+    /// then calls [`Projection::handle_concurrent`] instead of the
+    /// transactional handlers. Default: `None` (sequential, transactional).
+    fn concurrency(&self) -> Option<Concurrency> {
+        None
+    }
+
+    /// Handles one event in concurrency mode, without a transaction
+    /// (at-least-once). Required when [`Projection::concurrency`] is set.
+    async fn handle_concurrent(&self, event: &StoredEvent) -> Result<()> {
+        let _ = event;
+        Err(crate::Error::config(format!(
+            "projection {} sets concurrency() but does not implement handle_concurrent()",
+            self.name()
+        )))
     }
 
     /// Handles one event inside the batch transaction `tx`.

@@ -156,9 +156,25 @@ impl RunnerConfig {
 pub struct Progress {
     handled: AtomicU64,
     batches: AtomicU64,
+    in_flight: std::sync::atomic::AtomicUsize,
 }
 
 impl Progress {
+    /// Concurrency mode: events fetched and not yet committed (the last
+    /// value any slot of this runner reported).
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn set_in_flight(&self, n: usize) {
+        self.in_flight.store(n, Ordering::Relaxed);
+    }
+
+    pub(crate) fn add(&self, events: u64) {
+        self.handled.fetch_add(events, Ordering::Relaxed);
+        self.batches.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// Events handed to handlers so far.
     pub fn events_handled(&self) -> u64 {
         self.handled.load(Ordering::Relaxed)
@@ -479,6 +495,28 @@ async fn watch_watermark(store: EventStore, mut stop: watch::Receiver<bool>) {
     }
 }
 
+/// Stopped by the failure policy: waits for `resume` (true) or a stop
+/// request (false).
+async fn wait_for_resume(p: &Processor, stop: &mut watch::Receiver<bool>) -> bool {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = stop.changed() => return false,
+        }
+        if *stop.borrow() {
+            return false;
+        }
+        if p.resumed().await.unwrap_or(false) {
+            tracing::info!(
+                projection = p.name(),
+                partition = p.slot().partition,
+                "resumed"
+            );
+            return true;
+        }
+    }
+}
+
 /// Limits of a processor loop.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct LoopLimits {
@@ -517,6 +555,40 @@ pub(crate) async fn processor_loop(
         if *stop.borrow() {
             return LoopExit::Stopped;
         }
+        if let Some(c) = p.projection().concurrency() {
+            let outcome = crate::parallel::run(
+                &mut p,
+                c,
+                marks.clone(),
+                wake.clone(),
+                stop.clone(),
+                progress.clone(),
+            )
+            .await;
+            match outcome {
+                Ok(exit) => return exit,
+                Err(e) if e.is_failed() => {
+                    if !wait_for_resume(&p, &mut stop).await {
+                        return LoopExit::Stopped;
+                    }
+                }
+                Err(e) if e.is_fenced() && p.is_fenced_slot() => return LoopExit::Fenced,
+                Err(e) => {
+                    failures += 1;
+                    tracing::warn!(projection = p.name(), error = %e, failures, "concurrent slot failed; retrying");
+                    let _ = p.reload_checkpoint().await;
+                    if limits.max_failures.is_some_and(|max| failures >= max) {
+                        return LoopExit::GaveUp(e);
+                    }
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = stop.changed() => {}
+                    }
+                    backoff = (backoff * 2).min(limits.max_backoff);
+                }
+            }
+            continue;
+        }
         wake.borrow_and_update();
         match p.run_batch().await {
             Ok(outcome) => {
@@ -545,23 +617,8 @@ pub(crate) async fn processor_loop(
                 }
             }
             Err(e) if e.is_failed() => {
-                // Stopped by the failure policy: wait for `resume`.
-                loop {
-                    tokio::select! {
-                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                        _ = stop.changed() => return LoopExit::Stopped,
-                    }
-                    if *stop.borrow() {
-                        return LoopExit::Stopped;
-                    }
-                    if p.resumed().await.unwrap_or(false) {
-                        tracing::info!(
-                            projection = p.name(),
-                            partition = p.slot().partition,
-                            "resumed"
-                        );
-                        break;
-                    }
+                if !wait_for_resume(&p, &mut stop).await {
+                    return LoopExit::Stopped;
                 }
             }
             Err(e) if e.is_fenced() && !p.is_fenced_slot() => {

@@ -12,6 +12,11 @@ pub struct Env {
 }
 
 pub async fn env() -> Env {
+    // RUST_LOG=projectionist=debug shows the engine's logs of a failing test.
+    let _ = tracing_subscriber::fmt()
+        .with_test_writer()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .try_init();
     let db = TestDatabase::create().await.expect("create test database");
     projectionist::migrate(&db.config(), "public")
         .await

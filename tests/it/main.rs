@@ -9,5 +9,6 @@ mod engine;
 mod failure;
 mod ops;
 mod outage;
+mod parallel;
 mod store;
 mod worker;

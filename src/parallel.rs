@@ -1,0 +1,294 @@
+//! Key-ordered concurrency inside one slot (opt-in per projection, see
+//! [`crate::Concurrency`]): events of one aggregate run strictly in order,
+//! events of different aggregates concurrently, up to `max_in_flight`
+//! fetched-and-uncommitted events. Fetching pauses at the limit
+//! (backpressure). The checkpoint only advances to the high-water mark: the
+//! highest position below which every event is complete. At-least-once:
+//! after a crash at most the in-flight window is handled again.
+
+use crate::dispatcher::Watermarks;
+use crate::error::{Error, Result};
+use crate::event::{Cursor, StoredEvent};
+use crate::policy::OnFailure;
+use crate::processor::Processor;
+use crate::projection::Concurrency;
+use crate::runner::{LoopExit, Progress};
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+/// How often completed work is checkpointed at most.
+const COMMIT_EVERY: Duration = Duration::from_millis(50);
+
+/// What a handler task reports.
+enum Done {
+    /// Handled (or dead-lettered): the event is complete.
+    Complete,
+    /// Policy Stop: the slot stops at this event.
+    Failed(Error, u32, Box<StoredEvent>),
+}
+
+/// The in-flight window.
+#[derive(Default)]
+struct Window {
+    /// Fetched, not yet committed events: done or not.
+    order: BTreeMap<Cursor, bool>,
+    /// Events waiting for an earlier event of their aggregate.
+    waiting: HashMap<String, VecDeque<StoredEvent>>,
+    /// Aggregates with an event running.
+    busy: std::collections::HashSet<String>,
+    /// The lowest incomplete event and since when it has been the lowest.
+    blocking: Option<(Cursor, Instant)>,
+}
+
+fn key(e: &StoredEvent) -> String {
+    format!("{}\u{0}{}", e.aggregate_type, e.aggregate_id)
+}
+
+impl Window {
+    fn gaps(&self) -> usize {
+        self.order.values().filter(|d| **d).count()
+    }
+
+    /// Pops the complete prefix; returns the new high-water mark, if any.
+    fn advance(&mut self) -> Option<(Cursor, usize)> {
+        let mut hwm = None;
+        let mut n = 0;
+        while let Some((c, true)) = self.order.first_key_value().map(|(c, d)| (*c, *d)) {
+            self.order.remove(&c);
+            hwm = Some(c);
+            n += 1;
+        }
+        let lowest = self.order.keys().next().copied();
+        match (lowest, self.blocking) {
+            (Some(l), Some((b, _))) if l == b => {}
+            (Some(l), _) => self.blocking = Some((l, Instant::now())),
+            (None, _) => self.blocking = None,
+        }
+        hwm.map(|c| (c, n))
+    }
+
+    fn stats(&self, max: usize, running: usize) -> serde_json::Value {
+        // Taken right at a commit, so what is in flight is the window.
+        serde_json::json!({
+            "max_in_flight": max,
+            "in_flight": self.order.len(),
+            "running": running,
+            "gaps": self.gaps(),
+            "blocking_position": self.blocking.map(|(c, _)| c.global_position),
+            "blocked_seconds": self.blocking.map(|(_, t)| t.elapsed().as_secs_f64()).unwrap_or(0.0),
+            "fetch_paused": self.order.len() >= max,
+        })
+    }
+}
+
+fn publish(name: &str, partition: i32, stats: &serde_json::Value) {
+    let partition = partition.to_string();
+    crate::metrics::with(|m| {
+        for (measure, field) in [
+            ("in_flight", "in_flight"),
+            ("gaps", "gaps"),
+            ("blocking_position", "blocking_position"),
+            ("blocked_seconds", "blocked_seconds"),
+        ] {
+            let v = stats[field].as_f64().unwrap_or(0.0) as i64;
+            m.parallel
+                .with_label_values(&[name, partition.as_str(), measure])
+                .set(v);
+        }
+        let paused = i64::from(stats["fetch_paused"].as_bool().unwrap_or(false));
+        m.parallel
+            .with_label_values(&[name, partition.as_str(), "fetch_paused"])
+            .set(paused);
+    });
+}
+
+/// Runs one slot in concurrency mode until stopped, fenced or failed.
+pub(crate) async fn run(
+    p: &mut Processor,
+    c: Concurrency,
+    marks: Arc<Watermarks>,
+    mut wake: watch::Receiver<u64>,
+    mut stop: watch::Receiver<bool>,
+    progress: Arc<Progress>,
+) -> Result<LoopExit> {
+    let max = c.max_in_flight;
+    let projection = p.projection().clone();
+    let policy = projection.failure_policy();
+    let sink = p.sink();
+    let pool = p.pool().clone();
+    let name = projection.name().to_owned();
+    let partition = p.slot().partition;
+    let mut w = Window::default();
+    let mut tasks: JoinSet<(String, Cursor, Done)> = JoinSet::new();
+    let mut fetch_cursor = p.cursor();
+    let mut caught_up = false;
+    let mut head_at_commit = 0i64;
+    let mut head = 0i64;
+    let mut uncommitted: Option<(Cursor, usize)> = None;
+    let mut last_commit = Instant::now();
+    let mut failed: Option<(Error, u32, Box<StoredEvent>)> = None;
+
+    let spawn = |tasks: &mut JoinSet<(String, Cursor, Done)>, event: StoredEvent| {
+        let projection = projection.clone();
+        let sink = sink.clone();
+        let pool = pool.clone();
+        tasks.spawn(async move {
+            let k = key(&event);
+            let cursor = event.cursor();
+            let mut attempt = 1u32;
+            loop {
+                match projection.handle_concurrent(&event).await {
+                    Ok(()) => return (k, cursor, Done::Complete),
+                    Err(e) if attempt < policy.attempts && !e.is_config() => {
+                        attempt += 1;
+                        tokio::time::sleep(policy.delay_before(attempt)).await;
+                    }
+                    Err(e) => {
+                        return match policy.on_failure {
+                            OnFailure::DeadLetter => {
+                                let stored = async {
+                                    let client = pool.get().await?;
+                                    sink.insert(&**client, &event, &e, attempt).await
+                                }
+                                .await;
+                                match stored {
+                                    Ok(()) => {
+                                        tracing::error!(position = event.global_position, error = %e,
+                                            "event dead-lettered; processing continues");
+                                        (k, cursor, Done::Complete)
+                                    }
+                                    Err(db) => (k, cursor, Done::Failed(db, attempt, Box::new(event))),
+                                }
+                            }
+                            OnFailure::Stop => (k, cursor, Done::Failed(e, attempt, Box::new(event))),
+                        };
+                    }
+                }
+            }
+        });
+    };
+
+    loop {
+        // In flight: fetched and not yet committed (complete events above
+        // the last commit count too: a crash would hand them out again).
+        let pending_commit = uncommitted.map(|u| u.1).unwrap_or(0);
+        let in_flight = w.order.len() + pending_commit;
+        progress.set_in_flight(in_flight);
+        // Fetch while there is room (backpressure at max_in_flight).
+        if !caught_up && failed.is_none() && !*stop.borrow() && in_flight < max {
+            wake.borrow_and_update();
+            let limit = (max - in_flight) as i64;
+            let Some(page) = p.fetch(fetch_cursor, limit).await? else {
+                // The server restarted: wait for running handlers, then
+                // start over from the durable checkpoint.
+                while tasks.join_next().await.is_some() {}
+                w = Window::default();
+                fetch_cursor = p.cursor();
+                uncommitted = None;
+                continue;
+            };
+            marks.saw(page.watermark);
+            head = page.head;
+            caught_up = (page.events.len() as i64) < limit;
+            for event in page.events {
+                w.order.insert(event.cursor(), false);
+                let k = key(&event);
+                if w.busy.contains(&k) {
+                    w.waiting.entry(k).or_default().push_back(event);
+                } else {
+                    w.busy.insert(k);
+                    spawn(&mut tasks, event);
+                }
+            }
+            fetch_cursor = page.next_cursor;
+            if w.order.is_empty() && fetch_cursor > p.cursor() && head > head_at_commit {
+                // Nothing in flight: the cursor may pass skipped events.
+                uncommitted = Some((fetch_cursor, uncommitted.map(|u| u.1).unwrap_or(0)));
+            }
+            w.advance();
+            continue;
+        }
+        // Commit the high-water mark now and then, and when idle.
+        if let Some((hwm, handled)) = uncommitted {
+            let idle = tasks.is_empty();
+            let window_half_blocked = handled * 2 >= max;
+            if idle
+                || window_half_blocked
+                || last_commit.elapsed() >= COMMIT_EVERY
+                || *stop.borrow()
+            {
+                let stats = w.stats(max, tasks.len());
+                publish(&name, partition, &stats);
+                match p.commit_to(hwm, handled, &stats).await {
+                    Ok(()) => {
+                        uncommitted = None;
+                        last_commit = Instant::now();
+                        head_at_commit = head;
+                    }
+                    Err(e) if e.is_fenced() => {
+                        while tasks.join_next().await.is_some() {}
+                        return Err(e);
+                    }
+                    Err(e) => return Err(e),
+                }
+                if handled > 0 {
+                    progress.add(handled as u64);
+                }
+            }
+        }
+        if failed.is_some() && tasks.is_empty() && uncommitted.is_none() {
+            // Everything below the failing event is committed: stop there.
+            if let Some((e, attempts, event)) = failed.take() {
+                return Err(p.stop_at(&event, &e, attempts).await);
+            }
+        }
+        if *stop.borrow() && tasks.is_empty() && uncommitted.is_none() {
+            return Ok(LoopExit::Stopped);
+        }
+        let room = w.order.len() + uncommitted.map(|u| u.1).unwrap_or(0) < max;
+        if room && !caught_up && failed.is_none() && !*stop.borrow() {
+            // The commit above made room: fetch more before waiting.
+            continue;
+        }
+        tokio::select! {
+            done = tasks.join_next(), if !tasks.is_empty() => {
+                let Some(done) = done else { continue };
+                let (k, cursor, outcome) =
+                    done.map_err(|e| Error::handler_msg(format!("handler task failed: {e}")))?;
+                match outcome {
+                    Done::Complete => {
+                        w.order.insert(cursor, true);
+                        if let Some((hwm, n)) = w.advance() {
+                            let prev = uncommitted.map(|u| u.1).unwrap_or(0);
+                            uncommitted = Some((hwm, prev + n));
+                        }
+                        if w.order.is_empty() && fetch_cursor > uncommitted.map(|u| u.0).unwrap_or(p.cursor()) {
+                            let prev = uncommitted.map(|u| u.1).unwrap_or(0);
+                            uncommitted = Some((fetch_cursor, prev));
+                        }
+                    }
+                    Done::Failed(e, attempts, event) => {
+                        failed.get_or_insert((e, attempts, event));
+                        // Later events of this aggregate must not run.
+                        w.waiting.remove(&k);
+                        w.busy.remove(&k);
+                        continue;
+                    }
+                }
+                match w.waiting.get_mut(&k).and_then(|q| q.pop_front()) {
+                    Some(next) if failed.is_none() && !*stop.borrow() => spawn(&mut tasks, next),
+                    _ => {
+                        w.waiting.remove(&k);
+                        w.busy.remove(&k);
+                    }
+                }
+            }
+            _ = wake.changed(), if caught_up => caught_up = false,
+            _ = stop.changed() => {}
+            _ = tokio::time::sleep(COMMIT_EVERY), if uncommitted.is_some() => {}
+        }
+    }
+}
