@@ -105,7 +105,8 @@ fn publish(name: &str, partition: i32, stats: &serde_json::Value) {
     });
 }
 
-/// Runs one slot in concurrency mode until stopped, fenced or failed.
+/// Runs one slot in concurrency mode until stopped, fenced or failed (or,
+/// with `until_caught_up`, until nothing more is readable: `--once`).
 pub(crate) async fn run(
     p: &mut Processor,
     c: Concurrency,
@@ -113,6 +114,7 @@ pub(crate) async fn run(
     mut wake: watch::Receiver<u64>,
     mut stop: watch::Receiver<bool>,
     progress: Arc<Progress>,
+    until_caught_up: bool,
 ) -> Result<LoopExit> {
     let max = c.max_in_flight;
     let projection = p.projection().clone();
@@ -245,7 +247,8 @@ pub(crate) async fn run(
                 return Err(p.stop_at(&event, &e, attempts).await);
             }
         }
-        if *stop.borrow() && tasks.is_empty() && uncommitted.is_none() {
+        let drained = tasks.is_empty() && uncommitted.is_none();
+        if drained && (*stop.borrow() || (until_caught_up && caught_up && w.order.is_empty())) {
             return Ok(LoopExit::Stopped);
         }
         let room = w.order.len() + uncommitted.map(|u| u.1).unwrap_or(0) < max;

@@ -275,14 +275,32 @@ impl Runner {
         for mut p in processors {
             let progress = self.progress.clone();
             tasks.spawn(async move {
+                if let Some(c) = p.projection().concurrency() {
+                    let (_stop_tx, stop) = watch::channel(false);
+                    let (_wake_tx, wake) = watch::channel(0u64);
+                    let marks = Arc::new(Watermarks::default());
+                    return match crate::parallel::run(&mut p, c, marks, wake, stop, progress, true)
+                        .await
+                    {
+                        Ok(_) => Ok(()),
+                        Err(e) => {
+                            p.record_error(&e).await;
+                            Err(e)
+                        }
+                    };
+                }
                 loop {
-                    let outcome = p.run_batch().await.inspect_err(|e| {
-                        tracing::error!(projection = p.name(), error = %e, "batch failed");
-                    })?;
-                    progress
-                        .handled
-                        .fetch_add(outcome.handled as u64, Ordering::Relaxed);
-                    progress.batches.fetch_add(1, Ordering::Relaxed);
+                    let outcome = match p.run_batch().await {
+                        Ok(o) => o,
+                        Err(e) => {
+                            tracing::error!(projection = p.name(), error = %e, "batch failed");
+                            p.record_error(&e).await;
+                            return Err(e);
+                        }
+                    };
+                    if outcome.handled > 0 {
+                        progress.add(outcome.handled as u64);
+                    }
                     if outcome.caught_up {
                         return Ok::<_, Error>(());
                     }
@@ -563,6 +581,7 @@ pub(crate) async fn processor_loop(
                 wake.clone(),
                 stop.clone(),
                 progress.clone(),
+                false,
             )
             .await;
             match outcome {

@@ -272,3 +272,18 @@ async fn a_poison_event_is_dead_lettered_and_does_not_block_the_projection() {
     assert_eq!(letters.len(), 1);
     assert_eq!(letters[0].aggregate_id, "a7");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_once_catches_up_in_concurrency_mode() {
+    let env = env().await;
+    seed(&env, 100, 3).await;
+    let slow = Arc::new(Slow::new(16, 1));
+    let r = runner(&env, slow.clone());
+    wait_until(Duration::from_secs(30), "caught up with --once", || async {
+        r.run_once().await.unwrap();
+        slow.calls.load(Ordering::SeqCst) >= 300
+    })
+    .await;
+    assert_eq!(slow.calls.load(Ordering::SeqCst), 300);
+    assert_in_order(&slow.seen.lock().unwrap(), 3);
+}
