@@ -158,8 +158,9 @@ pub async fn status(
     Ok(out)
 }
 
-/// Runs the projection's reset hook and deletes its checkpoints (all, or
-/// one partition's) in one transaction, so the next run rebuilds it.
+/// Runs the projection's reset hook and deletes its checkpoints and dead
+/// letters (all, or one partition's) and, for a whole projection, its
+/// worker-mode assignments, in one transaction, so the next run rebuilds it.
 /// Returns the number of checkpoint rows deleted.
 pub async fn reset(
     store: &EventStore,
@@ -207,6 +208,23 @@ pub async fn reset(
     let deleted = Checkpoints::new(&sql.checkpoints)
         .delete(&*tx, projection.name(), partition)
         .await?;
+    // Dead letters of a rebuilt read model would be applied twice by
+    // `dlq retry`; assignments of a removed partition count would linger.
+    tx.execute(
+        &format!(
+            "DELETE FROM {} WHERE projection_name = $1 AND ($2::int4 IS NULL OR partition_key = $2)",
+            sql.dead_letters
+        ),
+        &[&projection.name(), &partition],
+    )
+    .await?;
+    if partition.is_none() {
+        tx.execute(
+            &format!("DELETE FROM {} WHERE projection_name = $1", sql.assignments),
+            &[&projection.name()],
+        )
+        .await?;
+    }
     tx.commit().await?;
     Ok(deleted)
 }

@@ -62,10 +62,21 @@ pub async fn migrate(config: &tokio_postgres::Config, schema: &str) -> Result<Mi
         .await?;
     // The lock belongs to this dedicated connection; dropping the client
     // closes it and releases the lock on every path, including errors.
+    // CREATE SCHEMA needs CREATE on the database even when the schema
+    // exists: only create it when it is missing.
+    let exists = client
+        .query_opt("SELECT 1 FROM pg_namespace WHERE nspname = $1", &[&schema.as_str()])
+        .await?
+        .is_some();
+    if !exists {
+        client
+            .batch_execute(&format!("CREATE SCHEMA {}", schema.quoted()))
+            .await?;
+    }
     client
         .batch_execute(&format!(
-            "SET client_min_messages TO warning; CREATE SCHEMA IF NOT EXISTS {s}; SET search_path TO {s}",
-            s = schema.quoted()
+            "SET client_min_messages TO warning; SET search_path TO {}",
+            schema.quoted()
         ))
         .await?;
     let report = embedded::migrations::runner()
