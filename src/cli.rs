@@ -51,6 +51,10 @@ pub struct GlobalArgs {
     /// Maximum pooled database connections.
     #[arg(long, env = "POOL_SIZE", default_value_t = crate::db::DEFAULT_POOL_SIZE, global = true)]
     pub pool_size: usize,
+    /// PEM file of CA certificates for TLS verification (sslmode=verify-ca/verify-full, or require)
+    /// when DATABASE_URL names no sslrootcert.
+    #[arg(long, env = "DATABASE_CA_FILE", global = true)]
+    pub ca_file: Option<std::path::PathBuf>,
     /// How long to keep retrying when the database cannot be reached at start-up.
     #[arg(long, env = "CONNECT_TIMEOUT", default_value = "30s", global = true)]
     pub connect_timeout: String,
@@ -332,7 +336,8 @@ impl App {
         let config = StoreConfig::default()
             .schema(&global.schema)?
             .notify_channel(Some(&global.notify_channel))?
-            .pool_size(global.pool_size);
+            .pool_size(global.pool_size)
+            .ca_file(global.ca_file.as_deref());
         EventStore::connect_with(url, config)
     }
 
@@ -374,7 +379,9 @@ impl App {
         match command {
             Command::Migrate => {
                 let store = self.connect(global).await?;
-                let report = crate::migrate(store.pg_config(), &global.schema).await?;
+                let report =
+                    crate::migrate::migrate_with(store.pg_config(), store.tls(), &global.schema)
+                        .await?;
                 if report.applied.is_empty() {
                     println!("schema {} is up to date", global.schema);
                 } else {

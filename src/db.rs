@@ -4,18 +4,30 @@
 //! message: use [`describe`] to name a database in logs.
 
 use crate::error::{Error, Kind, Result};
+use crate::tls::MakeRustlsConnect;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use std::str::FromStr;
 use std::time::Duration;
 use tokio_postgres::config::Host;
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
 
 /// Default maximum number of pooled connections (see docs/performance.md).
 pub const DEFAULT_POOL_SIZE: usize = 16;
 
 /// Parses a `postgres://…` URL or a `key=value` connection string.
 pub fn parse_url(url: &str) -> Result<tokio_postgres::Config> {
-    let mut config = tokio_postgres::Config::from_str(url).map_err(|e| {
+    Ok(parse_target(url, None)?.0)
+}
+
+/// Parses a connection string and builds its TLS connector (see
+/// `crate::tls`): `sslmode` (disable, prefer, require, verify-ca,
+/// verify-full) and `sslrootcert`, or `ca_file` when it names none.
+pub(crate) fn parse_target(
+    url: &str,
+    ca_file: Option<&std::path::Path>,
+) -> Result<(tokio_postgres::Config, MakeRustlsConnect)> {
+    let (rest, tls) = crate::tls::split_options(url)?;
+    let mut config = tokio_postgres::Config::from_str(&rest).map_err(|e| {
         // The parser's message never echoes the URL, so no password leaks.
         Error::config(format!(
             "invalid DATABASE_URL ({e}): expected postgres://USER:PASSWORD@HOST:5432/DBNAME \
@@ -33,7 +45,26 @@ pub fn parse_url(url: &str) -> Result<tokio_postgres::Config> {
     if config.get_application_name().is_none() {
         config.application_name("projectionist");
     }
-    Ok(config)
+    config.ssl_mode(crate::tls::pg_ssl_mode(tls.mode));
+    let connector = crate::tls::connector(&tls, ca_file)?;
+    Ok((config, connector))
+}
+
+/// The connector for a configuration built elsewhere (its own `sslmode`,
+/// no CA file: encrypted when the server offers TLS, unverified).
+pub(crate) fn default_connector(config: &tokio_postgres::Config) -> Result<MakeRustlsConnect> {
+    let mode = match config.get_ssl_mode() {
+        tokio_postgres::config::SslMode::Disable => crate::tls::SslMode::Disable,
+        tokio_postgres::config::SslMode::Require => crate::tls::SslMode::Require,
+        _ => crate::tls::SslMode::Prefer,
+    };
+    crate::tls::connector(
+        &crate::tls::TlsOptions {
+            mode,
+            root_cert: None,
+        },
+        None,
+    )
 }
 
 /// Names a database for messages and logs: `user@host:port/dbname`, never
@@ -56,10 +87,10 @@ pub fn describe(config: &tokio_postgres::Config) -> String {
 
 /// Builds a pool of at most `size` connections. Connections are opened
 /// lazily, on first use.
-pub fn pool(config: &tokio_postgres::Config, size: usize) -> Result<Pool> {
+pub fn pool(config: &tokio_postgres::Config, tls: &MakeRustlsConnect, size: usize) -> Result<Pool> {
     let manager = Manager::from_config(
         config.clone(),
-        NoTls,
+        tls.clone(),
         ManagerConfig {
             recycling_method: RecyclingMethod::Fast,
         },
@@ -78,9 +109,12 @@ pub fn pool(config: &tokio_postgres::Config, size: usize) -> Result<Pool> {
 
 /// Opens a dedicated connection and drives it on a background task. The
 /// task ends when the returned client is dropped.
-pub async fn connect_dedicated(config: &tokio_postgres::Config) -> Result<Client> {
+pub async fn connect_dedicated(
+    config: &tokio_postgres::Config,
+    tls: &MakeRustlsConnect,
+) -> Result<Client> {
     let (client, connection) = config
-        .connect(NoTls)
+        .connect(tls.clone())
         .await
         .map_err(|e| Error::from(e).context(format!("cannot connect to {}", describe(config))))?;
     tokio::spawn(async move {
@@ -167,8 +201,28 @@ pub(crate) async fn wait_until_reachable(
 
 /// Connection errors that waiting will not fix, with their fix.
 fn explain_fatal(e: &Error, config: &tokio_postgres::Config) -> Option<Error> {
-    let code = e.db_code()?;
     let target = describe(config);
+    let text = format!("{e:?}");
+    if text.contains("does not support TLS") {
+        return Some(Error::new(
+            Kind::Connection,
+            format!(
+                "the server at {target} does not offer TLS, but DATABASE_URL asks for it (sslmode): enable ssl \
+                 on the server, or lower sslmode"
+            ),
+        ));
+    }
+    if text.contains("InvalidCertificate") || text.contains("certificate") {
+        return Some(Error::new(
+            Kind::Connection,
+            format!(
+                "the TLS certificate of {target} was refused ({e}): give the CA that signed it with \
+                 sslrootcert in DATABASE_URL or DATABASE_CA_FILE, and connect with the host name the \
+                 certificate names (verify-full)"
+            ),
+        ));
+    }
+    let code = e.db_code()?;
     let message = match code {
         "28P01" | "28000" => format!(
             "the server refused the login for {target} ({e}): check the user and password in DATABASE_URL"

@@ -22,7 +22,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
-use tokio_postgres::{AsyncMessage, NoTls};
+use tokio_postgres::AsyncMessage;
 
 /// How processors learn that new events may be readable.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -208,6 +208,7 @@ impl Route {
 /// so nothing sent while the listener was away is missed.
 pub(crate) async fn listen_loop(
     config: tokio_postgres::Config,
+    tls: crate::tls::MakeRustlsConnect,
     routes: Vec<(Ident, Route)>,
     max_backoff: Duration,
     mut shutdown: watch::Receiver<bool>,
@@ -217,7 +218,7 @@ pub(crate) async fn listen_loop(
         if *shutdown.borrow() {
             return;
         }
-        match listen_once(&config, &routes, &mut shutdown).await {
+        match listen_once(&config, &tls, &routes, &mut shutdown).await {
             Ok(()) => return,
             Err(e) => {
                 tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64,
@@ -236,10 +237,11 @@ pub(crate) async fn listen_loop(
 /// connection failed or ended.
 async fn listen_once(
     config: &tokio_postgres::Config,
+    tls: &crate::tls::MakeRustlsConnect,
     routes: &[(Ident, Route)],
     shutdown: &mut watch::Receiver<bool>,
 ) -> Result<()> {
-    let (client, mut connection) = config.connect(NoTls).await.map_err(|e| {
+    let (client, mut connection) = config.connect(tls.clone()).await.map_err(|e| {
         Error::from(e).context(format!("LISTEN connection to {}", db::describe(config)))
     })?;
     let (ended_tx, mut ended_rx) = tokio::sync::oneshot::channel::<String>();

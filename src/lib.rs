@@ -25,6 +25,7 @@ mod projection;
 mod runner;
 mod server;
 mod store;
+mod tls;
 mod worker;
 
 #[cfg(feature = "testing")]

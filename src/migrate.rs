@@ -45,8 +45,17 @@ pub struct MigrationReport {
 /// holding an advisory lock so that concurrent callers apply each
 /// migration once. Requires PostgreSQL 13 or newer.
 pub async fn migrate(config: &tokio_postgres::Config, schema: &str) -> Result<MigrationReport> {
+    migrate_with(config, &db::default_connector(config)?, schema).await
+}
+
+/// [`migrate`] with the TLS connector of a store.
+pub(crate) async fn migrate_with(
+    config: &tokio_postgres::Config,
+    tls: &crate::tls::MakeRustlsConnect,
+    schema: &str,
+) -> Result<MigrationReport> {
     let schema = Ident::new("schema", schema)?;
-    let mut client = db::connect_dedicated(config).await?;
+    let mut client = db::connect_dedicated(config, tls).await?;
     let version: i32 = client
         .query_one("SELECT current_setting('server_version_num')::int", &[])
         .await?
@@ -65,7 +74,10 @@ pub async fn migrate(config: &tokio_postgres::Config, schema: &str) -> Result<Mi
     // CREATE SCHEMA needs CREATE on the database even when the schema
     // exists: only create it when it is missing.
     let exists = client
-        .query_opt("SELECT 1 FROM pg_namespace WHERE nspname = $1", &[&schema.as_str()])
+        .query_opt(
+            "SELECT 1 FROM pg_namespace WHERE nspname = $1",
+            &[&schema.as_str()],
+        )
         .await?
         .is_some();
     if !exists {

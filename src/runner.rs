@@ -203,6 +203,7 @@ impl Runner {
         // own pool already passed.
         let pool = crate::db::pool(
             &crate::db::batch_config(store.pg_config(), config.synchronous_commit, None),
+            store.tls(),
             store.config().pool_size,
         )
         .unwrap_or_else(|_| store.pool().clone());
@@ -366,6 +367,7 @@ impl Runner {
             listen_config.application_name("projectionist-listener");
             background.spawn(dispatcher::listen_loop(
                 listen_config,
+                self.store.tls().clone(),
                 extra_routes,
                 self.config.max_backoff,
                 stop.clone(),

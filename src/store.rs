@@ -78,6 +78,7 @@ pub struct StoreConfig {
     pub(crate) schema: Ident,
     pub(crate) notify_channel: Option<Ident>,
     pub(crate) pool_size: usize,
+    pub(crate) ca_file: Option<std::path::PathBuf>,
 }
 
 impl Default for StoreConfig {
@@ -89,6 +90,7 @@ impl Default for StoreConfig {
                     .unwrap_or_else(|_| unreachable!()),
             ),
             pool_size: db::DEFAULT_POOL_SIZE,
+            ca_file: None,
         }
     }
 }
@@ -108,6 +110,15 @@ impl StoreConfig {
             .map(|c| Ident::new("NOTIFY channel", c))
             .transpose()?;
         Ok(self)
+    }
+
+    /// A PEM file of CA certificates to verify the server's TLS certificate
+    /// with (`sslmode=verify-ca`/`verify-full`, or `require`, in the URL),
+    /// when the URL names no `sslrootcert`. Default: none (Mozilla roots for
+    /// verify modes).
+    pub fn ca_file(mut self, path: Option<&std::path::Path>) -> StoreConfig {
+        self.ca_file = path.map(|p| p.to_path_buf());
+        self
     }
 
     /// Maximum pooled connections when the store builds its own pool.
@@ -329,6 +340,7 @@ pub(crate) fn decode_page(
 pub struct EventStore {
     pool: Pool,
     pg: tokio_postgres::Config,
+    tls: crate::tls::MakeRustlsConnect,
     notifier: Option<Arc<Notifier>>,
     config: StoreConfig,
     sql: Arc<Statements>,
@@ -349,21 +361,38 @@ impl EventStore {
     }
 
     /// Connects to `database_url` (connections open lazily, on first use).
+    /// TLS follows the URL's `sslmode` (see the security docs).
     pub fn connect_with(database_url: &str, config: StoreConfig) -> Result<EventStore> {
-        let pg = db::parse_url(database_url)?;
-        let pool = db::pool(&pg, config.pool_size)?;
-        Ok(EventStore::from_parts(pool, pg, config))
+        let (pg, tls) = db::parse_target(database_url, config.ca_file.as_deref())?;
+        let pool = db::pool(&pg, &tls, config.pool_size)?;
+        Ok(EventStore::from_parts_tls(pool, pg, tls, config))
     }
 
-    /// Connects with an already parsed connection configuration.
+    /// Connects with an already parsed connection configuration (TLS as its
+    /// `ssl_mode` says, without certificate verification).
     pub fn connect_config(pg: tokio_postgres::Config, config: StoreConfig) -> Result<EventStore> {
-        let pool = db::pool(&pg, config.pool_size)?;
-        Ok(EventStore::from_parts(pool, pg, config))
+        let tls = db::default_connector(&pg)?;
+        let pool = db::pool(&pg, &tls, config.pool_size)?;
+        Ok(EventStore::from_parts_tls(pool, pg, tls, config))
     }
 
     /// Uses an existing pool; `pg` must point at the same database (it is
     /// used for the few dedicated connections, such as LISTEN).
-    pub fn from_parts(pool: Pool, pg: tokio_postgres::Config, config: StoreConfig) -> EventStore {
+    pub fn from_parts(
+        pool: Pool,
+        pg: tokio_postgres::Config,
+        config: StoreConfig,
+    ) -> Result<EventStore> {
+        let tls = db::default_connector(&pg)?;
+        Ok(EventStore::from_parts_tls(pool, pg, tls, config))
+    }
+
+    fn from_parts_tls(
+        pool: Pool,
+        pg: tokio_postgres::Config,
+        tls: crate::tls::MakeRustlsConnect,
+        config: StoreConfig,
+    ) -> EventStore {
         let sql = Arc::new(Statements::new(
             &config.schema,
             config.notify_channel.is_some(),
@@ -379,10 +408,16 @@ impl EventStore {
         EventStore {
             pool,
             pg,
+            tls,
             notifier,
             config,
             sql,
         }
+    }
+
+    /// The TLS connector for dedicated connections to the same database.
+    pub(crate) fn tls(&self) -> &crate::tls::MakeRustlsConnect {
+        &self.tls
     }
 
     /// The connection configuration (for dedicated connections).

@@ -235,6 +235,7 @@ pub(crate) async fn run(
             runner.config().synchronous_commit,
             Some(&worker_application_name(&worker_id)),
         ),
+        store.tls(),
         store.config().pool_size,
     )?;
     register(&store, &sql.workers, &worker_id, &hostname).await?;
@@ -430,7 +431,7 @@ async fn lead(
         if *stop.borrow() {
             return;
         }
-        let (mut client, connection) = match config.connect(tokio_postgres::NoTls).await {
+        let (mut client, connection) = match config.connect(store.tls().clone()).await {
             Ok(c) => c,
             Err(e) => {
                 tracing::warn!(error = %Error::from(e), "leader candidate cannot connect; retrying");

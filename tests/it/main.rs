@@ -11,4 +11,5 @@ mod ops;
 mod outage;
 mod parallel;
 mod store;
+mod tls;
 mod worker;
