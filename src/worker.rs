@@ -543,7 +543,7 @@ async fn rebalance(
     slots: &[SlotSpec],
     wc: &WorkerConfig,
 ) -> Result<()> {
-    let tx = client.transaction().await?;
+    let mut tx = client.transaction().await?;
     // A batch holding a slot's assignment row (a paused worker) must not
     // stall the leader for ever: give up this round and retry.
     tx.execute(
@@ -571,11 +571,24 @@ async fn rebalance(
         // End the dead worker's sessions: an open batch transaction of a
         // paused process would otherwise hold its slot's lock and the
         // watermark. (Its commits are fenced anyway.)
-        tx.execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = ANY($1)",
-            &[&dead_sessions],
-        )
-        .await?;
+        // Best effort: a role that may not signal those sessions (workers
+        // running as different roles without pg_signal_backend) must not
+        // stop the rebalance.
+        let sp = tx.savepoint("end_dead_sessions").await?;
+        match sp
+            .execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = ANY($1)",
+                &[&dead_sessions],
+            )
+            .await
+        {
+            Ok(_) => sp.commit().await?,
+            Err(e) => {
+                tracing::warn!(error = %Error::from(e), "cannot end the sessions of a dead worker; \
+                    grant pg_signal_backend to the worker role");
+                sp.rollback().await?;
+            }
+        }
     }
     let live: Vec<String> = tx
         .query(
