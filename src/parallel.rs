@@ -216,12 +216,10 @@ pub(crate) async fn run(
         // Commit the high-water mark now and then, and when idle.
         if let Some((hwm, handled)) = uncommitted {
             let idle = tasks.is_empty();
-            let window_half_blocked = handled * 2 >= max;
-            if idle
-                || window_half_blocked
-                || last_commit.elapsed() >= COMMIT_EVERY
-                || *stop.borrow()
-            {
+            // An eighth of the window waiting for its commit is worth one:
+            // waiting longer keeps slots from being refilled.
+            let commit_due = handled * 8 >= max;
+            if idle || commit_due || last_commit.elapsed() >= COMMIT_EVERY || *stop.borrow() {
                 let stats = w.stats(max, tasks.len());
                 publish(&name, partition, &stats);
                 match p.commit_to(hwm, handled, &stats).await {
