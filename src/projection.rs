@@ -173,9 +173,29 @@ pub trait Projection: Send + Sync + 'static {
     /// Handles one event inside the batch transaction `tx`.
     async fn handle(&self, event: &StoredEvent, tx: &Transaction<'_>) -> Result<()>;
 
+    /// Whether the default [`Projection::handle_batch`] may pipeline
+    /// [`Projection::handle`]: start every event's handler without waiting
+    /// for the previous one's round trip, all in the same transaction, so
+    /// their statements travel to the server back to back. Statements reach
+    /// the server in event order only up to each handler's first `await`
+    /// on the database: opt in when each event's work is one statement (an
+    /// upsert, an insert), or when the statements of different events
+    /// commute. Default: `false` (one event after the other).
+    fn pipelined(&self) -> bool {
+        false
+    }
+
     /// Handles a whole batch (in `(transaction_id, global_position)` order)
-    /// inside `tx`. Default: [`Projection::handle`] for each event, in order.
+    /// inside `tx`. Default: [`Projection::handle`] for each event, in order
+    /// (pipelined when [`Projection::pipelined`] says so).
     async fn handle_batch(&self, events: &[StoredEvent], tx: &Transaction<'_>) -> Result<()> {
+        if self.pipelined() {
+            let handlers = events.iter().map(|event| self.handle(event, tx));
+            for outcome in futures_util::future::join_all(handlers).await {
+                outcome?;
+            }
+            return Ok(());
+        }
         for event in events {
             self.handle(event, tx).await?;
         }

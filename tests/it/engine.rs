@@ -19,6 +19,7 @@ struct Tally {
     filter: Filter,
     calls: Arc<AtomicU64>,
     seen: Option<mpsc::UnboundedSender<(i64, Instant)>>,
+    pipelined: bool,
 }
 
 impl Tally {
@@ -28,6 +29,7 @@ impl Tally {
             filter: Filter::all(),
             calls: Arc::new(AtomicU64::new(0)),
             seen: None,
+            pipelined: false,
         }
     }
 
@@ -55,6 +57,10 @@ impl Projection for Tally {
 
     fn filter(&self) -> Filter {
         self.filter.clone()
+    }
+
+    fn pipelined(&self) -> bool {
+        self.pipelined
     }
 
     async fn handle(&self, event: &StoredEvent, tx: &Transaction<'_>) -> projectionist::Result<()> {
@@ -559,4 +565,27 @@ async fn duplicate_projection_names_are_refused() {
         .err()
         .expect("duplicate refused");
     assert!(e.is_config() && e.to_string().contains("\"same\""), "{e}");
+}
+
+#[tokio::test]
+async fn pipelined_per_event_handlers_build_the_exact_read_model() {
+    let env = env().await;
+    seed(&env, 5_000, 25).await;
+    let mut tally = Tally::new("pipelined");
+    tally.pipelined = true;
+    let tally = Arc::new(tally);
+    tally.create_table(&env).await;
+    let runner = Runner::new(env.store.clone(), RunnerConfig::default())
+        .with_projection(tally.clone())
+        .unwrap();
+    wait_until(Duration::from_secs(30), "read model complete", || async {
+        runner.run_once().await.unwrap();
+        read_model(&env, "tally_pipelined").await.1 == 5_000
+    })
+    .await;
+    assert_eq!(
+        read_model(&env, "tally_pipelined").await,
+        expected(&env).await
+    );
+    assert_eq!(tally.calls.load(Ordering::Relaxed), 5_000);
 }
