@@ -3,6 +3,7 @@
 //!
 //! ```sh
 //! cargo run --release --example bench -- [--events N] [--json PATH] [--reps R] [--only CASE,...]
+//!     [--batch-size N] [--tls] [--io-aggregates N] [--io-max-in-flight N] [--db-setting NAME=VALUE]
 //! DATABASE_URL=postgres://postgres@127.0.0.1:5432/postgres cargo run --release --example bench
 //! ```
 //!
@@ -10,7 +11,16 @@
 //! `fsync`, `full_page_writes` and `synchronous_commit` off, so commits are
 //! cheaper than on a stock server); with it set, fresh databases are created
 //! on that server (the role needs CREATEDB) and dropped at the end. The server
-//! settings are printed and written to the JSON.
+//! settings are printed and written to the JSON, with the machine's cores,
+//! memory, load average and the round-trip time of a `SELECT 1`.
+//!
+//! The library's connections use `sslmode=disable` unless `--tls` is given,
+//! because the raw baselines never use TLS and both sides should pay the
+//! same transport (the library's own default is `prefer`: encrypted when the
+//! server has `ssl = on`, as Debian's stock server does).
+//! `--batch-size` sets the batch size of the catch-up and partition cases
+//! (library and raw page size alike), for the tuning figures in
+//! docs/performance.md.
 //!
 //! Every figure is the median of `--reps` repetitions (default 3). Each
 //! repetition starts from truncated tables or reset checkpoints; library and
@@ -35,6 +45,9 @@
 //!   global_position LIMIT $2`, every column decoded) with a checkpoint
 //!   `UPDATE` per page, one transaction per page. This isolates the engine's
 //!   overhead: the gap-safe query, decoding and the compare-and-set.
+//!   Every raw catch-up baseline commits its pages with `synchronous_commit
+//!   = off`, as the library's batch transactions do by default, so neither
+//!   side waits for a WAL flush per page.
 //! * `catchup_read_model`: a balances read model kept by the per-event
 //!   handler (one prepared upsert per event), over a quarter of `--events`
 //!   (it is round-trip bound and slow; the event count is in the JSON).
@@ -45,6 +58,9 @@
 //!   statement per page (`INSERT … SELECT … GROUP BY aggregate_id ON
 //!   CONFLICT …` over the keyset page, plus the checkpoint `UPDATE`), which
 //!   never ships the rows to the client.
+//!   The per-event case also reports `raw_per_event_events_per_s`: the same
+//!   round trips in raw SQL (keyset page, one prepared upsert per event,
+//!   checkpoint `UPDATE`), the floor for a per-event handler.
 //! * `wakeup_notify_ms`, `wakeup_poll_ms`: time from an append returning
 //!   (committed) to the handler starting on that event, under the notify
 //!   dispatcher and the poll dispatcher (default interval, reported).
@@ -60,8 +76,28 @@
 //! * `partitions`: catch-up of the seeded events by 1, 4 and 16 static
 //!   partitions (one `Runner` each, all in this process, concurrently),
 //!   no-op projection; events/s is the whole log over the wall time.
-//! * `worker_failover_s`, `worker_rebalance_s`: worker mode does not exist
-//!   yet, so they are `null`.
+//! * `parallel_io`: an I/O-bound handler (it sleeps 10 ms per event, no
+//!   database work) in concurrency mode (`Concurrency::new(64)`,
+//!   `handle_concurrent`) over 5,000 events of 1,000 aggregates, against the
+//!   same handler in sequential mode (`handle` in the batch transaction) over
+//!   200 events. Both are catch-ups by `Runner::run_once` until the progress
+//!   counter covers every event. The "baseline" is the sequential mode here,
+//!   not raw SQL. The case also checks the concurrency contract: the peak of
+//!   handlers running at once, every event handled, and each aggregate's
+//!   events handled in version order.
+//! * `worker_failover_s`: three `bank run-projections --mode worker`
+//!   processes (the bank example binary, built next to this one) with short
+//!   intervals (heartbeat 200 ms, timeout 1 s, rebalance 250 ms) share seven
+//!   slots (`account_balances=6` + the notifier). Once they are balanced, a
+//!   worker that is not the leader is SIGKILLed; the figure is the time until
+//!   none of its slots is assigned to it any more and every slot belongs to a
+//!   live worker. The same with the leader killed is reported in
+//!   `worker_mode.failover_leader_s`.
+//! * `worker_rebalance_s`: two workers balanced (4/3), a third is started;
+//!   the time from spawning it until the slots are spread 3/2/2 (also
+//!   reported from its registration, `worker_mode.rebalance_from_join_s`).
+//!   Each repetition of both cases runs on a fresh database migrated with
+//!   `bank migrate`; the workers are idle (no events).
 //! * `worker_rss_mb`: peak RSS (VmHWM) of a child process (this binary,
 //!   re-executed with a hidden `--child-rss`) running eight light
 //!   projections through a catch-up of the seeded events.
@@ -83,17 +119,18 @@ use comfy_table::{presets::UTF8_FULL_CONDENSED, ContentArrangement, Table};
 use futures_util::StreamExt;
 use projectionist::testing::{TestDatabase, TestServer};
 use projectionist::{
-    async_trait, DispatcherKind, EventStore, ExpectedVersion, NewEvent, Projection, Runner,
-    RunnerConfig, StoreConfig, StoredEvent, Transaction, DEFAULT_BATCH_SIZE, DEFAULT_POLL_INTERVAL,
+    async_trait, Concurrency, DispatcherKind, EventStore, ExpectedVersion, Filter, NewEvent,
+    Projection, Runner, RunnerConfig, StoreConfig, StoredEvent, Transaction, DEFAULT_BATCH_SIZE,
+    DEFAULT_POLL_INTERVAL,
 };
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Map, Value};
-use std::collections::HashMap;
-use std::path::PathBuf;
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicI64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tokio_postgres::binary_copy::BinaryCopyInWriter;
@@ -135,6 +172,29 @@ struct Args {
     /// `ALTER DATABASE … SET` (repeatable), e.g. `plan_cache_mode=force_generic_plan`.
     #[arg(long = "db-setting", value_name = "NAME=VALUE")]
     db_settings: Vec<String>,
+    /// Batch size of the catch-up cases (library `RunnerConfig::batch_size`
+    /// and the raw baselines' page size). Default: the library default, 1000.
+    #[arg(long, value_parser = clap::value_parser!(i64).range(1..=projectionist::MAX_BATCH_SIZE))]
+    batch_size: Option<i64>,
+    /// Diagnostic: aggregates the `parallel_io` concurrency-mode events are
+    /// spread over (default 1000; more aggregates, fewer same-key chains).
+    #[arg(long, default_value_t = 1_000, value_parser = clap::value_parser!(u32).range(1..))]
+    io_aggregates: u32,
+    /// Diagnostic: `max_in_flight` of the `parallel_io` concurrency mode (default 64).
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..))]
+    io_max_in_flight: u32,
+    /// Let the library's connections negotiate TLS as they do by default
+    /// (`sslmode=prefer`: encrypted when the server has `ssl = on`). Without
+    /// it the library connects with `sslmode=disable`, like the raw
+    /// baselines (which never use TLS), so that both sides pay the same
+    /// transport. The bank worker processes always use the default.
+    #[arg(long)]
+    tls: bool,
+    /// Diagnostic: the append cases' store sends no NOTIFY
+    /// (`StoreConfig::notify_channel(None)`), to measure what the
+    /// notification costs an append.
+    #[arg(long)]
+    no_append_notify: bool,
     /// Internal: run the RSS child against this database and print VmHWM.
     #[arg(long, hide = true, value_name = "DATABASE_URL")]
     child_rss: Option<String>,
@@ -155,7 +215,10 @@ const CASES: &[&str] = &[
     "wakeup_notify_ms",
     "wakeup_poll_ms",
     "wakeup_raw_listen_ms",
+    "parallel_io",
     "partitions",
+    "worker_failover_s",
+    "worker_rebalance_s",
     "worker_rss_mb",
 ];
 
@@ -218,6 +281,11 @@ const UPSERT_BATCH: &str = "INSERT INTO bench_balances (account_id, balance, eve
      balance = bench_balances.balance + excluded.balance, \
      event_count = bench_balances.event_count + excluded.event_count";
 const RAW_CHECKPOINT_NAME: &str = "bench_raw_baseline";
+/// How the raw catch-up baselines open a page's transaction: commits that do
+/// not wait for the WAL flush, like the library's batch transactions
+/// (`RunnerConfig::synchronous_commit(false)`, the default). Same round trip
+/// as a bare `BEGIN`.
+const RAW_BEGIN: &str = "BEGIN; SET LOCAL synchronous_commit = off";
 
 fn main() -> ExitCode {
     let args = Args::parse();
@@ -291,7 +359,7 @@ impl<'a> FromSql<'a> for Xid8 {
 }
 
 /// jsonb read as its JSON text, the way the library keeps payloads.
-struct JsonText(#[allow(dead_code)] String);
+struct JsonText(String);
 
 impl<'a> FromSql<'a> for JsonText {
     fn from_sql(
@@ -481,6 +549,94 @@ impl Projection for Stamp {
     }
     async fn handle(&self, event: &StoredEvent, _: &Transaction<'_>) -> projectionist::Result<()> {
         let _ = self.seen.send((event.global_position, Instant::now()));
+        Ok(())
+    }
+}
+
+/// Aggregate types of the `parallel_io` case's two event sets.
+const IO_SEQ_TYPE: &str = "IoSeq";
+const IO_PAR_TYPE: &str = "IoPar";
+/// The simulated I/O wait per event.
+const IO_SLEEP: Duration = Duration::from_millis(10);
+
+/// Waits `IO_SLEEP` per event inside the batch transaction (sequential mode).
+struct SleepSequential;
+
+#[async_trait]
+impl Projection for SleepSequential {
+    fn name(&self) -> &str {
+        "bench_io_sequential"
+    }
+    fn filter(&self) -> Filter {
+        Filter::all().aggregate_types([IO_SEQ_TYPE])
+    }
+    async fn handle(&self, _: &StoredEvent, _: &Transaction<'_>) -> projectionist::Result<()> {
+        tokio::time::sleep(IO_SLEEP).await;
+        Ok(())
+    }
+}
+
+/// Waits `IO_SLEEP` per event in concurrency mode, and checks the mode's
+/// contract as it goes: how many handlers run at once, that every event
+/// arrives, and that each aggregate's events arrive in version order.
+#[derive(Default)]
+struct SleepConcurrent {
+    max_in_flight: usize,
+    running: AtomicUsize,
+    peak: AtomicUsize,
+    /// Per aggregate: the last version handled.
+    versions: Mutex<HashMap<String, i64>>,
+    /// Handlers that started on an aggregate's event before the previous
+    /// one of the same aggregate (or twice on one event).
+    out_of_order: AtomicUsize,
+    /// Two handlers of one aggregate running at the same time.
+    overlapping: AtomicUsize,
+    busy: Mutex<HashSet<String>>,
+    calls: AtomicUsize,
+}
+
+#[async_trait]
+impl Projection for SleepConcurrent {
+    fn name(&self) -> &str {
+        "bench_io_concurrent"
+    }
+    fn filter(&self) -> Filter {
+        Filter::all().aggregate_types([IO_PAR_TYPE])
+    }
+    fn concurrency(&self) -> Option<Concurrency> {
+        Some(Concurrency::new(self.max_in_flight))
+    }
+    async fn handle(&self, _: &StoredEvent, _: &Transaction<'_>) -> projectionist::Result<()> {
+        Err(projectionist::Error::handler_msg(
+            "bench_io_concurrent: the engine called handle() in concurrency mode",
+        ))
+    }
+    async fn handle_concurrent(&self, event: &StoredEvent) -> projectionist::Result<()> {
+        let now = self.running.fetch_add(1, Ordering::SeqCst) + 1;
+        self.peak.fetch_max(now, Ordering::SeqCst);
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        {
+            let mut v = self.versions.lock().expect("poisoned");
+            let last = v.entry(event.aggregate_id.clone()).or_insert(0);
+            if event.aggregate_version != *last + 1 {
+                self.out_of_order.fetch_add(1, Ordering::Relaxed);
+            }
+            *last = (*last).max(event.aggregate_version);
+        }
+        if !self
+            .busy
+            .lock()
+            .expect("poisoned")
+            .insert(event.aggregate_id.clone())
+        {
+            self.overlapping.fetch_add(1, Ordering::Relaxed);
+        }
+        tokio::time::sleep(IO_SLEEP).await;
+        self.busy
+            .lock()
+            .expect("poisoned")
+            .remove(&event.aggregate_id);
+        self.running.fetch_sub(1, Ordering::SeqCst);
         Ok(())
     }
 }
@@ -779,6 +935,309 @@ async fn child_rss(url: &str) -> ExitCode {
 }
 
 // ---------------------------------------------------------------------------
+// Worker mode: real `bank run-projections --mode worker` processes.
+
+const WORKER_HEARTBEAT_INTERVAL: Duration = Duration::from_millis(200);
+const WORKER_HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(1);
+const WORKER_REBALANCE_INTERVAL: Duration = Duration::from_millis(250);
+/// account_balances in 6 partitions + large_withdrawal_notifier: 7 slots.
+const WORKER_PARTITIONS: &str = "account_balances=6";
+const WORKER_SLOTS: usize = 7;
+
+/// A bank worker process; SIGKILLed on drop. Its stderr is kept (bounded)
+/// for error messages.
+struct BankWorker {
+    child: std::process::Child,
+    log: Arc<Mutex<String>>,
+}
+
+impl BankWorker {
+    fn spawn(bank: &Path, url: &str) -> Result<BankWorker, String> {
+        let ms = |d: Duration| format!("{}ms", d.as_millis());
+        let mut child = std::process::Command::new(bank)
+            .env_remove("PARTITION_KEY")
+            .env_remove("TOTAL_PARTITIONS")
+            .env_remove("DISPATCHER")
+            .env_remove("BATCH_SIZE")
+            .env_remove("PROJECTIONS")
+            .env_remove("RUST_LOG")
+            .env("DATABASE_URL", url)
+            .env("RUN_MODE", "worker")
+            .env("HEARTBEAT_INTERVAL", ms(WORKER_HEARTBEAT_INTERVAL))
+            .env("HEARTBEAT_TIMEOUT", ms(WORKER_HEARTBEAT_TIMEOUT))
+            .env("REBALANCE_INTERVAL", ms(WORKER_REBALANCE_INTERVAL))
+            .env("PROJECTION_PARTITIONS", WORKER_PARTITIONS)
+            .env("ADMIN_ADDR", "off")
+            .env("POOL_SIZE", "8")
+            .env("LOG_LEVEL", "warn")
+            .arg("run-projections")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("cannot start {}: {e}", bank.display()))?;
+        let log = Arc::new(Mutex::new(String::new()));
+        if let Some(stderr) = child.stderr.take() {
+            let log = log.clone();
+            std::thread::spawn(move || {
+                use std::io::BufRead;
+                for line in std::io::BufReader::new(stderr)
+                    .lines()
+                    .map_while(|l| l.ok())
+                {
+                    let mut g = log.lock().expect("poisoned");
+                    if g.len() < 16_000 {
+                        g.push_str(&line);
+                        g.push('\n');
+                    }
+                }
+            });
+        }
+        Ok(BankWorker { child, log })
+    }
+
+    fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+    }
+
+    fn describe(&mut self) -> String {
+        let status = match self.child.try_wait() {
+            Ok(Some(s)) => format!("exited ({s})"),
+            Ok(None) => "running".to_owned(),
+            Err(e) => format!("? ({e})"),
+        };
+        let log = self.log.lock().expect("poisoned").clone();
+        format!("worker pid {}: {status}; stderr:\n{log}", self.pid())
+    }
+}
+
+impl Drop for BankWorker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// (live workers, assigned slots per live worker sorted, slots not held by
+/// a live worker, assignment rows).
+async fn distribution(c: &Client) -> Result<(usize, Vec<i64>, i64, i64), tokio_postgres::Error> {
+    let live: i64 = c
+        .query_one("SELECT count(*) FROM worker_nodes", &[])
+        .await?
+        .get(0);
+    let counts: Vec<i64> = c
+        .query(
+            "SELECT count(*) FROM consumer_assignments a JOIN worker_nodes w USING (worker_id) \
+             GROUP BY worker_id ORDER BY 1",
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let r = c
+        .query_one(
+            "SELECT count(*) FILTER (WHERE NOT EXISTS \
+                 (SELECT 1 FROM worker_nodes w WHERE w.worker_id = a.worker_id)), count(*) \
+             FROM consumer_assignments a",
+            &[],
+        )
+        .await?;
+    Ok((live as usize, counts, r.get(0), r.get(1)))
+}
+
+/// Whether exactly `workers` workers are live and the slots are spread
+/// ⌊N/M⌋/⌈N/M⌉ over them.
+async fn balanced(c: &Client, workers: usize) -> bool {
+    let Ok((live, counts, orphans, rows)) = distribution(c).await else {
+        return false;
+    };
+    let (lo, hi) = (
+        (WORKER_SLOTS / workers) as i64,
+        WORKER_SLOTS.div_ceil(workers) as i64,
+    );
+    live == workers
+        && orphans == 0
+        && rows == WORKER_SLOTS as i64
+        && counts.len() == workers.min(WORKER_SLOTS)
+        && counts.iter().all(|&n| n == lo || n == hi)
+}
+
+/// The leader's (worker id, pid): the worker whose leader connection holds
+/// the advisory lock.
+async fn leader(c: &Client) -> Option<(String, i32)> {
+    c.query_opt(
+        "SELECT w.worker_id, w.pid FROM worker_nodes w WHERE EXISTS ( \
+            SELECT 1 FROM pg_locks l JOIN pg_stat_activity s ON s.pid = l.pid \
+            WHERE l.locktype = 'advisory' AND l.granted \
+              AND s.application_name = 'projectionist-leader:' || w.worker_id)",
+        &[],
+    )
+    .await
+    .ok()
+    .flatten()
+    .map(|r| (r.get(0), r.get(1)))
+}
+
+/// Polls `check` every 5 ms until it holds; the time it took.
+async fn poll_until<F, Fut>(timeout: Duration, what: &str, mut check: F) -> Result<Duration, String>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let start = Instant::now();
+    loop {
+        if check().await {
+            return Ok(start.elapsed());
+        }
+        if start.elapsed() > timeout {
+            return Err(format!("timed out after {timeout:?} waiting for {what}"));
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Appends the workers' state and logs to an error.
+fn with_logs(e: String, workers: &mut [BankWorker]) -> String {
+    let logs: Vec<String> = workers.iter_mut().map(|w| w.describe()).collect();
+    format!("{e}\n{}", logs.join("\n"))
+}
+
+/// Three workers balanced, one SIGKILLed (the leader or not): seconds
+/// until every slot is held by a live worker again.
+async fn failover_rep(
+    bank: &Path,
+    db: Result<TestDatabase, String>,
+    kill_leader: bool,
+) -> Result<f64, String> {
+    let db = db?;
+    let c = db.connect().await.map_err(|e| e.to_string())?;
+    let mut workers = Vec::new();
+    let result = async {
+        for _ in 0..3 {
+            workers.push(BankWorker::spawn(bank, &db.url())?);
+        }
+        let r = async {
+            poll_until(Duration::from_secs(30), "7 slots balanced over 3 workers", || {
+                balanced(&c, 3)
+            })
+            .await?;
+            poll_until(Duration::from_secs(10), "a leader", || async {
+                leader(&c).await.is_some()
+            })
+            .await?;
+            let (_, leader_pid) = leader(&c).await.ok_or("the leader vanished")?;
+            let holders = c
+                .query(
+                    "SELECT w.worker_id, w.pid FROM worker_nodes w \
+                     WHERE EXISTS (SELECT 1 FROM consumer_assignments a WHERE a.worker_id = w.worker_id) \
+                     ORDER BY w.worker_id",
+                    &[],
+                )
+                .await
+                .map_err(|e| e.to_string())?;
+            let (victim_id, victim_pid): (String, i32) = holders
+                .iter()
+                .map(|r| (r.get(0), r.get(1)))
+                .find(|(_, pid)| (*pid == leader_pid) == kill_leader)
+                .ok_or("no worker to kill holds slots")?;
+            Ok::<_, String>((victim_id, victim_pid))
+        }
+        .await;
+        let (victim_id, victim_pid) = r.map_err(|e| with_logs(e, &mut workers))?;
+        let victim = workers
+            .iter_mut()
+            .find(|w| w.pid() == victim_pid)
+            .ok_or("the victim is not one of the spawned workers")?;
+        victim.kill();
+        let killed = Instant::now();
+        let moved = poll_until(
+            Duration::from_secs(30),
+            "the killed worker's slots to move to live workers",
+            || async {
+                c.query_one(
+                    "SELECT count(*) FILTER (WHERE a.worker_id IS NULL OR a.worker_id = $1 OR NOT EXISTS \
+                         (SELECT 1 FROM worker_nodes w WHERE w.worker_id = a.worker_id)), count(*) \
+                     FROM consumer_assignments a",
+                    &[&victim_id],
+                )
+                .await
+                .is_ok_and(|r| r.get::<_, i64>(0) == 0 && r.get::<_, i64>(1) == WORKER_SLOTS as i64)
+            },
+        )
+        .await;
+        let took = killed.elapsed();
+        moved.map_err(|e| with_logs(e, &mut workers))?;
+        // Sanity: the survivors end up balanced (2 workers: 4/3).
+        poll_until(Duration::from_secs(10), "7 slots balanced over 2 workers", || {
+            balanced(&c, 2)
+        })
+        .await
+        .map_err(|e| with_logs(e, &mut workers))?;
+        Ok(took.as_secs_f64())
+    }
+    .await;
+    drop(workers);
+    drop(c);
+    if let Err(e) = db.drop_database().await {
+        eprintln!("warning: {e}");
+    }
+    result
+}
+
+/// Two workers balanced, a third spawned: seconds from the spawn, and from
+/// its registration, until the slots are balanced over three.
+async fn rebalance_rep(
+    bank: &Path,
+    db: Result<TestDatabase, String>,
+) -> Result<(f64, f64), String> {
+    let db = db?;
+    let c = db.connect().await.map_err(|e| e.to_string())?;
+    let mut workers = Vec::new();
+    let result = async {
+        for _ in 0..2 {
+            workers.push(BankWorker::spawn(bank, &db.url())?);
+        }
+        poll_until(
+            Duration::from_secs(30),
+            "7 slots balanced over 2 workers",
+            || balanced(&c, 2),
+        )
+        .await
+        .map_err(|e| with_logs(e, &mut workers))?;
+        let spawned = Instant::now();
+        workers.push(BankWorker::spawn(bank, &db.url())?);
+        let joined = poll_until(
+            Duration::from_secs(30),
+            "the third worker to register",
+            || async { distribution(&c).await.is_ok_and(|d| d.0 == 3) },
+        )
+        .await
+        .map_err(|e| with_logs(e, &mut workers))?;
+        poll_until(
+            Duration::from_secs(30),
+            "7 slots balanced over 3 workers",
+            || balanced(&c, 3),
+        )
+        .await
+        .map_err(|e| with_logs(e, &mut workers))?;
+        let total = spawned.elapsed();
+        Ok((total.as_secs_f64(), (total - joined).as_secs_f64()))
+    }
+    .await;
+    drop(workers);
+    drop(c);
+    if let Err(e) = db.drop_database().await {
+        eprintln!("warning: {e}");
+    }
+    result
+}
+
+// ---------------------------------------------------------------------------
 // The benchmark.
 
 /// A database seeded with events for the catch-up cases.
@@ -798,6 +1257,8 @@ struct Bench {
     json: Map<String, Value>,
     rows: Vec<[String; 5]>,
     reps: u32,
+    /// Batch size (page size) of the catch-up cases.
+    batch: i64,
     /// Where the server's settings came from.
     server_kind: &'static str,
     dbs: Vec<TestDatabase>,
@@ -807,6 +1268,7 @@ impl Bench {
     fn new(args: Args) -> Bench {
         let cases = select(&args.only);
         let reps = args.reps;
+        let batch = args.batch_size.unwrap_or(DEFAULT_BATCH_SIZE);
         Bench {
             args,
             cases,
@@ -815,6 +1277,7 @@ impl Bench {
             json: Map::new(),
             rows: Vec::new(),
             reps,
+            batch,
             server_kind: if std::env::var("DATABASE_URL").is_ok_and(|u| !u.trim().is_empty()) {
                 "DATABASE_URL server"
             } else {
@@ -822,6 +1285,22 @@ impl Bench {
             },
             dbs: Vec::new(),
         }
+    }
+
+    /// The connection settings of the library's stores (`--tls`).
+    fn lib_config(&self, db: &TestDatabase) -> tokio_postgres::Config {
+        let mut config = db.config();
+        if !self.args.tls {
+            config.ssl_mode(tokio_postgres::config::SslMode::Disable);
+        }
+        config
+    }
+
+    /// The runner configuration of the catch-up cases (`--batch-size`).
+    fn catchup_config(&self) -> RunnerConfig {
+        RunnerConfig::default()
+            .batch_size(self.batch)
+            .expect("--batch-size is range-checked")
     }
 
     fn wants(&self, case: &str) -> bool {
@@ -885,7 +1364,14 @@ impl Bench {
                     .unwrap_or_else(|e| panic!("{sql} failed: {e}"));
             }
         }
-        let store = EventStore::connect_config(db.config(), StoreConfig::default())
+        let store_config = if self.args.no_append_notify {
+            StoreConfig::default()
+                .notify_channel(None)
+                .expect("no channel is valid")
+        } else {
+            StoreConfig::default()
+        };
+        let store = EventStore::connect_config(self.lib_config(&db), store_config)
             .unwrap_or_else(|e| panic!("cannot build the store: {e}"));
         let client = db
             .connect()
@@ -942,17 +1428,12 @@ impl Bench {
             self.catchup_read_model(&seeded, false).await;
             self.dbs.push(seeded.db);
         }
-        self.json.insert("worker_failover_s".into(), Value::Null);
-        self.json.insert("worker_rebalance_s".into(), Value::Null);
-        self.json
-            .insert("worker_mode".into(), json!("not implemented yet"));
-        self.row(
-            "worker_failover_s / worker_rebalance_s",
-            "not implemented yet".into(),
-            "—".into(),
-            "—".into(),
-            "—".into(),
-        );
+        if self.wants("parallel_io") {
+            self.parallel_io().await;
+        }
+        if self.wants("worker_failover_s") || self.wants("worker_rebalance_s") {
+            self.worker_cases().await;
+        }
         self.finish().await;
     }
 
@@ -969,17 +1450,46 @@ impl Bench {
         let sync_commit = show("synchronous_commit").await;
         let fpw = show("full_page_writes").await;
         let shared_buffers = show("shared_buffers").await;
+        let ssl = show("ssl").await;
+        let max_connections = show("max_connections").await;
+        let max_wal_size = show("max_wal_size").await;
+        let work_mem = show("work_mem").await;
+        // Round-trip latency of a prepared `SELECT 1` (median of 500): what
+        // bounds every per-statement case (per-event handlers, batch-1
+        // appends) on this machine at this moment.
+        let ping = client.prepare("SELECT 1").await.expect("prepare SELECT 1");
+        let mut rtts = Vec::with_capacity(500);
+        for _ in 0..500 {
+            let t = Instant::now();
+            client.query_one(&ping, &[]).await.expect("SELECT 1 failed");
+            rtts.push(t.elapsed().as_secs_f64() * 1e6);
+        }
+        let rtt_us = median(&rtts);
+        let memory_gb = std::fs::read_to_string("/proc/meminfo")
+            .ok()
+            .and_then(|m| {
+                m.lines()
+                    .find_map(|l| l.strip_prefix("MemTotal:"))
+                    .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+            })
+            .map(|kb| kb / 1024.0 / 1024.0);
         let cores = std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(1);
         self.progress(format!(
             "server: {} — PostgreSQL {version}, fsync={fsync}, synchronous_commit={sync_commit}, \
-             full_page_writes={fpw}, shared_buffers={shared_buffers}; {cores} cores; {} reps",
-            self.server_kind, self.reps
+             full_page_writes={fpw}, shared_buffers={shared_buffers}, ssl={ssl}; {cores} cores; SELECT 1 round trip {rtt_us:.0} µs; {} reps; \
+             library connections {}",
+            self.server_kind,
+            self.reps,
+            if self.args.tls && ssl == "on" { "over TLS (--tls)" } else { "plain (sslmode=disable), like the raw baselines" }
         ));
         self.json.insert(
             "machine".into(),
-            json!({"cores": cores, "postgres_version": version}),
+            json!({"cores": cores, "memory_gb": memory_gb.map(|g| round(g, 1)),
+                   "postgres_version": version, "round_trip_us": round(rtt_us, 1),
+                   "load_average": std::fs::read_to_string("/proc/loadavg").ok()
+                       .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))}),
         );
         self.json.insert(
             "server".into(),
@@ -989,6 +1499,10 @@ impl Bench {
                 "synchronous_commit": sync_commit,
                 "full_page_writes": fpw,
                 "shared_buffers": shared_buffers,
+                "ssl": ssl,
+                "max_connections": max_connections,
+                "max_wal_size": max_wal_size,
+                "work_mem": work_mem,
             }),
         );
         self.json.insert("events".into(), json!(self.args.events));
@@ -1001,6 +1515,8 @@ impl Bench {
             ));
         }
         self.json.insert("reps".into(), json!(self.reps));
+        self.json
+            .insert("library_tls".into(), json!(self.args.tls && ssl == "on"));
     }
 
     // -- appends ------------------------------------------------------------
@@ -1221,7 +1737,22 @@ impl Bench {
         projection: Arc<dyn Projection>,
         config: RunnerConfig,
     ) -> Duration {
-        s.client
+        self.catchup_count(&s.store, &s.client, s.events, projection, config)
+            .await
+    }
+
+    /// `run_once` of `projection` from a deleted checkpoint until its
+    /// progress counter reaches `expected` (looping if an open transaction
+    /// elsewhere held the watermark back); the wall time.
+    async fn catchup_count(
+        &self,
+        store: &EventStore,
+        client: &Client,
+        expected: u64,
+        projection: Arc<dyn Projection>,
+        config: RunnerConfig,
+    ) -> Duration {
+        client
             .execute(
                 "DELETE FROM projection_checkpoints WHERE projection_name = $1",
                 &[&projection.name()],
@@ -1229,7 +1760,7 @@ impl Bench {
             .await
             .expect("cannot reset the checkpoint");
         let name = projection.name().to_owned();
-        let runner = Runner::new(s.store.clone(), config)
+        let runner = Runner::new(store.clone(), config)
             .with_projection(projection)
             .expect("cannot register the projection");
         let start = Instant::now();
@@ -1238,20 +1769,18 @@ impl Bench {
                 .run_once()
                 .await
                 .unwrap_or_else(|e| panic!("{name}: run_once failed: {e}"));
-            if runner.progress().events_handled() >= s.events {
+            if runner.progress().events_handled() >= expected {
                 break;
             }
             if start.elapsed() > Duration::from_secs(60) {
                 panic!(
-                    "{name}: handled {} of {} events after 60s: is a transaction held open on the server?",
+                    "{name}: handled {} of {expected} events after 60s: is a transaction held open on the server?",
                     runner.progress().events_handled(),
-                    s.events
                 );
             }
             self.progress(format!(
-                "{name}: only {} of {} events readable (open transaction elsewhere?); retrying",
+                "{name}: only {} of {expected} events handled after run_once (open transaction elsewhere?); retrying",
                 runner.progress().events_handled(),
-                s.events
             ));
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -1269,7 +1798,7 @@ impl Bench {
         let start = Instant::now();
         let (mut after, mut total) = (0i64, 0u64);
         loop {
-            client.batch_execute("BEGIN").await.expect("BEGIN");
+            client.batch_execute(RAW_BEGIN).await.expect("BEGIN");
             let rows = client
                 .query(&sel, &[&after, &page])
                 .await
@@ -1293,6 +1822,59 @@ impl Bench {
         start.elapsed()
     }
 
+    /// The per-event handler's work in raw SQL: per page, the keyset read,
+    /// one prepared upsert per event (payload decoded in Rust), the
+    /// checkpoint UPDATE, in one transaction. The same round trips as
+    /// `BalancesPerEvent`, without the engine.
+    async fn raw_catchup_per_event(&self, s: &Seeded, page: i64) -> Duration {
+        let client = &s.client;
+        let sel = client.prepare(RAW_PAGE).await.expect("prepare RAW_PAGE");
+        let upsert = client
+            .prepare(UPSERT_ONE)
+            .await
+            .expect("prepare UPSERT_ONE");
+        let upd = client
+            .prepare(RAW_CHECKPOINT)
+            .await
+            .expect("prepare RAW_CHECKPOINT");
+        let start = Instant::now();
+        let (mut after, mut total) = (0i64, 0u64);
+        loop {
+            client.batch_execute(RAW_BEGIN).await.expect("BEGIN");
+            let rows = client
+                .query(&sel, &[&after, &page])
+                .await
+                .unwrap_or_else(|e| panic!("raw page read failed: {e}"));
+            let events: Vec<RawEvent> = rows.iter().map(RawEvent::from_row).collect();
+            for e in &events {
+                let a: Amount = serde_json::from_str(&e.payload.0)
+                    .unwrap_or_else(|err| panic!("raw per-event: bad payload: {err}"));
+                client
+                    .execute(&upsert, &[&e.aggregate_id, &a.amount])
+                    .await
+                    .unwrap_or_else(|err| panic!("raw per-event upsert failed: {err}"));
+            }
+            let n = events.len() as i64;
+            if let Some(last) = events.last() {
+                after = last.global_position;
+                client
+                    .execute(&upd, &[&RAW_CHECKPOINT_NAME, &after, &n])
+                    .await
+                    .expect("raw checkpoint UPDATE failed");
+            }
+            client.batch_execute("COMMIT").await.expect("COMMIT");
+            total += n as u64;
+            if n < page {
+                break;
+            }
+        }
+        assert_eq!(
+            total, s.events,
+            "raw per-event read a different event count"
+        );
+        start.elapsed()
+    }
+
     /// The raw read-model page statement plus checkpoint, per page.
     async fn raw_catchup_read_model(&self, s: &Seeded, page: i64) -> Duration {
         let client = &s.client;
@@ -1307,7 +1889,7 @@ impl Bench {
         let start = Instant::now();
         let (mut after, mut total) = (0i64, 0u64);
         loop {
-            client.batch_execute("BEGIN").await.expect("BEGIN");
+            client.batch_execute(RAW_BEGIN).await.expect("BEGIN");
             let row = client
                 .query_one(&work, &[&after, &page])
                 .await
@@ -1366,9 +1948,9 @@ impl Bench {
         let warm = Arc::new(Noop {
             name: "bench_noop".into(),
         });
-        self.library_catchup(s, warm, RunnerConfig::default()).await;
+        self.library_catchup(s, warm, self.catchup_config()).await;
         self.reset_raw_checkpoint(s).await;
-        self.raw_catchup_noop(s, DEFAULT_BATCH_SIZE).await;
+        self.raw_catchup_noop(s, self.batch).await;
         let (mut lib, mut raw) = (Vec::new(), Vec::new());
         for rep in 0..self.reps {
             for side in 0..2 {
@@ -1376,21 +1958,22 @@ impl Bench {
                     let p = Arc::new(Noop {
                         name: "bench_noop".into(),
                     });
-                    let d = self.library_catchup(s, p, RunnerConfig::default()).await;
+                    let d = self.library_catchup(s, p, self.catchup_config()).await;
                     lib.push(rate(s.events, d));
                 } else {
                     self.reset_raw_checkpoint(s).await;
-                    let d = self.raw_catchup_noop(s, DEFAULT_BATCH_SIZE).await;
+                    let d = self.raw_catchup_noop(s, self.batch).await;
                     raw.push(rate(s.events, d));
                 }
             }
             self.progress(format!(
-                "catchup_noop rep {}/{}: projectionist {}, raw keyset {} ({} events, page {DEFAULT_BATCH_SIZE})",
+                "catchup_noop rep {}/{}: projectionist {}, raw keyset {} ({} events, page {})",
                 rep + 1,
                 self.reps,
                 ev_s(lib[lib.len() - 1]),
                 ev_s(raw[raw.len() - 1]),
-                s.events
+                s.events,
+                self.batch
             ));
         }
         let (l, r) = (median(&lib), median(&raw));
@@ -1398,7 +1981,7 @@ impl Bench {
         self.json.insert(
             "catchup_noop".into(),
             json!({"events_per_s": round(l, 0), "raw_events_per_s": round(r, 0),
-                   "ratio": round(ratio, 3), "events": s.events, "batch_size": DEFAULT_BATCH_SIZE}),
+                   "ratio": round(ratio, 3), "events": s.events, "batch_size": self.batch}),
         );
         self.row(
             "catchup_noop",
@@ -1415,8 +1998,18 @@ impl Bench {
         } else {
             "catchup_read_model"
         };
-        let (mut lib, mut raw) = (Vec::new(), Vec::new());
+        let (mut lib, mut raw, mut raw_per_event) = (Vec::new(), Vec::new(), Vec::new());
         for rep in 0..self.reps {
+            if !batch {
+                s.client
+                    .batch_execute("TRUNCATE bench_balances")
+                    .await
+                    .expect("TRUNCATE bench_balances failed");
+                self.reset_raw_checkpoint(s).await;
+                let d = self.raw_catchup_per_event(s, self.batch).await;
+                self.check_balances(s, "raw per-event").await;
+                raw_per_event.push(rate(s.events, d));
+            }
             for side in 0..2 {
                 s.client
                     .batch_execute("TRUNCATE bench_balances")
@@ -1428,22 +2021,26 @@ impl Bench {
                     } else {
                         Arc::new(BalancesPerEvent)
                     };
-                    let d = self.library_catchup(s, p, RunnerConfig::default()).await;
+                    let d = self.library_catchup(s, p, self.catchup_config()).await;
                     self.check_balances(s, name).await;
                     lib.push(rate(s.events, d));
                 } else {
                     self.reset_raw_checkpoint(s).await;
-                    let d = self.raw_catchup_read_model(s, DEFAULT_BATCH_SIZE).await;
+                    let d = self.raw_catchup_read_model(s, self.batch).await;
                     self.check_balances(s, "raw read model").await;
                     raw.push(rate(s.events, d));
                 }
             }
             self.progress(format!(
-                "{name} rep {}/{}: projectionist {}, raw SQL {} ({} events)",
+                "{name} rep {}/{}: projectionist {}, raw SQL {}{} ({} events)",
                 rep + 1,
                 self.reps,
                 ev_s(lib[lib.len() - 1]),
                 ev_s(raw[raw.len() - 1]),
+                raw_per_event
+                    .last()
+                    .map(|r| format!(", raw per-event upserts {}", ev_s(*r)))
+                    .unwrap_or_default(),
                 s.events
             ));
         }
@@ -1451,12 +2048,20 @@ impl Bench {
         let ratio = l / r;
         let mut entry = json!({"events_per_s": round(l, 0), "raw_events_per_s": round(r, 0),
                                "ratio": round(ratio, 3), "events": s.events,
-                               "accounts": self.args.accounts});
+                               "accounts": self.args.accounts, "batch_size": self.batch});
         let target = if batch {
             format!("ratio ≥ 0.8 {}", mark(ratio >= 0.8))
         } else {
             entry["note"] = json!("per-event handler run over events/4 (it is round-trip bound)");
-            format!("≥ 25,000 ev/s {}", mark(l >= 25_000.0))
+            let rpe = median(&raw_per_event);
+            entry["raw_per_event_events_per_s"] = round(rpe, 0);
+            entry["ratio_to_raw_per_event"] = round(l / rpe, 3);
+            format!(
+                "≥ 25,000 ev/s {} (raw per-event upserts: {}, ratio {:.2})",
+                mark(l >= 25_000.0),
+                ev_s(rpe),
+                l / rpe
+            )
         };
         self.json.insert(name.into(), entry);
         let label = if batch {
@@ -1465,6 +2070,359 @@ impl Bench {
             format!("{name} ({} events)", s.events)
         };
         self.row(&label, ev_s(l), ev_s(r), format!("{ratio:.2}"), target);
+    }
+
+    // -- concurrency mode -------------------------------------------------------
+
+    /// Appends `n` events of `aggregate_type`, each to one of `aggregates`
+    /// streams picked at random by `rng` (versions kept), with the raw INSERT.
+    async fn insert_events(
+        rng: &mut StdRng,
+        client: &Client,
+        aggregate_type: &str,
+        n: usize,
+        aggregates: usize,
+    ) {
+        let stmt = client
+            .prepare(RAW_INSERT)
+            .await
+            .expect("prepare RAW_INSERT");
+        let names: Vec<String> = (0..aggregates)
+            .map(|a| format!("{}-{a:05}", aggregate_type.to_lowercase()))
+            .collect();
+        let mut versions = vec![0i64; aggregates];
+        let mut left = n;
+        while left > 0 {
+            let k = left.min(SEED_CHUNK);
+            left -= k;
+            let (mut ids, mut aids, mut vers, mut payloads) = (
+                Vec::with_capacity(k),
+                Vec::with_capacity(k),
+                Vec::with_capacity(k),
+                Vec::with_capacity(k),
+            );
+            for _ in 0..k {
+                let a = rng.gen_range(0..aggregates);
+                versions[a] += 1;
+                ids.push(Uuid::now_v7());
+                aids.push(names[a].as_str());
+                vers.push(versions[a]);
+                payloads.push(format!(r#"{{"amount": {}}}"#, rng.gen_range(1..=10_000)));
+            }
+            client
+                .execute(
+                    &stmt,
+                    &[
+                        &ids,
+                        &vec![aggregate_type; k],
+                        &aids,
+                        &vers,
+                        &vec![EVENT_TYPE; k],
+                        &payloads,
+                        &vec!["{}"; k],
+                    ],
+                )
+                .await
+                .unwrap_or_else(|e| panic!("INSERT of {aggregate_type} events failed: {e}"));
+        }
+    }
+
+    async fn parallel_io(&mut self) {
+        const SEQ_EVENTS: usize = 200;
+        const PAR_EVENTS: usize = 5_000;
+        let par_aggregates = self.args.io_aggregates as usize;
+        let max_in_flight = self.args.io_max_in_flight as usize;
+        let (db, store, client) = self.fresh_db().await;
+        // Its own seed: the arrangement of same-aggregate events decides how
+        // often the window waits on a chain, so it must not depend on which
+        // cases ran before.
+        let mut rng = StdRng::seed_from_u64(4242);
+        Self::insert_events(&mut rng, &client, IO_SEQ_TYPE, SEQ_EVENTS, SEQ_EVENTS).await;
+        Self::insert_events(&mut rng, &client, IO_PAR_TYPE, PAR_EVENTS, par_aggregates).await;
+        client
+            .batch_execute("VACUUM (ANALYZE) events")
+            .await
+            .expect("VACUUM events failed");
+        let (mut seq, mut par) = (Vec::new(), Vec::new());
+        let (mut peak, mut out_of_order, mut overlapping, mut extra_calls) =
+            (0usize, 0usize, 0usize, 0usize);
+        for rep in 0..self.reps {
+            for side in 0..2 {
+                if (side == 0) == (rep % 2 == 0) {
+                    let d = self
+                        .catchup_count(
+                            &store,
+                            &client,
+                            SEQ_EVENTS as u64,
+                            Arc::new(SleepSequential),
+                            RunnerConfig::default(),
+                        )
+                        .await;
+                    seq.push(rate(SEQ_EVENTS as u64, d));
+                } else {
+                    let p = Arc::new(SleepConcurrent {
+                        max_in_flight,
+                        ..SleepConcurrent::default()
+                    });
+                    let d = self
+                        .catchup_count(
+                            &store,
+                            &client,
+                            PAR_EVENTS as u64,
+                            p.clone(),
+                            RunnerConfig::default(),
+                        )
+                        .await;
+                    par.push(rate(PAR_EVENTS as u64, d));
+                    let last_versions: i64 = p.versions.lock().expect("poisoned").values().sum();
+                    assert_eq!(
+                        last_versions, PAR_EVENTS as i64,
+                        "parallel_io: not every aggregate's events were all handled"
+                    );
+                    peak = peak.max(p.peak.load(Ordering::SeqCst));
+                    out_of_order += p.out_of_order.load(Ordering::Relaxed);
+                    overlapping += p.overlapping.load(Ordering::Relaxed);
+                    extra_calls += p.calls.load(Ordering::Relaxed).saturating_sub(PAR_EVENTS);
+                }
+            }
+            self.progress(format!(
+                "parallel_io rep {}/{}: concurrency mode {} ({PAR_EVENTS} events, {par_aggregates} aggregates, \
+                 max_in_flight {max_in_flight}, peak running {peak}), sequential {} ({SEQ_EVENTS} events); \
+                 {} ms per event",
+                rep + 1,
+                self.reps,
+                ev_s(par[par.len() - 1]),
+                ev_s(seq[seq.len() - 1]),
+                IO_SLEEP.as_millis()
+            ));
+        }
+        if out_of_order + overlapping + extra_calls > 0 {
+            eprintln!(
+                "           parallel_io: LIBRARY PROBLEM: {out_of_order} events out of aggregate order, \
+                 {overlapping} overlapping handlers of one aggregate, {extra_calls} extra handler calls"
+            );
+        }
+        let (l, r) = (median(&par), median(&seq));
+        let ratio = l / r;
+        let ideal = max_in_flight as f64 / IO_SLEEP.as_secs_f64();
+        self.json.insert(
+            "parallel_io".into(),
+            json!({"events_per_s": round(l, 0), "sequential_events_per_s": round(r, 1),
+                   "ratio": round(ratio, 1), "max_in_flight": max_in_flight,
+                   "peak_running": peak, "ideal_events_per_s": round(ideal, 0),
+                   "events": PAR_EVENTS, "aggregates": par_aggregates,
+                   "sequential_events": SEQ_EVENTS, "handler_sleep_ms": IO_SLEEP.as_millis() as u64,
+                   "out_of_order": out_of_order, "overlapping": overlapping,
+                   "extra_handler_calls": extra_calls}),
+        );
+        self.row(
+            &format!("parallel_io (10 ms handler, {max_in_flight} in flight)"),
+            format!("{} (peak {peak} running)", ev_s(l)),
+            format!("{} (sequential mode)", ev_s(r)),
+            format!("{ratio:.1}"),
+            format!("ratio ≥ 40 {}", mark(ratio >= 40.0)),
+        );
+        drop((store, client));
+        self.dbs.push(db);
+    }
+
+    // -- worker mode ----------------------------------------------------------
+
+    /// The bank example binary next to this one; (re)built with cargo when
+    /// run under `cargo run`, so that it matches the library.
+    async fn bank_exe(&self) -> Result<PathBuf, String> {
+        let exe = std::env::current_exe().map_err(|e| format!("cannot locate this binary: {e}"))?;
+        let dir = exe
+            .parent()
+            .ok_or("this binary has no parent directory")?
+            .to_path_buf();
+        let bank = dir.join("bank");
+        if let Ok(cargo) = std::env::var("CARGO") {
+            let release = dir
+                .parent()
+                .and_then(|p| p.file_name())
+                .is_some_and(|n| n == "release");
+            self.progress("building the bank example (cargo build --example bank)");
+            let mut cmd = tokio::process::Command::new(cargo);
+            cmd.current_dir(env!("CARGO_MANIFEST_DIR")).args([
+                "build",
+                "--quiet",
+                "--example",
+                "bank",
+            ]);
+            if release {
+                cmd.arg("--release");
+            }
+            match cmd.status().await {
+                Ok(s) if s.success() => {}
+                Ok(s) => eprintln!(
+                    "warning: building the bank example failed ({s}); using the existing binary"
+                ),
+                Err(e) => eprintln!("warning: cannot run cargo ({e}); using the existing binary"),
+            }
+        }
+        if bank.exists() {
+            Ok(bank)
+        } else {
+            Err(format!(
+                "{} is missing: build it with `cargo build --release --example bank`",
+                bank.display()
+            ))
+        }
+    }
+
+    /// A fresh database migrated by `bank migrate`.
+    async fn bank_db(&self, bank: &Path) -> Result<TestDatabase, String> {
+        let server = TestServer::shared().map_err(|e| format!("no PostgreSQL server: {e}"))?;
+        let db = server
+            .create_database()
+            .await
+            .map_err(|e| format!("cannot create a database: {e}"))?;
+        let out = tokio::process::Command::new(bank)
+            .env("DATABASE_URL", db.url())
+            .env("LOG_LEVEL", "warn")
+            .env_remove("RUST_LOG")
+            .arg("migrate")
+            .output()
+            .await
+            .map_err(|e| format!("cannot run {} migrate: {e}", bank.display()))?;
+        if !out.status.success() {
+            let msg = format!(
+                "bank migrate failed ({}): {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let _ = db.drop_database().await;
+            return Err(msg);
+        }
+        Ok(db)
+    }
+
+    async fn worker_cases(&mut self) {
+        let bank = match self.bank_exe().await {
+            Ok(b) => b,
+            Err(e) => {
+                eprintln!("error: worker cases skipped: {e}");
+                self.json.insert("worker_failover_s".into(), Value::Null);
+                self.json.insert("worker_rebalance_s".into(), Value::Null);
+                self.json.insert("worker_mode".into(), json!({"error": e}));
+                self.row(
+                    "worker_failover_s",
+                    "skipped".into(),
+                    "—".into(),
+                    "—".into(),
+                    e,
+                );
+                return;
+            }
+        };
+        let bound = WORKER_HEARTBEAT_TIMEOUT + WORKER_REBALANCE_INTERVAL;
+        let mut details = json!({
+            "workers": 3,
+            "slots": WORKER_SLOTS,
+            "projection_partitions": WORKER_PARTITIONS,
+            "heartbeat_interval_ms": WORKER_HEARTBEAT_INTERVAL.as_millis() as u64,
+            "heartbeat_timeout_ms": WORKER_HEARTBEAT_TIMEOUT.as_millis() as u64,
+            "rebalance_interval_ms": WORKER_REBALANCE_INTERVAL.as_millis() as u64,
+            "failover_bound_s": bound.as_secs_f64(),
+            "load": "idle (no events)",
+        });
+        if self.wants("worker_failover_s") {
+            let (mut plain, mut leader, mut errors) = (Vec::new(), Vec::new(), Vec::new());
+            for rep in 0..self.reps {
+                for kill_leader in [false, true] {
+                    match failover_rep(&bank, self.bank_db(&bank).await, kill_leader).await {
+                        Ok(s) => {
+                            self.progress(format!(
+                                "worker_failover_s rep {}/{}: {} SIGKILLed, its slots reassigned after {s:.3}s \
+                                 (heartbeat timeout {:?} + rebalance interval {:?} = {:.2}s)",
+                                rep + 1,
+                                self.reps,
+                                if kill_leader { "the leader" } else { "a non-leader worker" },
+                                WORKER_HEARTBEAT_TIMEOUT,
+                                WORKER_REBALANCE_INTERVAL,
+                                bound.as_secs_f64()
+                            ));
+                            if kill_leader {
+                                leader.push(s)
+                            } else {
+                                plain.push(s)
+                            }
+                        }
+                        Err(e) => {
+                            eprintln!("error: worker_failover_s rep {}: {e}", rep + 1);
+                            errors.push(e);
+                        }
+                    }
+                }
+            }
+            let (m, ml) = (median(&plain), median(&leader));
+            self.json.insert("worker_failover_s".into(), round(m, 3));
+            details["failover_reps_s"] =
+                json!(plain.iter().map(|s| round(*s, 3)).collect::<Vec<_>>());
+            details["failover_leader_s"] = round(ml, 3);
+            details["failover_leader_reps_s"] =
+                json!(leader.iter().map(|s| round(*s, 3)).collect::<Vec<_>>());
+            if !errors.is_empty() {
+                details["failover_errors"] = json!(errors);
+            }
+            let b = bound.as_secs_f64();
+            self.row(
+                "worker_failover_s (non-leader SIGKILLed)",
+                format!("{m:.2} s"),
+                "—".into(),
+                "—".into(),
+                format!("≤ timeout + rebalance interval = {b:.2} s {}", mark(m <= b)),
+            );
+            self.row(
+                "worker_failover_s (leader SIGKILLed)",
+                format!("{ml:.2} s"),
+                "—".into(),
+                "—".into(),
+                format!("≤ {b:.2} s {}", mark(ml <= b)),
+            );
+        }
+        if self.wants("worker_rebalance_s") {
+            let (mut total, mut from_join, mut errors) = (Vec::new(), Vec::new(), Vec::new());
+            for rep in 0..self.reps {
+                match rebalance_rep(&bank, self.bank_db(&bank).await).await {
+                    Ok((t, j)) => {
+                        self.progress(format!(
+                            "worker_rebalance_s rep {}/{}: 2 → 3 workers balanced {t:.3}s after the spawn, \
+                             {j:.3}s after the new worker registered",
+                            rep + 1,
+                            self.reps
+                        ));
+                        total.push(t);
+                        from_join.push(j);
+                    }
+                    Err(e) => {
+                        eprintln!("error: worker_rebalance_s rep {}: {e}", rep + 1);
+                        errors.push(e);
+                    }
+                }
+            }
+            let (m, mj) = (median(&total), median(&from_join));
+            self.json.insert("worker_rebalance_s".into(), round(m, 3));
+            details["rebalance_reps_s"] =
+                json!(total.iter().map(|s| round(*s, 3)).collect::<Vec<_>>());
+            details["rebalance_from_join_s"] = round(mj, 3);
+            if !errors.is_empty() {
+                details["rebalance_errors"] = json!(errors);
+            }
+            let ri = WORKER_REBALANCE_INTERVAL.as_secs_f64();
+            self.row(
+                "worker_rebalance_s (2 → 3 workers)",
+                format!("{m:.2} s ({mj:.2} s after it joined)"),
+                "—".into(),
+                "—".into(),
+                format!(
+                    "≤ rebalance interval ({ri:.2} s) after joining {}",
+                    mark(mj <= ri)
+                ),
+            );
+        }
+        self.json.insert("worker_mode".into(), details);
     }
 
     async fn partitions(&mut self, s: &Seeded) {
@@ -1482,7 +2440,8 @@ impl Bench {
                     .expect("cannot reset the partition checkpoints");
                 let runners: Vec<Runner> = (0..total)
                     .map(|k| {
-                        let config = RunnerConfig::default()
+                        let config = self
+                            .catchup_config()
                             .partition(k, total)
                             .expect("valid partition");
                         Runner::new(s.store.clone(), config)
@@ -1541,7 +2500,11 @@ impl Bench {
                 .expect("cannot reset the RSS checkpoints");
             let out = tokio::process::Command::new(&exe)
                 .arg("--child-rss")
-                .arg(s.db.url())
+                .arg(if self.args.tls {
+                    s.db.url()
+                } else {
+                    format!("{} sslmode=disable", s.db.url())
+                })
                 .stderr(std::process::Stdio::inherit())
                 .output()
                 .await
@@ -1690,9 +2653,9 @@ impl Bench {
         rep: u32,
     ) -> [f64; 3] {
         let label = format!("{kind:?}").to_lowercase();
-        let runner_store = EventStore::connect_config(db.config(), StoreConfig::default())
+        let runner_store = EventStore::connect_config(self.lib_config(db), StoreConfig::default())
             .expect("cannot build the runner's store");
-        let writer = EventStore::connect_config(db.config(), StoreConfig::default())
+        let writer = EventStore::connect_config(self.lib_config(db), StoreConfig::default())
             .expect("cannot build the writer's store");
         let (seen_tx, mut seen) = mpsc::unbounded_channel();
         let runner = Runner::new(runner_store, RunnerConfig::default().dispatcher(kind))
@@ -1869,13 +2832,16 @@ impl Bench {
         }
         let server = &self.json["server"];
         println!(
-            "server: {} (PostgreSQL {}, fsync={}, synchronous_commit={}, full_page_writes={}); {} cores; median of {} reps",
+            "server: {} (PostgreSQL {}, fsync={}, synchronous_commit={}, full_page_writes={}); {} cores; \
+             SELECT 1 round trip {} µs; batch size {}; median of {} reps",
             server["kind"].as_str().unwrap_or("?"),
             self.json["machine"]["postgres_version"].as_str().unwrap_or("?"),
             server["fsync"].as_str().unwrap_or("?"),
             server["synchronous_commit"].as_str().unwrap_or("?"),
             server["full_page_writes"].as_str().unwrap_or("?"),
             self.json["machine"]["cores"],
+            self.json["machine"]["round_trip_us"],
+            self.batch,
             self.reps
         );
         println!("{table}");
