@@ -64,7 +64,7 @@ pub async fn seed_accounts(db: &TestDatabase, events: i64, accounts: i64) {
 
 /// `run-projections --once` until `status` shows no lag (transactions of
 /// parallel tests on the same server may hold the watermark back).
-async fn catch_up(db: &TestDatabase, args: &[&str], env: &[(&str, &str)]) {
+pub async fn catch_up(db: &TestDatabase, args: &[&str], env: &[(&str, &str)]) {
     catch_up_all(db, args, &[env]).await
 }
 

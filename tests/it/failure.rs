@@ -394,16 +394,7 @@ async fn restore_into_another_cluster_is_refused_until_rebased() {
     );
     assert!(o.status.success(), "{}", text(&o));
     let c = db.connect().await.unwrap();
-    wait_until(Duration::from_secs(30), "caught up", || async {
-        let o = run(&db, &["run-projections", "--once"], &[]);
-        assert!(o.status.success(), "{}", text(&o));
-        let r = c
-            .query_one("SELECT (SELECT count(*) FROM events), (SELECT sum(event_count)::int8 FROM account_balances)", &[])
-            .await
-            .unwrap();
-        r.get::<_, i64>(0) == r.get::<_, Option<i64>>(1).unwrap_or(0)
-    })
-    .await;
+    crate::cli::catch_up(&db, &[], &[]).await;
     c.batch_execute(
         "UPDATE projection_checkpoints SET system_identifier = '1234567890', \
                 last_transaction_id = (last_transaction_id::text::int8 + 1000000000)::text::xid8; \
@@ -460,15 +451,6 @@ async fn restore_into_another_cluster_is_refused_until_rebased() {
         out.contains("0 event(s) in all will be handled again"),
         "{out}"
     );
-    wait_until(Duration::from_secs(30), "caught up after the rebase", || async {
-        let o = run(&db, &["run-projections", "--once"], &[]);
-        assert!(o.status.success(), "{}", text(&o));
-        let r = c
-            .query_one("SELECT (SELECT count(*) FROM events), (SELECT sum(event_count)::int8 FROM account_balances)", &[])
-            .await
-            .unwrap();
-        r.get::<_, i64>(0) == r.get::<_, Option<i64>>(1).unwrap_or(0)
-    })
-    .await;
+    crate::cli::catch_up(&db, &[], &[]).await;
     crate::cli::assert_read_model_exact(&db).await;
 }
