@@ -269,22 +269,25 @@ pub async fn run(store: &EventStore, args: &SimulateArgs) -> Result<()> {
         events_per_second = (written as f64 / elapsed.max(1e-9)) as u64,
         "simulation finished"
     );
-    println!(
-        "simulate: wrote {written} events ({} AccountOpened, {} deposits, {} withdrawals); net amount {net} cents; elapsed {elapsed:.2}s",
+    let mut report = format!(
+        "simulate: wrote {written} events ({} AccountOpened, {} deposits, {} withdrawals); net amount {net} cents; elapsed {elapsed:.2}s\n",
         totals.opened, totals.deposits, totals.withdrawals
     );
     if totals.existed > 0 {
-        println!(
+        report.push_str(&format!(
             "note: {} of {} accounts already existed (from an earlier run), so the sums in account_balances \
-             also include the events of earlier runs",
+             also include the events of earlier runs\n",
             totals.existed, args.accounts
-        );
+        ));
     } else {
-        println!(
+        report.push_str(&format!(
             "expect: once run-projections has caught up, sum(balance) = {net} and sum(event_count) = {written} \
-             (if the log held no other Account events before this run)"
-        );
+             (if the log held no other Account events before this run)\n"
+        ));
     }
-    println!("check: SELECT sum(balance), sum(event_count) FROM account_balances");
+    report.push_str("check: SELECT sum(balance), sum(event_count) FROM account_balances\n");
+    // A closed stdout (`simulate | head -1`) is not an error of the simulation.
+    use std::io::Write;
+    let _ = std::io::stdout().write_all(report.as_bytes());
     Ok(())
 }
