@@ -177,15 +177,16 @@ struct Args {
     /// `ALTER DATABASE … SET` (repeatable), e.g. `plan_cache_mode=force_generic_plan`.
     #[arg(long = "db-setting", value_name = "NAME=VALUE")]
     db_settings: Vec<String>,
-    /// Batch size of the catch-up cases (library `RunnerConfig::batch_size`
-    /// and the raw baselines' page size). Default: the library default, 1000.
+    /// Batch size of the catch-up and partition cases (library
+    /// `RunnerConfig::batch_size` and the raw baselines' page size).
+    /// Default: the library's, 1000.
     #[arg(long, value_parser = clap::value_parser!(i64).range(1..=projectionist::MAX_BATCH_SIZE))]
     batch_size: Option<i64>,
     /// Diagnostic: aggregates the `parallel_io` concurrency-mode events are
-    /// spread over (default 1000; more aggregates, fewer same-key chains).
+    /// spread over (more aggregates, fewer same-key chains in the window).
     #[arg(long, default_value_t = 1_000, value_parser = clap::value_parser!(u32).range(1..))]
     io_aggregates: u32,
-    /// Diagnostic: `max_in_flight` of the `parallel_io` concurrency mode (default 64).
+    /// Diagnostic: `max_in_flight` of the `parallel_io` concurrency mode.
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..))]
     io_max_in_flight: u32,
     /// Let the library's connections negotiate TLS as they do by default
@@ -2861,6 +2862,15 @@ impl Bench {
     async fn finish(mut self) {
         let elapsed = self.started.elapsed().as_secs_f64();
         self.json.insert("elapsed_s".into(), round(elapsed, 1));
+        if let Some(load) = std::fs::read_to_string("/proc/loadavg")
+            .ok()
+            .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        {
+            // With the start's load average (machine.load_average): a
+            // figure from a run the machine's other work disturbed is
+            // worth repeating.
+            self.json["machine"]["load_average_end"] = json!(load);
+        }
         let mut table = Table::new();
         table
             .load_preset(UTF8_FULL_CONDENSED)
