@@ -102,9 +102,11 @@ impl StoreConfig {
         Ok(self)
     }
 
-    /// NOTIFY this channel in every append's transaction, so `notify`
-    /// dispatchers wake at once; `None` appends without NOTIFY. Default:
-    /// [`DEFAULT_NOTIFY_CHANNEL`].
+    /// NOTIFY this channel for every append, so `notify` dispatchers wake
+    /// at once: appends in their own transaction notify right after the
+    /// commit (coalesced, from a background task); appends in a caller's
+    /// transaction notify inside it. `None` appends without NOTIFY.
+    /// Default: [`DEFAULT_NOTIFY_CHANNEL`].
     pub fn notify_channel(mut self, channel: Option<&str>) -> Result<StoreConfig> {
         self.notify_channel = channel
             .map(|c| Ident::new("NOTIFY channel", c))
