@@ -445,6 +445,7 @@ pub async fn rebase_cursors(
         tx.execute(
             &format!(
                 "UPDATE {} SET last_transaction_id = '1', last_global_position = $3, \
+                 last_event_transaction_id = '1', last_event_position = $3, epoch = NULL, \
                  system_identifier = (SELECT system_identifier::text FROM pg_control_system()), updated_at = now() \
                  WHERE projection_name = $1 AND partition_key = $2",
                 sql.checkpoints

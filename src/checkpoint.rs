@@ -39,8 +39,21 @@ pub struct Checkpoint {
 #[derive(Clone, Debug)]
 pub(crate) struct Checkpoints {
     table: String,
+    assignments: String,
     advance: String,
     advance_fenced: String,
+}
+
+/// The worker-mode fence as a CTE over `assignments`: the slot's row, share
+/// locked, naming worker `$w` with generation `$g`.
+fn fence_cte(assignments: &str, w: usize, g: usize) -> String {
+    format!(
+        "WITH fence AS ( \
+            SELECT 1 FROM {assignments} \
+            WHERE projection_name = $1 AND partition_key = $2 AND worker_id = ${w} AND generation = ${g} \
+            FOR SHARE \
+         ) "
+    )
 }
 
 impl Checkpoints {
@@ -51,33 +64,88 @@ impl Checkpoints {
     pub(crate) fn with_assignments(table: &str, assignments: &str) -> Checkpoints {
         let update = format!(
             "UPDATE {table} SET last_transaction_id = $5, last_global_position = $6, \
-             events_handled = events_handled + $7, status = 'running', last_error = NULL, \
-             updated_at = now() \
+             events_handled = events_handled + $7, last_event_transaction_id = $8, \
+             last_event_position = $9, epoch = $10, last_error = NULL, updated_at = now() \
              WHERE projection_name = $1 AND partition_key = $2 \
-               AND last_transaction_id = $3 AND last_global_position = $4"
+               AND last_transaction_id = $3 AND last_global_position = $4 AND status = 'running'"
         );
         Checkpoints {
             table: table.to_owned(),
+            assignments: assignments.to_owned(),
             advance_fenced: format!(
-                "WITH fence AS ( \
-                    SELECT 1 FROM {assignments} \
-                    WHERE projection_name = $1 AND partition_key = $2 AND worker_id = $8 AND generation = $9 \
-                    FOR SHARE \
-                 ) {update} AND EXISTS (SELECT 1 FROM fence)"
+                "{}{update} AND EXISTS (SELECT 1 FROM fence)",
+                fence_cte(assignments, 11, 12)
             ),
             advance: update,
         }
     }
 
     /// The compare-and-set: `$1` name, `$2` partition, `$3`/`$4` expected
-    /// cursor, `$5`/`$6` new cursor, `$7` events handled; with `fenced`,
-    /// also `$8` worker id and `$9` assignment generation.
+    /// cursor, `$5`/`$6` new cursor, `$7` events handled, `$8`/`$9` the last
+    /// event handled, `$10` the crash epoch; with `fenced`, also `$11`
+    /// worker id and `$12` assignment generation. Only a `running` slot
+    /// advances: a paused or failed one waits for `resume`.
     pub(crate) fn advance_sql(&self, fenced: bool) -> &str {
         if fenced {
             &self.advance_fenced
         } else {
             &self.advance
         }
+    }
+
+    fn fenced(&self, fenced: bool, w: usize, update: String) -> String {
+        if fenced {
+            format!(
+                "{}{update} AND EXISTS (SELECT 1 FROM fence)",
+                fence_cte(&self.assignments, w, w + 1)
+            )
+        } else {
+            update
+        }
+    }
+
+    /// After lost commits: moves the cursor back to the last handled event
+    /// and records epoch `$3`, unless the row is already of that epoch.
+    /// `$1` name, `$2` partition; fenced: `$4` worker, `$5` generation.
+    pub(crate) fn rewind_sql(&self, fenced: bool) -> String {
+        self.fenced(
+            fenced,
+            4,
+            format!(
+                "UPDATE {} SET last_transaction_id = last_event_transaction_id, \
+                 last_global_position = last_event_position, epoch = $3, updated_at = now() \
+                 WHERE projection_name = $1 AND partition_key = $2 AND epoch IS DISTINCT FROM $3",
+                self.table
+            ),
+        )
+    }
+
+    /// Failure policy Stop: `$3` message, `$4` position; fenced: `$5`
+    /// worker, `$6` generation.
+    pub(crate) fn mark_failed_sql(&self, fenced: bool) -> String {
+        self.fenced(
+            fenced,
+            5,
+            format!(
+                "UPDATE {} SET status = 'failed', last_error = $3, failed_position = $4, updated_at = now() \
+                 WHERE projection_name = $1 AND partition_key = $2",
+                self.table
+            ),
+        )
+    }
+
+    /// Records error `$3` without moving the cursor; fenced: `$4` worker,
+    /// `$5` generation.
+    pub(crate) fn record_error_sql(&self, fenced: bool) -> String {
+        self.fenced(
+            fenced,
+            4,
+            format!(
+                "UPDATE {} SET last_error = $3, updated_at = now() \
+                 WHERE projection_name = $1 AND partition_key = $2",
+                self.table
+            ),
+        )
     }
 
     /// Refuses a partition count that differs from the stored checkpoints.
@@ -231,26 +299,5 @@ impl Checkpoints {
                 &[&name, &partition],
             )
             .await?)
-    }
-
-    /// Records an error on the row without moving the cursor.
-    pub(crate) async fn record_error<C: GenericClient>(
-        &self,
-        client: &C,
-        name: &str,
-        partition: i32,
-        error: &str,
-    ) -> Result<()> {
-        client
-            .execute(
-                &format!(
-                    "UPDATE {} SET last_error = $3, updated_at = now() \
-                     WHERE projection_name = $1 AND partition_key = $2",
-                    self.table
-                ),
-                &[&name, &partition, &error],
-            )
-            .await?;
-        Ok(())
     }
 }

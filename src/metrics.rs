@@ -20,6 +20,7 @@ pub(crate) struct Metrics {
     pub(crate) cursor_position: IntGaugeVec,
     pub(crate) projection_state: IntGaugeVec,
     pub(crate) events_appended: IntCounter,
+    pub(crate) lost_commits: IntCounter,
     pub(crate) wakeups: IntCounterVec,
     pub(crate) worker_up: IntGauge,
     pub(crate) is_leader: IntGauge,
@@ -67,6 +68,11 @@ fn build() -> Result<Metrics, prometheus::Error> {
             &["projection", "partition", "state"],
         )?,
         events_appended: IntCounter::new("projectionist_events_appended_total", "Events appended through this process.")?,
+        lost_commits: IntCounter::new(
+            "projectionist_lost_commits_detected_total",
+            "Times this process found that PostgreSQL lost recent commits (crash recovery, immediate restart, \
+             failover, restore) and moved its cursors back to the last handled events.",
+        )?,
         wakeups: IntCounterVec::new(
             Opts::new("projectionist_dispatcher_wakeups_total", "Processor wake-ups by source (notify, poll)."),
             &["source"],
@@ -104,6 +110,7 @@ fn build() -> Result<Metrics, prometheus::Error> {
     m.registry.register(Box::new(m.cursor_position.clone()))?;
     m.registry.register(Box::new(m.projection_state.clone()))?;
     m.registry.register(Box::new(m.events_appended.clone()))?;
+    m.registry.register(Box::new(m.lost_commits.clone()))?;
     m.registry.register(Box::new(m.wakeups.clone()))?;
     m.registry.register(Box::new(m.worker_up.clone()))?;
     m.registry.register(Box::new(m.is_leader.clone()))?;

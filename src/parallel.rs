@@ -10,14 +10,16 @@ use crate::dispatcher::Watermarks;
 use crate::error::{Error, Result};
 use crate::event::{Cursor, StoredEvent};
 use crate::policy::OnFailure;
-use crate::processor::Processor;
+use crate::processor::{guarded, Processor};
+use crate::progress::Progress;
 use crate::projection::Concurrency;
-use crate::runner::{LoopExit, Progress};
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
+
+/// An idle slot re-reads at least this often.
+const IDLE_RECHECK: Duration = Duration::from_secs(5);
 
 /// How often completed work is checkpointed at most.
 const COMMIT_EVERY: Duration = Duration::from_millis(50);
@@ -105,17 +107,29 @@ fn publish(name: &str, partition: i32, stats: &serde_json::Value) {
     });
 }
 
-/// Runs one slot in concurrency mode until stopped, fenced or failed (or,
-/// with `until_caught_up`, until nothing more is readable: `--once`).
+/// Completed work not yet checkpointed.
+#[derive(Clone, Copy, Debug)]
+struct Uncommitted {
+    /// Where the checkpoint can move.
+    to: Cursor,
+    /// Events completed since the last commit.
+    handled: usize,
+    /// The last complete event at or before `to`, if any since the commit.
+    last_event: Option<Cursor>,
+}
+
+/// Runs one slot in concurrency mode until stopped (or, with
+/// `until_caught_up`, until nothing more is readable: `--once`); errors
+/// when fenced, failed or the database fails.
 pub(crate) async fn run(
     p: &mut Processor,
     c: Concurrency,
-    marks: Arc<Watermarks>,
+    marks: &Watermarks,
     mut wake: watch::Receiver<u64>,
     mut stop: watch::Receiver<bool>,
-    progress: Arc<Progress>,
+    progress: &Progress,
     until_caught_up: bool,
-) -> Result<LoopExit> {
+) -> Result<()> {
     let max = c.max_in_flight;
     let projection = p.projection().clone();
     let policy = projection.failure_policy();
@@ -129,7 +143,7 @@ pub(crate) async fn run(
     let mut caught_up = false;
     let mut head_at_commit = 0i64;
     let mut head = 0i64;
-    let mut uncommitted: Option<(Cursor, usize)> = None;
+    let mut uncommitted: Option<Uncommitted> = None;
     let mut last_commit = Instant::now();
     let mut failed: Option<(Error, u32, Box<StoredEvent>)> = None;
 
@@ -142,7 +156,7 @@ pub(crate) async fn run(
             let cursor = event.cursor();
             let mut attempt = 1u32;
             loop {
-                match projection.handle_concurrent(&event).await {
+                match guarded(projection.handle_concurrent(&event)).await {
                     Ok(()) => return (k, cursor, Done::Complete),
                     Err(e) if attempt < policy.attempts && !e.is_config() => {
                         attempt += 1;
@@ -151,11 +165,7 @@ pub(crate) async fn run(
                     Err(e) => {
                         return match policy.on_failure {
                             OnFailure::DeadLetter => {
-                                let stored = async {
-                                    let client = pool.get().await?;
-                                    sink.insert(&**client, &event, &e, attempt).await
-                                }
-                                .await;
+                                let stored = sink.insert_fenced(&pool, &event, &e, attempt).await;
                                 match stored {
                                     Ok(()) => {
                                         tracing::error!(position = event.global_position, error = %e,
@@ -176,7 +186,7 @@ pub(crate) async fn run(
     loop {
         // In flight: fetched and not yet committed (complete events above
         // the last commit count too: a crash would hand them out again).
-        let pending_commit = uncommitted.map(|u| u.1).unwrap_or(0);
+        let pending_commit = uncommitted.map(|u| u.handled).unwrap_or(0);
         let in_flight = w.order.len() + pending_commit;
         progress.set_in_flight(in_flight);
         // Fetch while there is room (backpressure at max_in_flight).
@@ -184,8 +194,9 @@ pub(crate) async fn run(
             wake.borrow_and_update();
             let limit = (max - in_flight) as i64;
             let Some(page) = p.fetch(fetch_cursor, limit).await? else {
-                // The server restarted: wait for running handlers, then
-                // start over from the durable checkpoint.
+                // The slot resynchronised (lost commits, a reset, a moved
+                // checkpoint): wait for running handlers, then start over
+                // from the stored checkpoint.
                 while tasks.join_next().await.is_some() {}
                 w = Window::default();
                 fetch_cursor = p.cursor();
@@ -208,13 +219,22 @@ pub(crate) async fn run(
             fetch_cursor = page.next_cursor;
             if w.order.is_empty() && fetch_cursor > p.cursor() && head > head_at_commit {
                 // Nothing in flight: the cursor may pass skipped events.
-                uncommitted = Some((fetch_cursor, uncommitted.map(|u| u.1).unwrap_or(0)));
+                uncommitted = Some(Uncommitted {
+                    to: fetch_cursor,
+                    handled: uncommitted.map(|u| u.handled).unwrap_or(0),
+                    last_event: uncommitted.and_then(|u| u.last_event),
+                });
             }
             w.advance();
             continue;
         }
         // Commit the high-water mark now and then, and when idle.
-        if let Some((hwm, handled)) = uncommitted {
+        if let Some(Uncommitted {
+            to: hwm,
+            handled,
+            last_event,
+        }) = uncommitted
+        {
             let idle = tasks.is_empty();
             // An eighth of the window waiting for its commit is worth one:
             // waiting longer keeps slots from being refilled.
@@ -222,7 +242,8 @@ pub(crate) async fn run(
             if idle || commit_due || last_commit.elapsed() >= COMMIT_EVERY || *stop.borrow() {
                 let stats = w.stats(max, tasks.len());
                 publish(&name, partition, &stats);
-                match p.commit_to(hwm, handled, &stats).await {
+                let last_event = last_event.unwrap_or(p.last_event());
+                match p.commit_to(hwm, handled, last_event, &stats).await {
                     Ok(()) => {
                         uncommitted = None;
                         last_commit = Instant::now();
@@ -247,9 +268,9 @@ pub(crate) async fn run(
         }
         let drained = tasks.is_empty() && uncommitted.is_none();
         if drained && (*stop.borrow() || (until_caught_up && caught_up && w.order.is_empty())) {
-            return Ok(LoopExit::Stopped);
+            return Ok(());
         }
-        let room = w.order.len() + uncommitted.map(|u| u.1).unwrap_or(0) < max;
+        let room = w.order.len() + uncommitted.map(|u| u.handled).unwrap_or(0) < max;
         if room && !caught_up && failed.is_none() && !*stop.borrow() {
             // The commit above made room: fetch more before waiting.
             continue;
@@ -263,12 +284,19 @@ pub(crate) async fn run(
                     Done::Complete => {
                         w.order.insert(cursor, true);
                         if let Some((hwm, n)) = w.advance() {
-                            let prev = uncommitted.map(|u| u.1).unwrap_or(0);
-                            uncommitted = Some((hwm, prev + n));
+                            let prev = uncommitted.map(|u| u.handled).unwrap_or(0);
+                            uncommitted = Some(Uncommitted {
+                                to: hwm,
+                                handled: prev + n,
+                                last_event: Some(hwm),
+                            });
                         }
-                        if w.order.is_empty() && fetch_cursor > uncommitted.map(|u| u.0).unwrap_or(p.cursor()) {
-                            let prev = uncommitted.map(|u| u.1).unwrap_or(0);
-                            uncommitted = Some((fetch_cursor, prev));
+                        if w.order.is_empty() && fetch_cursor > uncommitted.map(|u| u.to).unwrap_or(p.cursor()) {
+                            uncommitted = Some(Uncommitted {
+                                to: fetch_cursor,
+                                handled: uncommitted.map(|u| u.handled).unwrap_or(0),
+                                last_event: uncommitted.and_then(|u| u.last_event),
+                            });
                         }
                     }
                     Done::Failed(e, attempts, event) => {
@@ -288,6 +316,8 @@ pub(crate) async fn run(
                 }
             }
             _ = wake.changed(), if caught_up => caught_up = false,
+            // Idle: look again now and then (a reset, a pause, lost commits).
+            _ = tokio::time::sleep(IDLE_RECHECK), if caught_up && tasks.is_empty() => caught_up = false,
             _ = stop.changed() => {}
             _ = tokio::time::sleep(COMMIT_EVERY), if uncommitted.is_some() => {}
         }

@@ -1,19 +1,49 @@
-//! The batch loop of one projection slot (projection, partition): read a
+//! One projection slot's durable state and its sequential batch: read a
 //! page gap-safely after the cursor, hand it to the projection, move the
 //! checkpoint with a compare-and-set, commit — all in one transaction.
 //!
-//! Architecture invariant: this is the only module that opens batch
-//! transactions; the handler's writes and the checkpoint advance always
-//! commit together.
+//! Every page also reads the crash sentinel and the slot's own checkpoint
+//! row, so the processor notices, before it handles anything, that the
+//! server lost recent commits (crash recovery, immediate restart, failover,
+//! restore: the sentinel is an unlogged table), that its checkpoint was
+//! deleted (`reset`), moved by someone else, or paused/failed. After a lost
+//! commit it drops every in-memory cursor and moves the stored cursor back
+//! to the last event it handled: every event after that one in cursor
+//! order was written after the cursor passed, so it can only be new.
+//!
+//! Architecture invariant: this module and `parallel.rs` (its checkpoint
+//! commits) are the only ones that open batch transactions; the handler's
+//! writes and the checkpoint advance always commit together.
 
 use crate::checkpoint::Checkpoints;
 use crate::error::{Error, Kind, Result};
 use crate::event::{Cursor, StoredEvent, Xid8};
 use crate::policy::OnFailure;
 use crate::projection::Projection;
-use crate::store::{gap_safe_query, read_page, ReadFilter, Statements};
+use crate::store::{
+    gap_safe_query, read_page, Control, ReadBatch, ReadFilter, SlotTables, Statements,
+};
 use deadpool_postgres::Pool;
+use futures_util::FutureExt;
+use std::future::Future;
 use std::sync::Arc;
+use uuid::Uuid;
+
+/// Runs a handler future, turning a panic into a handler error so that the
+/// failure policy applies to it like to any other handler failure.
+pub(crate) async fn guarded<T>(f: impl Future<Output = Result<T>>) -> Result<T> {
+    match std::panic::AssertUnwindSafe(f).catch_unwind().await {
+        Ok(r) => r,
+        Err(panic) => {
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_owned())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "a non-string panic payload".to_owned());
+            Err(Error::handler_msg(format!("the handler panicked: {what}")))
+        }
+    }
+}
 
 /// Writes dead letters of one slot.
 #[derive(Clone, Debug)]
@@ -21,9 +51,46 @@ pub(crate) struct DeadLetterSink {
     table: String,
     name: String,
     partition: i32,
+    /// Worker mode: the assignments table and this runner's fence.
+    fence: Option<(String, Fence)>,
 }
 
 impl DeadLetterSink {
+    /// Records `event` as dead in a transaction of its own, fenced in
+    /// worker mode (concurrency mode, whose dead letters are not part of a
+    /// batch transaction).
+    pub(crate) async fn insert_fenced(
+        &self,
+        pool: &Pool,
+        event: &StoredEvent,
+        error: &Error,
+        attempts: u32,
+    ) -> Result<()> {
+        let mut client = pool.get().await?;
+        let tx = client.transaction().await?;
+        if let Some((assignments, f)) = &self.fence {
+            let owned = tx
+                .query_opt(
+                    &format!(
+                        "SELECT 1 FROM {assignments} WHERE projection_name = $1 AND partition_key = $2 \
+                         AND worker_id = $3 AND generation = $4 FOR SHARE"
+                    ),
+                    &[&self.name, &self.partition, &f.worker_id, &f.generation],
+                )
+                .await?;
+            if owned.is_none() {
+                return Err(Error::fenced(format!(
+                    "projection {} partition {}: the slot is no longer assigned to worker {} (generation {}); \
+                     the dead letter was not written",
+                    self.name, self.partition, f.worker_id, f.generation
+                )));
+            }
+        }
+        self.insert(&*tx, event, error, attempts).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
     /// Records `event` as dead (or raises its attempt count when it already is).
     pub(crate) async fn insert<C: tokio_postgres::GenericClient>(
         &self,
@@ -94,6 +161,33 @@ pub(crate) struct BatchOutcome {
     pub(crate) cursor: Cursor,
 }
 
+/// Why a page was not handled: the processor's view of its slot was stale.
+#[derive(Debug)]
+enum Interrupt {
+    /// Recent commits may have been lost (the reason is logged).
+    LostCommits(&'static str),
+    /// The row has no epoch yet (new, or older than migration V6): record
+    /// the current one (after the same rewind, which is always safe).
+    Adopt,
+    /// The checkpoint row is gone (`reset`, `forget`).
+    Missing,
+    /// Someone else moved the stored cursor.
+    Moved(Cursor),
+    /// The slot is paused (`stopped`) or `failed`.
+    Held(String),
+}
+
+/// The crash epoch for which the "lost commits" warning was logged, so
+/// that it is logged once per restart, not once per slot.
+static ANNOUNCED_EPOCH: std::sync::Mutex<Option<Uuid>> = std::sync::Mutex::new(None);
+
+/// What the slot's row says.
+struct Row {
+    cursor: Cursor,
+    last_event: Cursor,
+    epoch: Option<Uuid>,
+}
+
 /// Processes one slot.
 pub(crate) struct Processor {
     projection: Arc<dyn Projection>,
@@ -103,6 +197,8 @@ pub(crate) struct Processor {
     filter: ReadFilter,
     checkpoints: Checkpoints,
     checkpoints_table: String,
+    assignments_table: String,
+    epoch_table: String,
     dead_letters: String,
     slot: Slot,
     batch_size: i64,
@@ -112,11 +208,18 @@ pub(crate) struct Processor {
     /// The cursor reads resume from: ahead of `cursor` when empty pages
     /// advanced it without a write.
     read_cursor: Cursor,
+    /// The cursor of the last event handled (stored with the checkpoint):
+    /// where the cursor goes back to after lost commits.
+    last_event: Cursor,
+    /// The crash epoch the cursors belong to (`None`: not known yet).
+    epoch: Option<Uuid>,
     /// The log head at the last checkpoint write.
     persisted_head: i64,
-    /// The server's start time when this processor last read; a change
-    /// means a restart, after which only the durable checkpoint is trusted.
+    /// The server's start time when this processor last read.
     server_started: Option<chrono::DateTime<chrono::Utc>>,
+    /// The highest watermark read below; one lower than this means the
+    /// server is not the one the cursors were read from.
+    last_watermark: u64,
 }
 
 impl Processor {
@@ -137,29 +240,40 @@ impl Processor {
             event_types: f.event_types,
             partition: (slot.total > 1).then_some((slot.partition, slot.total)),
         };
-        let read_sql = gap_safe_query(&sql.events, &filter);
+        let tables = SlotTables {
+            checkpoints: sql.checkpoints.clone(),
+            epoch: sql.epoch.clone(),
+        };
+        let read_sql = gap_safe_query(&sql.events, &filter, Some(&tables));
         let checkpoints = Checkpoints::with_assignments(&sql.checkpoints, &sql.assignments);
         let client = pool.get().await?;
         let cursor = checkpoints
             .ensure(&**client, &name, slot.partition, slot.total)
             .await?;
-        Ok(Processor {
+        let mut p = Processor {
             projection,
             name,
-            pool,
+            pool: pool.clone(),
             read_sql,
             filter,
             checkpoints,
             checkpoints_table: sql.checkpoints.clone(),
+            assignments_table: sql.assignments.clone(),
+            epoch_table: sql.epoch.clone(),
             dead_letters: sql.dead_letters.clone(),
             slot,
             batch_size,
             fence,
             cursor,
             read_cursor: cursor,
+            last_event: cursor,
+            epoch: None,
             persisted_head: 0,
             server_started: None,
-        })
+            last_watermark: 0,
+        };
+        p.reload(&client).await?;
+        Ok(p)
     }
 
     pub(crate) fn name(&self) -> &str {
@@ -172,6 +286,11 @@ impl Processor {
 
     pub(crate) fn cursor(&self) -> Cursor {
         self.cursor
+    }
+
+    /// The cursor of the last event handled.
+    pub(crate) fn last_event(&self) -> Cursor {
+        self.last_event
     }
 
     /// Runs one batch. A rolled-back batch leaves the cursor where it was.
@@ -207,24 +326,210 @@ impl Processor {
         });
     }
 
-    async fn batch(&mut self) -> Result<BatchOutcome> {
-        let mut client = self.pool.get().await?;
-        let read = client.prepare_cached(&self.read_sql).await?;
-        let tx = client.transaction().await?;
-        let page = read_page(&*tx, &read, self.read_cursor, self.batch_size, &self.filter).await?;
+    /// Whether this processor's view of the slot is stale, judged from a
+    /// page's control columns.
+    fn check(&self, page: &ReadBatch, control: &Control) -> Option<Interrupt> {
+        let Some(epoch) = control.epoch else {
+            return Some(Interrupt::LostCommits(
+                "the crash sentinel is empty: PostgreSQL ran crash recovery (a backend was killed, an immediate \
+                 shutdown, a promoted standby or a restored base backup)",
+            ));
+        };
         if self
             .server_started
             .is_some_and(|s| s != page.server_started)
         {
-            // The server restarted: commits not yet durable were lost and
-            // their transaction ids may be handed out again, so the cursor in
-            // memory (and any watermark it came from) is void. Resume from
-            // the durable checkpoint.
+            return Some(Interrupt::LostCommits("the database server restarted"));
+        }
+        if page.watermark < self.last_watermark {
+            return Some(Interrupt::LostCommits(
+                "the watermark went backwards: transaction ids are being handed out again",
+            ));
+        }
+        if self.epoch.is_some_and(|e| e != epoch) {
+            return Some(Interrupt::LostCommits(
+                "the crash epoch changed: PostgreSQL ran crash recovery",
+            ));
+        }
+        let Some(stored) = &control.checkpoint else {
+            return Some(Interrupt::Missing);
+        };
+        if stored.epoch.is_none() {
+            return Some(Interrupt::Adopt);
+        }
+        if stored.epoch != Some(epoch) {
+            return Some(Interrupt::LostCommits(
+                "the checkpoint was written before PostgreSQL's last crash recovery",
+            ));
+        }
+        if stored.status != "running" {
+            return Some(Interrupt::Held(stored.status.clone()));
+        }
+        if stored.cursor != self.cursor {
+            return Some(Interrupt::Moved(stored.cursor));
+        }
+        None
+    }
+
+    /// Brings the processor back in line with its slot after `why`.
+    async fn resync(&mut self, client: &deadpool_postgres::Object, why: Interrupt) -> Result<()> {
+        match why {
+            Interrupt::Adopt => {
+                let epoch = self.current_epoch(client).await?;
+                self.rewind(client, epoch).await?;
+                self.reload(client).await?;
+                if self.epoch != Some(epoch) && self.fence.is_some() {
+                    return Err(Error::fenced(format!(
+                        "projection {} partition {}: the slot is no longer assigned to this worker",
+                        self.name, self.slot.partition
+                    )));
+                }
+                Ok(())
+            }
+            Interrupt::LostCommits(reason) => {
+                let epoch = self.current_epoch(client).await?;
+                let rewound = self.rewind(client, epoch).await?;
+                let first = {
+                    let mut announced = ANNOUNCED_EPOCH
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner);
+                    let first = *announced != Some(epoch);
+                    *announced = Some(epoch);
+                    first
+                };
+                if first {
+                    tracing::warn!(epoch = %epoch, "{reason}; commits that were not yet on disk may be lost and their \
+                        transaction ids handed out again, so every projection drops its in-memory cursors and moves \
+                        its stored cursor back to the last event it handled (nothing is skipped or applied twice)");
+                    crate::metrics::with(|m| m.lost_commits.inc());
+                }
+                self.reload(client).await?;
+                if self.epoch != Some(epoch) {
+                    if let Some(f) = &self.fence {
+                        // The row is not this worker's to rewind any more.
+                        return Err(Error::fenced(format!(
+                            "projection {} partition {}: the slot is no longer assigned to worker {} \
+                             (generation {}); its new owner moves the cursor back",
+                            self.name, self.slot.partition, f.worker_id, f.generation
+                        )));
+                    }
+                }
+                tracing::info!(projection = %self.name, partition = self.slot.partition, cursor = %self.cursor,
+                    rewound, "resuming after lost commits");
+                Ok(())
+            }
+            Interrupt::Missing => {
+                if self.fence.is_some() {
+                    return Err(Error::fenced(format!(
+                        "projection {} partition {}: the checkpoint was deleted (reset); this worker stops the slot",
+                        self.name, self.slot.partition
+                    )));
+                }
+                tracing::warn!(projection = %self.name, partition = self.slot.partition,
+                    "the checkpoint was deleted (reset): rebuilding the projection from the start");
+                self.checkpoints
+                    .ensure(&***client, &self.name, self.slot.partition, self.slot.total)
+                    .await?;
+                self.reload(client).await
+            }
+            Interrupt::Moved(to) => {
+                if let Some(f) = &self.fence {
+                    return Err(Error::fenced(format!(
+                        "projection {} partition {}: the checkpoint moved from {} to {} under worker {} \
+                         (generation {}); this worker stops the slot",
+                        self.name, self.slot.partition, self.cursor, to, f.worker_id, f.generation
+                    )));
+                }
+                tracing::warn!(projection = %self.name, partition = self.slot.partition, from = %self.cursor, to = %to,
+                    "the checkpoint moved under this process (a rewind, or another process running the same \
+                     partition); continuing from the stored one");
+                self.reload(client).await
+            }
+            Interrupt::Held(status) => {
+                let what = if status == "stopped" {
+                    "is paused"
+                } else {
+                    "has failed"
+                };
+                Err(Error::new(
+                    Kind::Failed,
+                    format!(
+                        "projection {} partition {} {what} (state {status}); run `resume {}` to continue",
+                        self.name, self.slot.partition, self.name
+                    ),
+                ))
+            }
+        }
+    }
+
+    /// The crash sentinel's epoch, writing a new one when crash recovery
+    /// emptied it.
+    async fn current_epoch(&self, client: &deadpool_postgres::Object) -> Result<Uuid> {
+        client
+            .execute(
+                &format!(
+                    "INSERT INTO {} (id, epoch) VALUES (1, gen_random_uuid()) ON CONFLICT (id) DO NOTHING",
+                    self.epoch_table
+                ),
+                &[],
+            )
+            .await?;
+        let row = client
+            .query_one(
+                &format!("SELECT epoch FROM {} WHERE id = 1", self.epoch_table),
+                &[],
+            )
+            .await?;
+        Ok(row.try_get(0)?)
+    }
+
+    /// Moves the stored cursor back to the last handled event unless the
+    /// row was already written in `epoch` (fenced in worker mode). Returns
+    /// whether this call moved it.
+    async fn rewind(&self, client: &deadpool_postgres::Object, epoch: Uuid) -> Result<bool> {
+        let sql = self.checkpoints.rewind_sql(self.fence.is_some());
+        let sql = sql.as_str();
+        let n = match &self.fence {
+            Some(f) => {
+                client
+                    .execute(
+                        sql,
+                        &[
+                            &self.name,
+                            &self.slot.partition,
+                            &epoch,
+                            &f.worker_id,
+                            &f.generation,
+                        ],
+                    )
+                    .await?
+            }
+            None => {
+                client
+                    .execute(sql, &[&self.name, &self.slot.partition, &epoch])
+                    .await?
+            }
+        };
+        Ok(n == 1)
+    }
+
+    async fn batch(&mut self) -> Result<BatchOutcome> {
+        let mut client = self.pool.get().await?;
+        let read = client.prepare_cached(&self.read_sql).await?;
+        let tx = client.transaction().await?;
+        let (page, control) = read_page(
+            &*tx,
+            &read,
+            self.read_cursor,
+            self.batch_size,
+            Some((&self.name, self.slot.partition)),
+            &self.filter,
+        )
+        .await?;
+        if let Some(why) = self.check(&page, &control) {
             drop(tx);
             self.server_started = Some(page.server_started);
-            self.reload(&client).await?;
-            tracing::warn!(projection = %self.name, partition = self.slot.partition, cursor = %self.cursor,
-                "the database restarted; resuming from the stored checkpoint");
+            self.resync(&client, why).await?;
             return Ok(BatchOutcome {
                 handled: 0,
                 caught_up: false,
@@ -233,6 +538,7 @@ impl Processor {
             });
         }
         self.server_started = Some(page.server_started);
+        self.last_watermark = page.watermark;
         let caught_up = (page.events.len() as i64) < self.batch_size;
         let next = page.next_cursor;
         if page.events.is_empty() && (next <= self.cursor || page.head <= self.persisted_head) {
@@ -248,9 +554,14 @@ impl Processor {
                 cursor: self.cursor,
             });
         }
+        let last_event = page
+            .events
+            .last()
+            .map(StoredEvent::cursor)
+            .unwrap_or(self.last_event);
         if !page.events.is_empty() {
             let handler_started = std::time::Instant::now();
-            let handled = self.projection.handle_batch(&page.events, &tx).await;
+            let handled = guarded(self.projection.handle_batch(&page.events, &tx)).await;
             crate::metrics::with(|m| {
                 m.handler_duration
                     .with_label_values(&[self.name.as_str()])
@@ -268,10 +579,9 @@ impl Processor {
             }
         }
         let handled = page.events.len();
-        self.advance(&tx, next, handled).await?;
+        self.advance(&tx, next, handled, last_event).await?;
         tx.commit().await?;
-        self.cursor = next;
-        self.read_cursor = next;
+        self.moved_to(next, last_event);
         self.persisted_head = page.head;
         Ok(BatchOutcome {
             handled,
@@ -281,19 +591,29 @@ impl Processor {
         })
     }
 
+    /// Records a committed move of the checkpoint.
+    fn moved_to(&mut self, next: Cursor, last_event: Cursor) {
+        self.cursor = next;
+        self.read_cursor = next;
+        self.last_event = last_event;
+    }
+
     /// Moves the checkpoint from `self.cursor` to `next` inside `tx` (the
-    /// compare-and-set, fenced in worker mode).
+    /// compare-and-set, fenced in worker mode); `last_event` is the last
+    /// event handled at or before `next`.
     async fn advance(
         &self,
         tx: &deadpool_postgres::Transaction<'_>,
         next: Cursor,
         handled: usize,
+        last_event: Cursor,
     ) -> Result<()> {
         let advance = tx
             .prepare_cached(self.checkpoints.advance_sql(self.fence.is_some()))
             .await?;
         let old_tx = Xid8(self.cursor.transaction_id);
         let new_tx = Xid8(next.transaction_id);
+        let event_tx = Xid8(last_event.transaction_id);
         let handled_i64 = handled as i64;
         let mut params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = vec![
             &self.name,
@@ -303,6 +623,9 @@ impl Processor {
             &new_tx,
             &next.global_position,
             &handled_i64,
+            &event_tx,
+            &last_event.global_position,
+            &self.epoch,
         ];
         if let Some(f) = &self.fence {
             params.push(&f.worker_id);
@@ -313,17 +636,17 @@ impl Processor {
             let why = match &self.fence {
                 Some(f) => format!(
                     "the slot is no longer assigned to worker {} (generation {}), or its checkpoint moved \
-                     from {}",
+                     from {} or was paused",
                     f.worker_id, f.generation, self.cursor
                 ),
                 None => format!(
-                    "the checkpoint is no longer at {} (another runner moved or reset it)",
+                    "the checkpoint is no longer at {} or no longer running (another runner moved it, a reset, \
+                     or a pause)",
                     self.cursor
                 ),
             };
             return Err(Error::fenced(format!(
-                "projection {} partition {}: {why}; this runner stops processing the slot and its batch \
-                 was rolled back",
+                "projection {} partition {}: {why}; the batch was rolled back",
                 self.name, self.slot.partition
             )));
         }
@@ -342,10 +665,11 @@ impl Processor {
         let mut poison: Option<(usize, Error)> = None;
         for (i, event) in events.iter().enumerate() {
             tx.batch_execute("SAVEPOINT projectionist_event").await?;
-            match self
-                .projection
-                .handle_batch(std::slice::from_ref(event), &tx)
-                .await
+            match guarded(
+                self.projection
+                    .handle_batch(std::slice::from_ref(event), &tx),
+            )
+            .await
             {
                 Ok(()) => {
                     tx.batch_execute("RELEASE SAVEPOINT projectionist_event")
@@ -367,10 +691,9 @@ impl Processor {
                 .last()
                 .map(StoredEvent::cursor)
                 .unwrap_or(self.cursor);
-            self.advance(&tx, next, done).await?;
+            self.advance(&tx, next, done, next).await?;
             tx.commit().await?;
-            self.cursor = next;
-            self.read_cursor = next;
+            self.moved_to(next, next);
             return Ok(BatchOutcome {
                 handled: done,
                 caught_up: false,
@@ -380,10 +703,9 @@ impl Processor {
         };
         if done > 0 {
             let next = events[done - 1].cursor();
-            self.advance(&tx, next, done).await?;
+            self.advance(&tx, next, done, next).await?;
             tx.commit().await?;
-            self.cursor = next;
-            self.read_cursor = next;
+            self.moved_to(next, next);
         } else {
             drop(tx);
         }
@@ -397,16 +719,16 @@ impl Processor {
             tokio::time::sleep(policy.delay_before(attempts)).await;
             let mut client = self.pool.get().await?;
             let tx = client.transaction().await?;
-            match self
-                .projection
-                .handle_batch(std::slice::from_ref(event), &tx)
-                .await
+            match guarded(
+                self.projection
+                    .handle_batch(std::slice::from_ref(event), &tx),
+            )
+            .await
             {
                 Ok(()) => {
-                    self.advance(&tx, event.cursor(), 1).await?;
+                    self.advance(&tx, event.cursor(), 1, event.cursor()).await?;
                     tx.commit().await?;
-                    self.cursor = event.cursor();
-                    self.read_cursor = event.cursor();
+                    self.moved_to(event.cursor(), event.cursor());
                     tracing::info!(projection = %self.name, position = event.global_position, attempts,
                         "event succeeded on retry");
                     return Ok(BatchOutcome {
@@ -428,10 +750,9 @@ impl Processor {
                 let mut client = self.pool.get().await?;
                 let tx = client.transaction().await?;
                 self.sink().insert(&*tx, event, &error, attempts).await?;
-                self.advance(&tx, event.cursor(), 0).await?;
+                self.advance(&tx, event.cursor(), 0, event.cursor()).await?;
                 tx.commit().await?;
-                self.cursor = event.cursor();
-                self.read_cursor = event.cursor();
+                self.moved_to(event.cursor(), event.cursor());
                 self.count("dead_letter", 1);
                 tracing::error!(projection = %self.name, partition = self.slot.partition,
                     position = event.global_position, event_type = %event.event_type, attempts, error = %error,
@@ -456,39 +777,43 @@ impl Processor {
     }
 
     /// Reads up to `limit` events after `after` (no transaction), checking
-    /// for a server restart: `Ok(None)` means the server restarted and the
-    /// cursor was reloaded from the checkpoint.
-    pub(crate) async fn fetch(
-        &mut self,
-        after: Cursor,
-        limit: i64,
-    ) -> Result<Option<crate::store::ReadBatch>> {
+    /// the slot first: `Ok(None)` means the processor resynchronised with
+    /// its slot (lost commits, a reset, a moved checkpoint) and every
+    /// in-memory position after [`Processor::cursor`] is void.
+    pub(crate) async fn fetch(&mut self, after: Cursor, limit: i64) -> Result<Option<ReadBatch>> {
         let client = self.pool.get().await?;
         let read = client.prepare_cached(&self.read_sql).await?;
-        let page = read_page(&**client, &read, after, limit, &self.filter).await?;
-        if self
-            .server_started
-            .is_some_and(|s| s != page.server_started)
-        {
-            self.server_started = Some(page.server_started);
-            self.reload(&client).await?;
+        let (page, control) = read_page(
+            &**client,
+            &read,
+            after,
+            limit,
+            Some((&self.name, self.slot.partition)),
+            &self.filter,
+        )
+        .await?;
+        self.server_started = Some(page.server_started);
+        if let Some(why) = self.check(&page, &control) {
+            self.resync(&client, why).await?;
             return Ok(None);
         }
-        self.server_started = Some(page.server_started);
+        self.last_watermark = page.watermark;
         Ok(Some(page))
     }
 
     /// Moves the checkpoint to `next` in a transaction of its own (the
-    /// compare-and-set, fenced in worker mode), with `stats` for `status`.
+    /// compare-and-set, fenced in worker mode), with `stats` for `status`;
+    /// `last_event` is the last event complete at or before `next`.
     pub(crate) async fn commit_to(
         &mut self,
         next: Cursor,
         handled: usize,
+        last_event: Cursor,
         stats: &serde_json::Value,
     ) -> Result<()> {
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
-        self.advance(&tx, next, handled).await?;
+        self.advance(&tx, next, handled, last_event).await?;
         let save = tx
             .prepare_cached(&format!(
                 "UPDATE {} SET parallel_stats = $3 WHERE projection_name = $1 AND partition_key = $2",
@@ -498,8 +823,7 @@ impl Processor {
         tx.execute(&save, &[&self.name, &self.slot.partition, stats])
             .await?;
         tx.commit().await?;
-        self.cursor = next;
-        self.read_cursor = next;
+        self.moved_to(next, last_event);
         Ok(())
     }
 
@@ -509,11 +833,16 @@ impl Processor {
             table: self.dead_letters.clone(),
             name: self.name.clone(),
             partition: self.slot.partition,
+            fence: self
+                .fence
+                .clone()
+                .map(|f| (self.assignments_table.clone(), f)),
         }
     }
 
     /// Puts the slot in the `failed` state at `event` (failure policy
-    /// Stop) and returns the error that stops its loop.
+    /// Stop; fenced in worker mode) and returns the error that stops its
+    /// loop.
     pub(crate) async fn stop_at(&self, event: &StoredEvent, error: &Error, attempts: u32) -> Error {
         let message = format!(
             "projection {} partition {} stopped at global position {} ({} {} v{}, {}) after {attempts} \
@@ -529,21 +858,45 @@ impl Processor {
         );
         let marked = async {
             let client = self.pool.get().await?;
-            client
-                .execute(
-                    &format!(
-                        "UPDATE {} SET status = 'failed', last_error = $3, failed_position = $4, \
-                         updated_at = now() WHERE projection_name = $1 AND partition_key = $2",
-                        self.checkpoints_table
-                    ),
-                    &[
-                        &self.name,
-                        &self.slot.partition,
-                        &message,
-                        &event.global_position,
-                    ],
-                )
-                .await?;
+            let sql = self.checkpoints.mark_failed_sql(self.fence.is_some());
+            let sql = sql.as_str();
+            let n = match &self.fence {
+                Some(f) => {
+                    client
+                        .execute(
+                            sql,
+                            &[
+                                &self.name,
+                                &self.slot.partition,
+                                &message,
+                                &event.global_position,
+                                &f.worker_id,
+                                &f.generation,
+                            ],
+                        )
+                        .await?
+                }
+                None => {
+                    client
+                        .execute(
+                            sql,
+                            &[
+                                &self.name,
+                                &self.slot.partition,
+                                &message,
+                                &event.global_position,
+                            ],
+                        )
+                        .await?
+                }
+            };
+            if n == 0 && self.fence.is_some() {
+                return Err(Error::fenced(format!(
+                    "projection {} partition {}: the slot moved to another worker before it could be marked \
+                     failed; the new owner will meet the same event",
+                    self.name, self.slot.partition
+                )));
+            }
             Ok::<_, Error>(())
         }
         .await;
@@ -555,29 +908,39 @@ impl Processor {
         Error::new(Kind::Failed, message)
     }
 
-    /// Reloads the cursor from the checkpoint row (after a server restart,
-    /// or when another runner moved it).
-    pub(crate) async fn reload(&mut self, client: &deadpool_postgres::Object) -> Result<()> {
+    /// Reloads every in-memory position from the checkpoint row (after
+    /// lost commits, a reset, or when another runner moved it).
+    async fn reload(&mut self, client: &deadpool_postgres::Object) -> Result<()> {
         let row = client
-            .query_one(
+            .query_opt(
                 &format!(
-                    "SELECT last_transaction_id, last_global_position FROM {} \
-                     WHERE projection_name = $1 AND partition_key = $2",
+                    "SELECT last_transaction_id, last_global_position, last_event_transaction_id, \
+                     last_event_position, epoch FROM {} WHERE projection_name = $1 AND partition_key = $2",
                     self.checkpoints_table
                 ),
                 &[&self.name, &self.slot.partition],
             )
             .await?;
-        self.cursor = Cursor::new(row.try_get::<_, Xid8>(0)?.0, row.try_get(1)?);
-        self.read_cursor = self.cursor;
+        let row = match row {
+            Some(r) => Row {
+                cursor: Cursor::new(r.try_get::<_, Xid8>(0)?.0, r.try_get(1)?),
+                last_event: Cursor::new(r.try_get::<_, Xid8>(2)?.0, r.try_get(3)?),
+                epoch: r.try_get(4)?,
+            },
+            // Deleted meanwhile: the next page says so and resyncs.
+            None => Row {
+                cursor: Cursor::START,
+                last_event: Cursor::START,
+                epoch: None,
+            },
+        };
+        self.cursor = row.cursor;
+        self.read_cursor = row.cursor;
+        self.last_event = row.last_event;
+        self.epoch = row.epoch;
         self.persisted_head = 0;
+        self.last_watermark = 0;
         Ok(())
-    }
-
-    /// [`Processor::reload`] on a pooled connection.
-    pub(crate) async fn reload_checkpoint(&mut self) -> Result<()> {
-        let client = self.pool.get().await?;
-        self.reload(&client).await
     }
 
     /// Whether this processor runs under worker-mode fencing.
@@ -585,8 +948,27 @@ impl Processor {
         self.fence.is_some()
     }
 
+    /// Worker mode: clears the slot's failure-budget record once it makes
+    /// progress again (best effort).
+    pub(crate) async fn clear_release_count(&self) {
+        let Some(f) = &self.fence else { return };
+        if let Ok(client) = self.pool.get().await {
+            let _ = client
+                .execute(
+                    &format!(
+                        "UPDATE {} SET release_count = 0, released_by = NULL, released_until = NULL \
+                         WHERE projection_name = $1 AND partition_key = $2 AND worker_id = $3 \
+                           AND generation = $4 AND release_count > 0",
+                        self.assignments_table
+                    ),
+                    &[&self.name, &self.slot.partition, &f.worker_id, &f.generation],
+                )
+                .await;
+        }
+    }
+
     /// Whether the slot's checkpoint is back in the `running` state (after
-    /// `resume`).
+    /// `resume`), or gone (a reset: the next page rebuilds it).
     pub(crate) async fn resumed(&self) -> Result<bool> {
         let client = self.pool.get().await?;
         let row = client
@@ -601,18 +983,34 @@ impl Processor {
         Ok(row.is_none_or(|r| r.get::<_, String>(0) == "running"))
     }
 
-    /// Records `error` on the checkpoint row (best effort).
+    /// Records `error` on the checkpoint row (best effort; fenced in
+    /// worker mode).
     pub(crate) async fn record_error(&self, error: &Error) {
         if let Ok(client) = self.pool.get().await {
-            let _ = self
-                .checkpoints
-                .record_error(
-                    &**client,
-                    &self.name,
-                    self.slot.partition,
-                    &error.to_string(),
-                )
-                .await;
+            let sql = self.checkpoints.record_error_sql(self.fence.is_some());
+            let sql = sql.as_str();
+            let message = error.to_string();
+            let _ = match &self.fence {
+                Some(f) => {
+                    client
+                        .execute(
+                            sql,
+                            &[
+                                &self.name,
+                                &self.slot.partition,
+                                &message,
+                                &f.worker_id,
+                                &f.generation,
+                            ],
+                        )
+                        .await
+                }
+                None => {
+                    client
+                        .execute(sql, &[&self.name, &self.slot.partition, &message])
+                        .await
+                }
+            };
         }
     }
 }

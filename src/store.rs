@@ -142,6 +142,8 @@ pub(crate) struct Statements {
     pub(crate) assignments: String,
     pub(crate) workers: String,
     pub(crate) dead_letters: String,
+    /// The crash sentinel (an unlogged table, see migration V6).
+    pub(crate) epoch: String,
     /// The append, with the in-transaction NOTIFY when configured (for
     /// appends in a caller's transaction).
     append: String,
@@ -161,6 +163,7 @@ impl Statements {
         let assignments = format!("{s}.consumer_assignments");
         let workers = format!("{s}.worker_nodes");
         let dead_letters = format!("{s}.dead_letters");
+        let epoch = format!("{s}.projectionist_epoch");
         let notify_col = if notify {
             ", CASE WHEN count(*) > 0 THEN pg_notify($9, pg_current_xact_id()::text)::text END"
         } else {
@@ -199,7 +202,7 @@ impl Statements {
              WHERE aggregate_type = $1 AND aggregate_id = $2 AND aggregate_version >= $3 \
              ORDER BY aggregate_version LIMIT $4"
         );
-        let read_all = gap_safe_query(&events, &ReadFilter::default());
+        let read_all = gap_safe_query(&events, &ReadFilter::default(), None);
         let head = format!(
             "SELECT coalesce((SELECT max(global_position) FROM {events}), 0), \
                     pg_snapshot_xmin(pg_current_snapshot())"
@@ -210,6 +213,7 @@ impl Statements {
             assignments,
             workers,
             dead_letters,
+            epoch,
             append,
             append_quiet,
             read_stream,
@@ -252,22 +256,48 @@ impl ReadFilter {
 }
 
 /// The gap-safe page query: `$1` cursor transaction id, `$2` cursor
-/// position, `$3` limit, then the filter's parameters. Returns the
-/// watermark, head and server start time in columns 0 to 2 of every row
-/// (one row with null event columns when no event qualifies), the event
-/// columns from 3 on.
-pub(crate) fn gap_safe_query(events: &str, filter: &ReadFilter) -> String {
-    let conds = filter_conditions(filter, 3);
+/// position, `$3` limit; with `slot` also `$4` projection name and `$5`
+/// partition; then the filter's parameters. Returns the watermark, head,
+/// server start time, crash epoch and (with `slot`) the slot's stored
+/// checkpoint (cursor, status, epoch) in columns 0 to
+/// [`CONTROL_COLUMNS`]` - 1` of every row (one row with null event columns
+/// when no event qualifies), the event columns after them.
+pub(crate) fn gap_safe_query(
+    events: &str,
+    filter: &ReadFilter,
+    slot: Option<&SlotTables>,
+) -> String {
+    let fixed = if slot.is_some() { 5 } else { 3 };
+    let conds = filter_conditions(filter, fixed);
     let cols = StoredEvent::COLUMNS
         .split(", ")
         .map(|c| format!("e.{c}"))
         .collect::<Vec<_>>()
         .join(", ");
+    let (epoch, checkpoint, join) = match slot {
+        Some(t) => (
+            format!("(SELECT epoch FROM {} WHERE id = 1)", t.epoch),
+            "c.last_transaction_id AS cp_tx, c.last_global_position AS cp_pos, c.status AS cp_status, \
+             c.epoch AS cp_epoch"
+                .to_owned(),
+            format!(
+                " LEFT JOIN {} c ON c.projection_name = $4 AND c.partition_key = $5",
+                t.checkpoints
+            ),
+        ),
+        None => (
+            "NULL::uuid".to_owned(),
+            "NULL::xid8 AS cp_tx, NULL::int8 AS cp_pos, NULL::text AS cp_status, NULL::uuid AS cp_epoch"
+                .to_owned(),
+            String::new(),
+        ),
+    };
     format!(
-        "SELECT w.xmin, w.head, w.started, {cols} \
+        "SELECT w.*, {cols} \
          FROM (SELECT pg_snapshot_xmin(pg_current_snapshot()) AS xmin, \
                       coalesce((SELECT max(global_position) FROM {events}), 0) AS head, \
-                      pg_postmaster_start_time() AS started) w \
+                      pg_postmaster_start_time() AS started, {epoch} AS epoch, {checkpoint} \
+               FROM (SELECT) AS one{join}) w \
          LEFT JOIN LATERAL ( \
             SELECT * FROM {events} e \
             WHERE (e.transaction_id, e.global_position) > ($1::xid8, $2::int8) \
@@ -276,6 +306,34 @@ pub(crate) fn gap_safe_query(events: &str, filter: &ReadFilter) -> String {
             LIMIT $3 \
          ) e ON true"
     )
+}
+
+/// The tables a slot's page query reads its control columns from.
+#[derive(Clone, Debug)]
+pub(crate) struct SlotTables {
+    pub(crate) checkpoints: String,
+    pub(crate) epoch: String,
+}
+
+/// Columns before the event columns in a [`gap_safe_query`] row.
+pub(crate) const CONTROL_COLUMNS: usize = 8;
+
+/// What a page query says besides the events: the crash epoch and the
+/// slot's stored checkpoint as of the page's snapshot.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct Control {
+    /// The crash sentinel's epoch; `None` when crash recovery emptied it.
+    pub(crate) epoch: Option<uuid::Uuid>,
+    /// The slot's checkpoint row; `None` when it does not exist (reset).
+    pub(crate) checkpoint: Option<StoredCheckpoint>,
+}
+
+/// A checkpoint row's cursor, state and epoch, as a page query saw it.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct StoredCheckpoint {
+    pub(crate) cursor: Cursor,
+    pub(crate) status: String,
+    pub(crate) epoch: Option<uuid::Uuid>,
 }
 
 /// The SQL conditions (each starting with ` AND `, on table alias `e`) of
@@ -308,19 +366,28 @@ pub(crate) fn decode_page(
     rows: &[tokio_postgres::Row],
     after: Cursor,
     limit: i64,
-) -> Result<ReadBatch> {
+) -> Result<(ReadBatch, Control)> {
     let first = rows
         .first()
         .ok_or_else(|| Error::new(Kind::Other, "the gap-safe read returned no watermark row"))?;
     let watermark = first.try_get::<_, Xid8>(0)?.0;
     let head: i64 = first.try_get(1)?;
     let server_started = first.try_get(2)?;
+    let epoch: Option<uuid::Uuid> = first.try_get(3)?;
+    let checkpoint = match first.try_get::<_, Option<Xid8>>(4)? {
+        Some(tx) => Some(StoredCheckpoint {
+            cursor: Cursor::new(tx.0, first.try_get(5)?),
+            status: first.try_get(6)?,
+            epoch: first.try_get(7)?,
+        }),
+        None => None,
+    };
     let mut events = Vec::with_capacity(rows.len());
     for row in rows {
-        if row.try_get::<_, Option<i64>>(3)?.is_none() {
+        if row.try_get::<_, Option<i64>>(CONTROL_COLUMNS)?.is_none() {
             continue;
         }
-        events.push(StoredEvent::from_row_at(row, 3)?);
+        events.push(StoredEvent::from_row_at(row, CONTROL_COLUMNS)?);
     }
     let last = events.last().map(StoredEvent::cursor).unwrap_or(after);
     let next_cursor = if (events.len() as i64) < limit {
@@ -328,13 +395,16 @@ pub(crate) fn decode_page(
     } else {
         last
     };
-    Ok(ReadBatch {
-        events,
-        next_cursor,
-        watermark,
-        head,
-        server_started,
-    })
+    Ok((
+        ReadBatch {
+            events,
+            next_cursor,
+            watermark,
+            head,
+            server_started,
+        },
+        Control { epoch, checkpoint },
+    ))
 }
 
 /// The event store. Cheap to clone; all clones share one pool.
@@ -638,7 +708,9 @@ impl EventStore {
         }
         let client = self.pool.get().await?;
         let stmt = client.prepare_cached(&self.sql.read_all).await?;
-        read_page(&**client, &stmt, after, limit, &ReadFilter::default()).await
+        let (page, _) =
+            read_page(&**client, &stmt, after, limit, None, &ReadFilter::default()).await?;
+        Ok(page)
     }
 
     /// The highest global position and the current watermark.
@@ -703,16 +775,25 @@ impl Notifier {
     }
 }
 
-/// Runs a gap-safe page query (prepared from [`gap_safe_query`]) on `client`.
+/// Runs a gap-safe page query (prepared from [`gap_safe_query`]) on `client`;
+/// `slot` is the (projection, partition) when the query was built with
+/// [`SlotTables`].
 pub(crate) async fn read_page<C: GenericClient>(
     client: &C,
     stmt: &tokio_postgres::Statement,
     after: Cursor,
     limit: i64,
+    slot: Option<(&str, i32)>,
     filter: &ReadFilter,
-) -> Result<ReadBatch> {
+) -> Result<(ReadBatch, Control)> {
     let tx = Xid8(after.transaction_id);
     let mut params: Vec<&(dyn ToSql + Sync)> = vec![&tx, &after.global_position, &limit];
+    let (name, partition);
+    if let Some((n, p)) = slot {
+        (name, partition) = (n, p);
+        params.push(&name);
+        params.push(&partition);
+    }
     params.extend(filter.params());
     let rows = client.query(stmt, &params).await?;
     decode_page(&rows, after, limit)

@@ -19,18 +19,18 @@
 //! connection ends.
 
 use crate::dispatcher::{self, Route, Watermarks};
+use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::ident::Ident;
 use crate::processor::{Fence, Processor, Slot};
 use crate::projection::Projection;
-use crate::runner::{processor_loop, LoopExit, LoopLimits, Runner};
+use crate::slot::{LoopExit, LoopLimits, Signals};
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
-use tokio::task::JoinHandle;
 
 /// The channel on which workers announce joins, departures and new
 /// assignments.
@@ -174,11 +174,11 @@ struct SlotSpec {
 
 /// Runs this process as a worker until `shutdown` completes.
 pub(crate) async fn run(
-    runner: &Runner,
+    engine: &Engine,
     wc: WorkerConfig,
     shutdown: impl Future<Output = ()>,
 ) -> Result<()> {
-    let store = runner.store().clone();
+    let store = engine.store.clone();
     let sql = store.statements().clone();
     let schema = store.config().schema.clone();
     let channel = Ident::new("NOTIFY channel", WORKERS_CHANNEL)?;
@@ -189,7 +189,7 @@ pub(crate) async fn run(
         let client = store.pool().get().await?;
         let checkpoints = crate::checkpoint::Checkpoints::new(&sql.checkpoints);
         checkpoints.check_cluster(&**client).await?;
-        for p in runner.projections() {
+        for p in &engine.projections {
             let total = wc
                 .partitions
                 .get(p.name())
@@ -211,7 +211,7 @@ pub(crate) async fn run(
             }
         }
         for name in wc.partitions.keys() {
-            if !runner.projections().iter().any(|p| p.name() == name) {
+            if !engine.projections.iter().any(|p| p.name() == name) {
                 return Err(Error::config(format!(
                     "PROJECTION_PARTITIONS names unknown projection {name:?}: check the spelling"
                 )));
@@ -232,7 +232,7 @@ pub(crate) async fn run(
     let batch_pool = crate::db::pool(
         &crate::db::batch_config(
             store.pg_config(),
-            runner.config().synchronous_commit,
+            engine.config.synchronous_commit,
             Some(&worker_application_name(&worker_id)),
         ),
         store.tls(),
@@ -249,7 +249,7 @@ pub(crate) async fn run(
     let marks = Arc::new(Watermarks::default());
     let is_leader = Arc::new(AtomicBool::new(false));
     let mut background = tokio::task::JoinSet::new();
-    runner.spawn_dispatcher(
+    engine.spawn_background(
         &mut background,
         &wake,
         &marks,
@@ -282,7 +282,7 @@ pub(crate) async fn run(
 
     // Follow the assignments until shutdown.
     let mut follower = Follower {
-        runner,
+        engine,
         batch_pool,
         worker_id: worker_id.clone(),
         wc: wc.clone(),
@@ -319,7 +319,7 @@ pub(crate) async fn run(
     // Leave: finish batches, deregister, release leadership, tell the others.
     tracing::info!(worker_id = %worker_id, "worker leaving: letting in-flight batches commit");
     let _ = stop_tx.send(true);
-    let drained = tokio::time::timeout(runner.config().shutdown_timeout, follower.stop_all()).await;
+    let drained = follower.stop_all(engine.config.shutdown_timeout).await;
     let _ = leader_stop_tx.send(true);
     let _ = leader.await;
     if let Ok(client) = store.pool().get().await {
@@ -332,9 +332,10 @@ pub(crate) async fn run(
     }
     notify_workers(&store, "left").await;
     background.abort_all();
-    match drained {
-        Ok(()) => Ok(()),
-        Err(_) => Err(runner.shutdown_timeout_error()),
+    if drained {
+        Ok(())
+    } else {
+        Err(engine.shutdown_timeout_error())
     }
 }
 
@@ -671,11 +672,11 @@ async fn rebalance(
 struct Running {
     generation: i64,
     stop: watch::Sender<bool>,
-    task: JoinHandle<LoopExit>,
+    task: crate::slot::SlotTask<LoopExit>,
 }
 
 struct Follower<'r> {
-    runner: &'r Runner,
+    engine: &'r Engine,
     batch_pool: deadpool_postgres::Pool,
     worker_id: String,
     wc: WorkerConfig,
@@ -686,8 +687,8 @@ struct Follower<'r> {
 
 impl Follower<'_> {
     async fn read_assignments(&self) -> Result<Vec<(String, i32, i32, i64)>> {
-        let sql = self.runner.store().statements();
-        let client = self.runner.store().pool().get().await?;
+        let sql = self.engine.store.statements();
+        let client = self.engine.store.pool().get().await?;
         let rows = client
             .query(
                 &format!(
@@ -717,12 +718,11 @@ impl Follower<'_> {
                 && self
                     .running
                     .get(&key)
-                    .is_some_and(|r| !r.task.is_finished());
+                    .is_some_and(|r| !r.task.0.is_finished());
             if !keep {
                 if let Some(r) = self.running.remove(&key) {
-                    let _ = r.stop.send(true);
-                    let exit = r.task.await;
-                    tracing::info!(projection = %key.0, partition = key.1, exit = ?exit.as_ref().map(|e| format!("{e:?}")).unwrap_or_default(), "slot stopped");
+                    let exit = stop_slot(r, self.engine.config.shutdown_timeout).await;
+                    tracing::info!(projection = %key.0, partition = key.1, exit = %exit, "slot stopped");
                 }
             }
         }
@@ -731,8 +731,8 @@ impl Follower<'_> {
                 continue;
             }
             let Some(projection) = self
-                .runner
-                .projections()
+                .engine
+                .projections
                 .iter()
                 .find(|p| p.name() == key.0)
                 .cloned()
@@ -766,25 +766,29 @@ impl Follower<'_> {
         let p = Processor::start(
             projection.clone(),
             self.batch_pool.clone(),
-            self.runner.store().statements(),
+            self.engine.store.statements(),
             Slot { partition, total },
-            self.runner.config().batch_size,
+            self.engine.config.batch_size,
             Some(fence.clone()),
         )
         .await?;
         // Stopped by `reconcile` when lost, or by `stop_all` on shutdown.
         let (stop_tx, stop_rx) = watch::channel(false);
         let limits = LoopLimits {
-            max_backoff: self.runner.config().max_backoff,
+            max_backoff: self.engine.config.max_backoff,
             max_failures: Some(self.wc.max_consecutive_failures),
+            once: false,
         };
-        let marks = self.marks.clone();
-        let wake = self.wake.subscribe();
-        let progress = self.runner.progress_counters().clone();
-        let store = self.runner.store().clone();
+        let signals = Signals {
+            marks: self.marks.clone(),
+            wake: self.wake.subscribe(),
+            stop: stop_rx,
+            progress: self.engine.progress.clone(),
+        };
+        let store = self.engine.store.clone();
         let name = projection.name().to_owned();
         let task = tokio::spawn(async move {
-            let exit = processor_loop(p, marks, wake, stop_rx, limits, progress).await;
+            let exit = crate::slot::run(p, signals, limits).await;
             if let LoopExit::GaveUp(e) = &exit {
                 release(&store, &name, partition, &fence, e).await;
             }
@@ -793,17 +797,47 @@ impl Follower<'_> {
         Ok(Running {
             generation,
             stop: stop_tx,
-            task,
+            task: crate::slot::SlotTask(task),
         })
     }
 
-    async fn stop_all(&mut self) {
+    /// Stops every slot, letting in-flight batches commit within
+    /// `timeout`; slots still running then are aborted (their batches roll
+    /// back), so no slot task outlives the worker. Returns whether all
+    /// stopped in time.
+    async fn stop_all(&mut self, timeout: Duration) -> bool {
         let running: Vec<Running> = self.running.drain().map(|(_, r)| r).collect();
         for r in &running {
             let _ = r.stop.send(true);
         }
-        for r in running {
-            let _ = r.task.await;
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut in_time = true;
+        for mut r in running {
+            if tokio::time::timeout_at(deadline, &mut r.task.0)
+                .await
+                .is_err()
+            {
+                r.task.0.abort();
+                let _ = (&mut r.task.0).await;
+                in_time = false;
+            }
+        }
+        in_time
+    }
+}
+
+/// Stops one slot: asks it to stop, waits up to `timeout` for its
+/// in-flight batch (a hung handler is aborted after that), and describes
+/// how it ended.
+async fn stop_slot(mut r: Running, timeout: Duration) -> String {
+    let _ = r.stop.send(true);
+    match tokio::time::timeout(timeout, &mut r.task.0).await {
+        Ok(Ok(exit)) => format!("{exit:?}"),
+        Ok(Err(e)) => format!("the slot task died: {e}"),
+        Err(_) => {
+            r.task.0.abort();
+            let _ = (&mut r.task.0).await;
+            format!("did not stop within {timeout:?}; aborted (its batch rolled back)")
         }
     }
 }
