@@ -7,6 +7,7 @@ mod cli;
 mod common;
 mod engine;
 mod failure;
+mod lifecycle;
 mod ops;
 mod outage;
 mod parallel;
