@@ -21,6 +21,7 @@ mod ident;
 mod metrics;
 mod migrate;
 mod parallel;
+mod partition_index;
 mod policy;
 mod processor;
 mod progress;

@@ -247,9 +247,8 @@ impl ReadFilter {
         if !self.event_types.is_empty() {
             p.push(&self.event_types);
         }
-        if let Some((k, n)) = &self.partition {
+        if let Some((k, _)) = &self.partition {
             p.push(k);
-            p.push(n);
         }
         p
     }
@@ -349,12 +348,13 @@ pub(crate) fn filter_conditions(filter: &ReadFilter, last_fixed: usize) -> Strin
         n += 1;
         conds.push_str(&format!(" AND e.event_type = ANY(${n}::text[])"));
     }
-    if filter.partition.is_some() {
+    if let Some((_, total)) = filter.partition {
         // aggregate_hash % n is projectionist_partition(aggregate_id, n),
-        // precomputed at insert (migration V4).
+        // precomputed at insert (migration V4). The count is written into
+        // the text (an integer, not user text) so that the expression
+        // matches the partition index for that count (partition_index.rs).
         conds.push_str(&format!(
-            " AND e.aggregate_hash % ${}::int4 = ${}::int4",
-            n + 2,
+            " AND e.aggregate_hash % {total} = ${}::int4",
             n + 1
         ));
     }

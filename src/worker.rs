@@ -219,6 +219,13 @@ pub(crate) async fn run(
         }
     }
     slots.sort();
+    let mut totals: Vec<i32> = slots.iter().map(|s| s.total).collect();
+    totals.dedup();
+    totals.sort_unstable();
+    totals.dedup();
+    for total in totals {
+        crate::partition_index::ensure(&store, total).await?;
+    }
 
     let worker_id = uuid::Uuid::now_v7().to_string();
     let hostname = std::env::var("HOSTNAME")

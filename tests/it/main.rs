@@ -11,6 +11,7 @@ mod lifecycle;
 mod ops;
 mod outage;
 mod parallel;
+mod partitions;
 mod store;
 mod tls;
 mod worker;

@@ -1,0 +1,111 @@
+//! Indexes that let a static partition (or a worker-mode partition slot)
+//! read only its own events: for each partition count `n` in use,
+//! `events_partitions_<n>_idx ON events ((aggregate_hash % n),
+//! transaction_id, global_position)`. A partition's page is then an index
+//! range scan of its own rows in cursor order, so `n` partitions together
+//! read the log about once instead of `n` times.
+//!
+//! The engine builds the index when a process first runs a partition count
+//! (`CREATE INDEX CONCURRENTLY`: appends and other readers go on), under a
+//! session advisory lock on a dedicated connection so that the partitions'
+//! processes starting together build it once; an index left invalid by an
+//! interrupted build is dropped and built again.
+
+use crate::error::Result;
+use crate::store::EventStore;
+
+/// The index's name for `total` partitions.
+pub(crate) fn index_name(total: i32) -> String {
+    format!("events_partitions_{total}_idx")
+}
+
+/// Advisory-lock key for building the index of `total` partitions in
+/// `schema` (its own key space: FNV-1a of a prefixed name).
+fn lock_key(schema: &str, total: i32) -> i64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in format!("projectionist:partition-index:{schema}:{total}").bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h as i64
+}
+
+/// Makes sure the index for `total` partitions exists and is valid,
+/// building it when missing. Does nothing for one partition.
+pub(crate) async fn ensure(store: &EventStore, total: i32) -> Result<()> {
+    if total <= 1 {
+        return Ok(());
+    }
+    let schema = store.config().schema.clone();
+    let qualified = format!("{}.{}", schema.quoted(), index_name(total));
+    let client = crate::db::connect_dedicated(store.pg_config(), store.tls()).await?;
+    if index_state(&client, &qualified).await? == Some(true) {
+        return Ok(());
+    }
+    let key = lock_key(schema.as_str(), total);
+    client
+        .execute("SELECT pg_advisory_lock($1)", &[&key])
+        .await?;
+    let built = build(&client, store, total, &qualified).await;
+    let _ = client
+        .execute("SELECT pg_advisory_unlock($1)", &[&key])
+        .await;
+    built
+}
+
+/// `Some(valid)` when the index exists.
+async fn index_state(client: &tokio_postgres::Client, qualified: &str) -> Result<Option<bool>> {
+    let row = client
+        .query_opt(
+            "SELECT i.indisvalid FROM pg_index i WHERE i.indexrelid = to_regclass($1)",
+            &[&qualified],
+        )
+        .await?;
+    Ok(match row {
+        Some(r) => Some(r.try_get(0)?),
+        None => None,
+    })
+}
+
+async fn build(
+    client: &tokio_postgres::Client,
+    store: &EventStore,
+    total: i32,
+    qualified: &str,
+) -> Result<()> {
+    match index_state(client, qualified).await? {
+        Some(true) => return Ok(()),
+        Some(false) => {
+            tracing::warn!(
+                index = qualified,
+                "dropping an invalid partition index left by an interrupted build"
+            );
+            client
+                .batch_execute(&format!("DROP INDEX CONCURRENTLY IF EXISTS {qualified}"))
+                .await?;
+        }
+        None => {}
+    }
+    let events = &store.statements().events;
+    tracing::info!(
+        partitions = total,
+        index = qualified,
+        "building the index that lets each of {total} partitions read only its own events \
+         (CREATE INDEX CONCURRENTLY: reads the log once; appends and projections go on meanwhile)"
+    );
+    let started = std::time::Instant::now();
+    client
+        .batch_execute(&format!(
+            "CREATE INDEX CONCURRENTLY IF NOT EXISTS {name} ON {events} \
+             ((aggregate_hash % {total}), transaction_id, global_position)",
+            name = index_name(total)
+        ))
+        .await?;
+    tracing::info!(
+        partitions = total,
+        index = qualified,
+        seconds = started.elapsed().as_secs_f64(),
+        "partition index built"
+    );
+    Ok(())
+}

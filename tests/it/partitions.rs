@@ -1,0 +1,135 @@
+//! Static partitions read only their own events: n partitions together
+//! fetch about one log's worth of index rows, not n logs.
+
+use crate::common::{env, wait_until};
+use projectionist::{async_trait, Projection, Runner, RunnerConfig, StoredEvent, Transaction};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+struct Noop {
+    calls: AtomicU64,
+}
+
+#[async_trait]
+impl Projection for Noop {
+    fn name(&self) -> &str {
+        "noop"
+    }
+
+    async fn handle(&self, _: &StoredEvent, _: &Transaction<'_>) -> projectionist::Result<()> {
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+/// Index tuples read from the `events` table's indexes so far, as the
+/// cumulative statistics show them once every other session ended.
+async fn index_rows_read(c: &tokio_postgres::Client) -> i64 {
+    wait_until(
+        Duration::from_secs(30),
+        "the runners' sessions to end (they flush their statistics on exit)",
+        || async {
+            let others: i64 = c
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity \
+                     WHERE datname = current_database() AND pid <> pg_backend_pid()",
+                    &[],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            others == 0
+        },
+    )
+    .await;
+    c.batch_execute("SELECT pg_stat_clear_snapshot()")
+        .await
+        .unwrap();
+    c.query_one(
+        "SELECT coalesce(sum(idx_tup_read), 0)::int8 FROM pg_stat_user_indexes WHERE relname = 'events'",
+        &[],
+    )
+    .await
+    .unwrap()
+    .get(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn four_partitions_together_read_the_log_about_once() {
+    const EVENTS: i64 = 100_000;
+    let env = env().await;
+    let c = env.client().await;
+    c.batch_execute(&format!(
+        "INSERT INTO events (aggregate_type, aggregate_id, aggregate_version, event_type, payload) \
+         SELECT 'Thing', 't' || (i % 5000), i / 5000 + 1, 'Counted', '{{}}' \
+         FROM generate_series(0, {EVENTS} - 1) i"
+    ))
+    .await
+    .unwrap();
+    c.batch_execute("ANALYZE events").await.unwrap();
+    let noop = Arc::new(Noop {
+        calls: AtomicU64::new(0),
+    });
+    let store = projectionist::EventStore::connect_config(
+        env.db.config(),
+        projectionist::StoreConfig::default(),
+    )
+    .unwrap();
+    // The index is built once, before the partitions read.
+    for partition in 0..4 {
+        let runner = Runner::new(
+            store.clone(),
+            RunnerConfig::default().partition(partition, 4).unwrap(),
+        )
+        .with_projection(noop.clone())
+        .unwrap();
+        runner.run_once().await.unwrap();
+    }
+    assert_eq!(noop.calls.load(Ordering::Relaxed) as i64, EVENTS);
+    let built: bool = c
+        .query_one(
+            "SELECT indisvalid FROM pg_index WHERE indexrelid = to_regclass('public.events_partitions_4_idx')",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        built,
+        "the partition index for 4 partitions exists and is valid"
+    );
+    drop(store);
+    let before = index_rows_read(&c).await;
+
+    // Again from the start: the reads alone.
+    c.batch_execute("DELETE FROM projection_checkpoints")
+        .await
+        .unwrap();
+    let store = projectionist::EventStore::connect_config(
+        env.db.config(),
+        projectionist::StoreConfig::default(),
+    )
+    .unwrap();
+    for partition in 0..4 {
+        let runner = Runner::new(
+            store.clone(),
+            RunnerConfig::default().partition(partition, 4).unwrap(),
+        )
+        .with_projection(noop.clone())
+        .unwrap();
+        runner.run_once().await.unwrap();
+    }
+    drop(store);
+    let read = index_rows_read(&c).await - before;
+    assert_eq!(noop.calls.load(Ordering::Relaxed) as i64, 2 * EVENTS);
+    println!(
+        "4 partitions read {read} index rows for {EVENTS} events ({:.2}x)",
+        read as f64 / EVENTS as f64
+    );
+    assert!(
+        read <= EVENTS * 12 / 10,
+        "4 partitions read {read} index rows for a log of {EVENTS} events ({:.2}x); at most 1.2x expected",
+        read as f64 / EVENTS as f64
+    );
+}
