@@ -5,6 +5,7 @@
 mod catalogue;
 mod cli;
 mod common;
+mod crash;
 mod engine;
 mod failure;
 mod ops;
