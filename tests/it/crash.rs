@@ -66,6 +66,19 @@ impl BankProcess {
         }
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(|c| c.id()).unwrap_or(0)
+    }
+
+    /// Sends `sig` (`STOP`, `CONT`, `KILL`…) to the process.
+    pub fn signal(&self, sig: &str) {
+        let ok = std::process::Command::new("kill")
+            .args([&format!("-{sig}"), &self.pid().to_string()])
+            .status()
+            .expect("kill");
+        assert!(ok.success(), "kill -{sig} {}", self.pid());
+    }
+
     /// Whether the process is still running.
     pub fn alive(&mut self) -> bool {
         self.child

@@ -13,4 +13,5 @@ mod outage;
 mod parallel;
 mod store;
 mod tls;
+mod two_schemas;
 mod worker;
