@@ -206,6 +206,21 @@ async fn reconnect(db: &TestDatabase) -> tokio_postgres::Client {
     }
 }
 
+/// After a SIGKILL: waits until `c` is cut off (crash recovery ends every
+/// session; until then the server may still answer as if nothing happened),
+/// then until the server answers again, and returns a new connection.
+async fn await_recovery(db: &TestDatabase, c: tokio_postgres::Client) -> tokio_postgres::Client {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while c.simple_query("SELECT 1").await.is_ok() {
+        assert!(
+            Instant::now() < deadline,
+            "no crash recovery: a session survived the SIGKILL of a backend for 30 s"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    reconnect(db).await
+}
+
 /// acct-1's (balance, event_count) in the read model.
 async fn balance(c: &tokio_postgres::Client) -> Option<(i64, i64)> {
     c.query_opt(
@@ -412,10 +427,8 @@ async fn deposit_after_a_crash_that_reuses_transaction_ids_is_projected(dispatch
         server.kill_backend(*pid).expect("SIGKILL a frozen process");
     }
     frozen.pids.clear();
-    drop(c);
     drop(writer);
-
-    let c = reconnect(&db).await;
+    let c = await_recovery(&db, c).await;
     let started_after: chrono::DateTime<chrono::Utc> = c
         .query_one("SELECT pg_postmaster_start_time()", &[])
         .await
@@ -498,36 +511,41 @@ async fn crash_reusing_xids_loses_no_event_with_poll() {
     deposit_after_a_crash_that_reuses_transaction_ids_is_projected("poll").await;
 }
 
-/// Appends `event` to `stream`, retrying through crashes until it is stored
-/// (or was stored by an earlier attempt: the event id is the idempotency
-/// key). Returns false when `stop` is set before it got through.
-async fn append_retrying(
-    store: &EventStore,
-    stream: &str,
-    expected: ExpectedVersion,
-    event: &NewEvent,
-    stop: &AtomicBool,
-) -> bool {
+/// Appends `event` to `stream` at `version` + 1, retrying through crashes
+/// until it is stored, by this attempt or by an earlier one whose answer the
+/// crash swallowed (the event id is the idempotency key).
+async fn append_retrying(store: &EventStore, stream: &str, version: i64, event: &NewEvent) {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        match store
-            .append("Account", stream, expected, std::slice::from_ref(event))
+        let e = match store
+            .append(
+                "Account",
+                stream,
+                ExpectedVersion::Exact(version),
+                std::slice::from_ref(event),
+            )
             .await
         {
-            Ok(_) => return true,
-            Err(e) if e.is_duplicate_event() => return true,
-            Err(e) if e.is_connection() || e.is_retryable() => {
-                assert!(
-                    Instant::now() < deadline,
-                    "appends to {stream} did not resume within 60 s: {e}"
-                );
-                if stop.load(Ordering::SeqCst) {
-                    return false;
+            Ok(_) => return,
+            Err(e) if e.is_duplicate_event() => return,
+            Err(e) if e.is_conflict() => {
+                // An earlier attempt committed: the stream is one ahead.
+                match store.read_stream("Account", stream, version + 1, 1).await {
+                    Ok(stored) if stored.first().map(|s| s.event_id) == Some(event.event_id()) => {
+                        return
+                    }
+                    Ok(_) => panic!("append to {stream} conflicts with another writer: {e}"),
+                    Err(read) => read,
                 }
-                tokio::time::sleep(Duration::from_millis(50)).await;
             }
+            Err(e) if e.is_connection() || e.is_retryable() => e,
             Err(e) => panic!("append to {stream} failed: {e:?}"),
-        }
+        };
+        assert!(
+            Instant::now() < deadline,
+            "appends to {stream} did not resume within 60 s: {e}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
@@ -594,17 +612,7 @@ async fn durable_writer(store: EventStore, stream: String, flags: Flags) -> i64 
             &uuid::Uuid::NAMESPACE_OID,
             format!("{stream}/{version}").as_bytes(),
         ));
-        if !append_retrying(
-            &store,
-            &stream,
-            ExpectedVersion::Exact(version),
-            &event,
-            &stop,
-        )
-        .await
-        {
-            break;
-        }
+        append_retrying(&store, &stream, version, &event).await;
         version += 1;
         // Rarely: every synchronous commit also makes the asynchronous
         // commits before it durable, closing the window this test is about.
@@ -787,8 +795,8 @@ async fn sigkill_random_backends_while_appending_keeps_the_read_model_exact() {
         // The victim may have ended on its own meanwhile: try another round.
         if server.kill_backend(victim).is_ok() {
             kills += 1;
+            c = await_recovery(&db, c).await;
         }
-        c = reconnect(&db).await;
         flags.pause.store(false, Ordering::SeqCst);
         assert!(
             projections.alive(),
