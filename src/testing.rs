@@ -29,8 +29,11 @@
 //! * Private servers ([`TestServer::start_private`]): a cluster of its own for a
 //!   test that stops and restarts the server ([`TestServer::stop`],
 //!   [`TestServer::start`]); a stop is an immediate shutdown, like a crash,
-//!   and committed transactions survive it. It is removed when the
-//!   [`TestServer`] is dropped.
+//!   and committed transactions survive it. [`TestServer::kill_backend`]
+//!   crashes it in place instead (one server process killed with SIGKILL:
+//!   crash recovery without a restart of the postmaster), and
+//!   [`TestServer::start_private_with`] adds settings such as
+//!   `wal_writer_delay`. It is removed when the [`TestServer`] is dropped.
 //!
 //! # Cleanup
 //!
@@ -248,7 +251,17 @@ impl TestServer {
     /// transaction that committed before [`TestServer::stop`] is still there
     /// after [`TestServer::start`].
     pub async fn start_private() -> Result<TestServer, TestingError> {
-        let start = || Cluster::create(true).map(|cluster| TestServer::from_cluster(cluster, true));
+        TestServer::start_private_with("").await
+    }
+
+    /// [`TestServer::start_private`] with extra lines for `postgresql.conf`,
+    /// e.g. `"wal_writer_delay = '10s'\nautovacuum = off"` (they come after
+    /// the harness's own settings, so they may override them).
+    pub async fn start_private_with(settings: &str) -> Result<TestServer, TestingError> {
+        let settings = settings.to_owned();
+        let start = move || {
+            Cluster::create(true, &settings).map(|cluster| TestServer::from_cluster(cluster, true))
+        };
         match tokio::runtime::Handle::try_current() {
             Ok(handle) => handle.spawn_blocking(start).await.map_err(|e| {
                 TestingError::new(format!(
@@ -292,6 +305,61 @@ impl TestServer {
     /// Fails for the shared server.
     pub fn start(&self) -> Result<(), TestingError> {
         self.private_cluster("start")?.start()
+    }
+
+    /// The process id of a private server's postmaster, from its
+    /// `postmaster.pid`.
+    ///
+    /// Fails for the shared server and when the server is not running.
+    pub fn postmaster_pid(&self) -> Result<u32, TestingError> {
+        self.private_cluster("postmaster_pid")?.postmaster_pid()
+    }
+
+    /// Sends `signal` (a name `kill` knows: `KILL`, `STOP`, `CONT`, `TERM`…)
+    /// to one server process of a private server: a backend or an auxiliary
+    /// process such as the WAL writer (the `pid` column of
+    /// `pg_stat_activity`), never the postmaster.
+    ///
+    /// `KILL` is a crash: the postmaster ends every session, runs crash
+    /// recovery in place (commits whose WAL was not yet written are lost and
+    /// their transaction ids are handed out again) and accepts connections
+    /// again, with `pg_postmaster_start_time()` unchanged.
+    ///
+    /// Refuses a process that is not a child of this server's postmaster, so
+    /// a stale or mistyped pid never hits an unrelated process. Fails for the
+    /// shared server, which other tests are using.
+    pub fn signal_backend(&self, pid: i32, signal: &str) -> Result<(), TestingError> {
+        let cluster = self.private_cluster("signal_backend")?;
+        let postmaster = cluster.postmaster_pid()?;
+        let parent = u32::try_from(pid).ok().and_then(parent_pid);
+        if parent != Some(postmaster) {
+            return Err(TestingError::new(format!(
+                "process {pid} is not a server process of this cluster (its parent is \
+                 {parent:?}, the postmaster is {postmaster}): take the pid from \
+                 pg_stat_activity of this server"
+            )));
+        }
+        let output = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(pid.to_string())
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| TestingError::new(format!("could not run kill: {e}")))?;
+        if output.status.success() {
+            Ok(())
+        } else {
+            Err(TestingError::new(format!(
+                "kill -{signal} {pid} failed ({}): {}",
+                output.status,
+                output_text(&output)
+            )))
+        }
+    }
+
+    /// `signal_backend(pid, "KILL")`: crashes a private server in place by
+    /// killing one of its processes with SIGKILL, like the OOM killer does.
+    pub fn kill_backend(&self, pid: i32) -> Result<(), TestingError> {
+        self.signal_backend(pid, "KILL")
     }
 
     /// Creates a fresh, empty database named
@@ -349,7 +417,7 @@ impl TestServer {
         match env::var("DATABASE_URL") {
             Ok(url) if !url.trim().is_empty() => TestServer::from_url(url.trim()),
             Ok(_) | Err(env::VarError::NotPresent) => {
-                Cluster::create(false).map(|cluster| TestServer::from_cluster(cluster, false))
+                Cluster::create(false, "").map(|cluster| TestServer::from_cluster(cluster, false))
             }
             Err(env::VarError::NotUnicode(_)) => Err(TestingError::new(
                 "DATABASE_URL is not valid UTF-8: set it to a connection URL like \
@@ -499,6 +567,8 @@ struct Cluster {
     run_as: Option<(u32, u32)>,
     /// Whether commits wait for their WAL to be written (private clusters).
     synchronous_commit: bool,
+    /// Extra `postgresql.conf` lines (private clusters).
+    extra_settings: String,
 }
 
 impl Cluster {
@@ -508,7 +578,7 @@ impl Cluster {
     /// is an immediate shutdown, and with it off the last commits (up to
     /// ~0.6 s) would be lost by a stop/start, which tests would misread as
     /// bugs of the code under test.
-    fn create(private: bool) -> Result<Cluster, TestingError> {
+    fn create(private: bool, extra_settings: &str) -> Result<Cluster, TestingError> {
         let bin = find_server_binaries()?;
         let run_as = if effective_uid() == Some(0) {
             Some(lookup_user(ADMIN_USER).ok_or_else(|| {
@@ -531,6 +601,7 @@ impl Cluster {
             root,
             run_as,
             synchronous_commit: private,
+            extra_settings: extra_settings.to_owned(),
         };
         cluster.spawn_reaper()?;
         if let Some((uid, gid)) = run_as {
@@ -626,7 +697,8 @@ impl Cluster {
         let settings = format!(
             "\n# added by projectionist::testing\n{SERVER_SETTINGS}port = {PORT}\n\
              unix_socket_directories = '{socket_dir}'\n\
-             synchronous_commit = {synchronous_commit}\n"
+             synchronous_commit = {synchronous_commit}\n{}\n",
+            self.extra_settings
         );
         let path = self.data.join("postgresql.conf");
         fs::OpenOptions::new()
@@ -714,6 +786,20 @@ impl Cluster {
                 output_text(&output)
             )))
         }
+    }
+
+    /// The postmaster's pid, from the first line of `postmaster.pid`.
+    fn postmaster_pid(&self) -> Result<u32, TestingError> {
+        let path = self.data.join("postmaster.pid");
+        fs::read_to_string(&path)
+            .ok()
+            .and_then(|text| text.lines().next().and_then(|l| l.trim().parse().ok()))
+            .ok_or_else(|| {
+                TestingError::new(format!(
+                    "cannot read the postmaster's pid from {}: is the server running?",
+                    path.display()
+                ))
+            })
     }
 
     /// Starts the watcher that stops the server and removes the directory when
@@ -1135,6 +1221,14 @@ fn describe_pg_error(error: &tokio_postgres::Error) -> String {
         source = cause.source();
     }
     text
+}
+
+/// The parent of process `pid`, from `/proc/{pid}/stat`.
+fn parent_pid(pid: u32) -> Option<u32> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // pid (comm) state ppid …; comm may contain spaces and parentheses.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(1)?.parse().ok()
 }
 
 fn output_text(output: &Output) -> String {

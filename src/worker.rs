@@ -152,6 +152,10 @@ fn worker_application_name(worker_id: &str) -> String {
     format!("projectionist-worker:{worker_id}")
 }
 
+/// The leader's advisory-lock key: one per schema (FNV-1a of
+/// `projectionist:leader:<schema>`), so that deployments in different
+/// schemas of one database elect their leaders independently. Advisory
+/// locks are per database, so the database needs no part in it.
 fn lock_key(schema: &Ident) -> i64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for b in b"projectionist:leader:"
@@ -432,6 +436,8 @@ async fn lead(
     mut stop: watch::Receiver<bool>,
 ) {
     let sql = store.statements().clone();
+    let key_high = i64::from(((key as u64) >> 32) as u32);
+    let key_low = i64::from((key as u64) as u32);
     let mut config = store.pg_config().clone();
     // `status` finds the leader by this name and the advisory lock it holds.
     config.application_name(format!("projectionist-leader:{worker_id}"));
@@ -468,22 +474,32 @@ async fn lead(
                 Ok(_) => {
                     // A leader whose worker stopped heartbeating (a paused
                     // or hung process) still holds the lock: end its session.
+                    // Found by the lock itself, not by a name (another
+                    // deployment in another schema of this database has
+                    // leaders of its own): pg_locks shows a bigint advisory
+                    // key as classid (high 32 bits), objid (low 32 bits),
+                    // objsubid 1. Ended only when its worker, named in the
+                    // session's application_name, has no live heartbeat in
+                    // this schema's worker_nodes.
                     let timeout_s = wc.heartbeat_timeout.as_secs_f64();
                     let deposed = client
                         .query(
                             &format!(
-                                "SELECT pg_terminate_backend(s.pid) FROM pg_stat_activity s \
-                                 WHERE s.datname = current_database() \
+                                "SELECT pg_terminate_backend(l.pid) FROM pg_locks l \
+                                 JOIN pg_stat_activity s ON s.pid = l.pid \
+                                 WHERE l.locktype = 'advisory' AND l.granted \
+                                   AND l.database = (SELECT oid FROM pg_database \
+                                                     WHERE datname = current_database()) \
+                                   AND l.classid = $2::int8::oid AND l.objid = $3::int8::oid \
+                                   AND l.objsubid = 1 \
+                                   AND l.pid <> pg_backend_pid() \
                                    AND s.application_name LIKE 'projectionist-leader:%' \
-                                   AND s.pid <> pg_backend_pid() \
-                                   AND EXISTS (SELECT 1 FROM pg_locks l WHERE l.pid = s.pid \
-                                               AND l.locktype = 'advisory' AND l.granted) \
                                    AND NOT EXISTS (SELECT 1 FROM {} w \
                                        WHERE s.application_name = 'projectionist-leader:' || w.worker_id \
                                          AND w.heartbeat_at > now() - make_interval(secs => $1))",
                                 sql.workers
                             ),
-                            &[&timeout_s],
+                            &[&timeout_s, &key_high, &key_low],
                         )
                         .await;
                     match deposed {

@@ -5,6 +5,7 @@
 mod catalogue;
 mod cli;
 mod common;
+mod crash;
 mod engine;
 mod failure;
 mod lifecycle;
@@ -14,4 +15,5 @@ mod parallel;
 mod partitions;
 mod store;
 mod tls;
+mod two_schemas;
 mod worker;
