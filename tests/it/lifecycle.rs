@@ -367,3 +367,72 @@ async fn worker_shutdown_does_not_leave_a_hung_handler_running() {
     )
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_mark_is_never_overwritten_by_a_later_batch_in_worker_mode() {
+    let env = env().await;
+    let counter = Counter::new("marked", OnPoison::Nothing, false);
+    counter.create_table(&env).await;
+    append(&env, "a", &[1, 1]).await;
+    let runner = Runner::new(env.store.clone(), config())
+        .with_projection(counter.clone())
+        .unwrap();
+    let wc = WorkerConfig::default()
+        .heartbeat_interval(Duration::from_millis(100))
+        .unwrap()
+        .heartbeat_timeout(Duration::from_secs(2))
+        .unwrap()
+        .rebalance_interval(Duration::from_millis(100))
+        .unwrap();
+    let (stop_tx, stop_rx) = oneshot::channel::<()>();
+    let h = tokio::spawn(async move {
+        runner
+            .run_workers_until(wc, async {
+                let _ = stop_rx.await;
+            })
+            .await
+    });
+    wait_until(Duration::from_secs(30), "the first events", || async {
+        counter.rows(&env).await == 2
+    })
+    .await;
+    // Another worker (deposed a moment later) marked the slot failed.
+    let c = env.client().await;
+    c.execute(
+        "UPDATE projection_checkpoints SET status = 'failed', last_error = 'stopped at 2', \
+         failed_position = 2 WHERE projection_name = 'marked'",
+        &[],
+    )
+    .await
+    .unwrap();
+    append(&env, "a", &[1, 1, 1]).await;
+    // "Did not happen" cannot be awaited: give the worker many poll
+    // intervals and its idle re-check to overwrite the mark.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let row = c
+        .query_one(
+            "SELECT status, failed_position FROM projection_checkpoints WHERE projection_name = 'marked'",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        row.get::<_, String>(0),
+        "failed",
+        "a batch overwrote the failed mark"
+    );
+    assert_eq!(row.get::<_, Option<i64>>(1), Some(2));
+    assert_eq!(counter.rows(&env).await, 2, "a failed slot handled events");
+    c.execute(
+        "UPDATE projection_checkpoints SET status = 'running' WHERE projection_name = 'marked'",
+        &[],
+    )
+    .await
+    .unwrap();
+    wait_until(Duration::from_secs(30), "resumed", || async {
+        counter.rows(&env).await == 5
+    })
+    .await;
+    stop_tx.send(()).unwrap();
+    h.await.unwrap().unwrap();
+}
