@@ -8,6 +8,7 @@
 //! modules. See `docs/architecture.md` for the code map.
 
 mod admin;
+mod assign;
 mod checkpoint;
 pub mod cli;
 mod config;

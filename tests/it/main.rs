@@ -13,6 +13,7 @@ mod ops;
 mod outage;
 mod parallel;
 mod partitions;
+mod rebalance;
 mod store;
 mod tls;
 mod two_schemas;
