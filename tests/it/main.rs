@@ -10,6 +10,7 @@ mod failure;
 mod ops;
 mod outage;
 mod parallel;
+mod status;
 mod store;
 mod tls;
 mod worker;
