@@ -256,20 +256,37 @@ impl Drop for Session {
     }
 }
 
-/// Awaits `work` (which opens and finishes its own [`Session`]) for at
-/// most `timeout`; a query the server cancelled (`statement_timeout`) or a
-/// caller-side timeout becomes an error that names the timeout. On the
-/// latter, dropping `work` drops its session, which cancels the query.
-async fn within<T>(
-    timeout: Duration,
-    what: &str,
-    work: impl std::future::Future<Output = Result<T>>,
-) -> Result<T> {
-    match tokio::time::timeout(timeout, work).await {
+/// Opens a [`Session`] and runs `work` on it for at most `timeout` in all.
+/// A query the server cancelled (`statement_timeout`) or a timeout here
+/// becomes an error that names the timeout. On a timeout here, the running
+/// query is cancelled on the server before the error is returned (so a
+/// process that exits on the error leaves nothing running), and the
+/// connection is closed rather than returned to the pool.
+async fn within<T, F, Fut>(store: &EventStore, timeout: Duration, what: &str, work: F) -> Result<T>
+where
+    F: FnOnce(Session) -> Fut,
+    Fut: std::future::Future<Output = Result<T>>,
+{
+    let started = tokio::time::Instant::now();
+    let session = match tokio::time::timeout(timeout, Session::open(store)).await {
+        Ok(session) => session.map_err(|e| e.context(what))?,
+        Err(_) => return Err(timed_out(what, timeout)),
+    };
+    let (cancel, tls) = (session.cancel.clone(), session.tls.clone());
+    match tokio::time::timeout_at(started + timeout, work(session)).await {
         Ok(Ok(out)) => Ok(out),
         Ok(Err(e)) if e.db_code() == Some("57014") => Err(timed_out(what, timeout).with_source(e)),
         Ok(Err(e)) => Err(e.context(what)),
-        Err(_) => Err(timed_out(what, timeout)),
+        Err(_) => {
+            // Dropping `work` dropped the session, which also sends a cancel
+            // from a background task; this one is awaited (briefly).
+            if let Ok(Err(e)) =
+                tokio::time::timeout(Duration::from_secs(2), cancel.cancel_query(tls)).await
+            {
+                tracing::debug!(error = %e, "cannot cancel a timed-out status query");
+            }
+            Err(timed_out(what, timeout))
+        }
     }
 }
 
@@ -405,6 +422,7 @@ async fn status_in<C: tokio_postgres::GenericClient>(
     store: &EventStore,
     projections: &[Arc<dyn Projection>],
     options: &StatusOptions,
+    deadline: tokio::time::Instant,
 ) -> Result<Vec<SlotStatus>> {
     let filters = filters_json(projections);
     let heartbeat = options.heartbeat_timeout.as_secs_f64();
@@ -463,6 +481,14 @@ async fn status_in<C: tokio_postgres::GenericClient>(
         .collect::<Result<Vec<SlotStatus>>>()?;
     if let Some(limit) = options.exact_limit {
         for slot in slots.iter_mut().filter(|s| !s.lag_exact) {
+            // The server-side bound is the time left, not a fresh timeout
+            // per count, so the counts stop by the deadline even if this
+            // process is gone.
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let ms = format!("{}ms", left.as_millis().max(1));
+            client
+                .execute("SELECT set_config('statement_timeout', $1, true)", &[&ms])
+                .await?;
             count_exactly(client, store, projections, slot, limit).await?;
         }
     }
@@ -528,10 +554,10 @@ pub async fn status_with(
     projections: &[Arc<dyn Projection>],
     options: &StatusOptions,
 ) -> Result<Vec<SlotStatus>> {
-    within(options.timeout, "status", async {
-        let mut session = Session::open(store).await?;
+    within(store, options.timeout, "status", |mut session| async move {
         let tx = session.begin(options.timeout).await?;
-        let out = status_in(&*tx, store, projections, options).await?;
+        let deadline = tokio::time::Instant::now() + options.timeout;
+        let out = status_in(&*tx, store, projections, options, deadline).await?;
         tx.commit().await?;
         session.finish();
         Ok(out)
@@ -563,24 +589,28 @@ pub async fn explain_status(
 /// `/readyz` checks. Reads only the checkpoint table (one row per slot).
 pub(crate) async fn failed_slots(store: &EventStore, timeout: Duration) -> Result<Vec<String>> {
     let table = store.statements().checkpoints.clone();
-    within(timeout, "the readiness check", async {
-        let mut session = Session::open(store).await?;
-        let tx = session.begin(timeout).await?;
-        let rows = tx
-            .query(
-                &format!(
-                    "SELECT projection_name || '/' || partition_key FROM {table} \
+    within(
+        store,
+        timeout,
+        "the readiness check",
+        |mut session| async move {
+            let tx = session.begin(timeout).await?;
+            let rows = tx
+                .query(
+                    &format!(
+                        "SELECT projection_name || '/' || partition_key FROM {table} \
                          WHERE status = 'failed' ORDER BY projection_name, partition_key"
-                ),
-                &[],
-            )
-            .await?;
-        tx.commit().await?;
-        session.finish();
-        rows.iter()
-            .map(|r| Ok(r.try_get(0)?))
-            .collect::<Result<Vec<String>>>()
-    })
+                    ),
+                    &[],
+                )
+                .await?;
+            tx.commit().await?;
+            session.finish();
+            rows.iter()
+                .map(|r| Ok(r.try_get(0)?))
+                .collect::<Result<Vec<String>>>()
+        },
+    )
     .await
 }
 
@@ -743,10 +773,10 @@ pub async fn report_with(
     projections: &[Arc<dyn Projection>],
     options: &StatusOptions,
 ) -> Result<StatusReport> {
-    within(options.timeout, "status", async {
-        let mut session = Session::open(store).await?;
+    within(store, options.timeout, "status", |mut session| async move {
         let tx = session.begin(options.timeout).await?;
-        let slots = status_in(&*tx, store, projections, options).await?;
+        let deadline = tokio::time::Instant::now() + options.timeout;
+        let slots = status_in(&*tx, store, projections, options, deadline).await?;
         let workers = workers_in(&*tx, store).await?;
         let watermark_held_by = watermark_holder_in(&*tx).await?;
         let dead_letters = tx

@@ -268,7 +268,8 @@ async fn status_costs_the_same_at_any_log_size() {
 
 /// The report's query, blocked by a lock and abandoned by its caller, is
 /// cancelled on the server; with a timeout option, status fails with an
-/// error that names the timeout, and leaves nothing running either.
+/// error that names the timeout, and leaves nothing running either; nor
+/// does `status --timeout` on the command line, which exits at once.
 #[tokio::test]
 async fn abandoned_status_queries_do_not_keep_running() {
     let env = env().await;
@@ -352,6 +353,36 @@ async fn abandoned_status_queries_do_not_keep_running() {
     .await;
     let still = running().await;
     assert!(still.is_empty(), "{still:?}");
+
+    // 3. The command line times out and exits: its query is cancelled
+    // before it exits, not left waiting for the lock.
+    let o = tokio::task::spawn_blocking({
+        let db = env.db.url();
+        move || {
+            bank()
+                .env("DATABASE_URL", db)
+                .args(["status", "--timeout", "300ms"])
+                .output()
+                .unwrap()
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("did not finish within 300ms"),
+        "{}",
+        text(&o)
+    );
+    wait_until(
+        Duration::from_secs(5),
+        "the query of the exited status command to be cancelled",
+        || {
+            let now = running();
+            async move { now.await.is_empty() }
+        },
+    )
+    .await;
 
     tx.rollback().await.unwrap();
     // The pool still works (the abandoned connections were not reused).
