@@ -148,6 +148,16 @@ pub struct SlotStatus {
     /// within the heartbeat timeout (it died, or the deployment went back
     /// to static mode): no worker of the pool runs the slot.
     pub stale_worker_id: Option<String>,
+    /// Events this slot receives that sort between the last event it
+    /// handled and its cursor: such events were written after the cursor
+    /// passed them (transaction ids reused after lost commits the engine
+    /// did not notice) and will never be handled unless the cursor moves
+    /// back. Checked over the newest 1000 events of that range. Fix: with
+    /// the processes running, `UPDATE projection_checkpoints SET epoch =
+    /// NULL WHERE projection_name = '…'` makes the engine move the cursor
+    /// back to the last handled event within seconds (or `reset` the
+    /// projection).
+    pub skipped_events: i64,
     /// Concurrency mode: in_flight, running, gaps (complete but not yet
     /// committable), blocking_position (lowest incomplete event),
     /// blocked_seconds, fetch_paused — as of the last checkpoint.
@@ -374,8 +384,10 @@ fn filters_json(projections: &[Arc<dyn Projection>]) -> serde_json::Value {
 /// The one statement behind `status`: `$1` the filters (JSON), `$2` the
 /// sample size ([`LAG_SAMPLE_EVENTS`]), `$3` the heartbeat timeout in
 /// seconds. Per slot, one bounded index range scan after the cursor (at
-/// most `$2` rows) and one index probe before it; the head is one probe of
-/// the primary key. Nothing in it grows with the log or the lag.
+/// most `$2` rows), one index probe before it, and one bounded range scan
+/// (at most `$2` rows, newest first) between the last handled event and
+/// the cursor, for skipped events; the head is one probe of the primary
+/// key. Nothing in it grows with the log or the lag.
 fn status_sql(store: &EventStore) -> String {
     let sql = store.statements();
     // Whether event e is one the slot receives: the registered filter (none
@@ -392,7 +404,8 @@ fn status_sql(store: &EventStore) -> String {
                 c.parallel_stats, f.projection IS NOT NULL, \
                 s.n, s.m, s.min_pos, \
                 coalesce(extract(epoch FROM now() - s.oldest)::float8, 0), \
-                p.global_position, h.head, w.worker_id, a.worker_id \
+                p.global_position, h.head, w.worker_id, a.worker_id, \
+                CASE WHEN f.projection IS NULL THEN 0 ELSE k.skipped END \
          FROM {cp} c \
          CROSS JOIN h \
          LEFT JOIN f ON f.projection = c.projection_name \
@@ -409,6 +422,13 @@ fn status_sql(store: &EventStore) -> String {
          LEFT JOIN LATERAL (SELECT e.global_position FROM {ev} e \
                             WHERE (e.transaction_id, e.global_position) <= (c.last_transaction_id, c.last_global_position) \
                             ORDER BY e.transaction_id DESC, e.global_position DESC LIMIT 1) p ON true \
+         CROSS JOIN LATERAL ( \
+             SELECT count(*) FILTER (WHERE y.hit) AS skipped \
+             FROM (SELECT {hit} AS hit FROM {ev} e \
+                   WHERE (e.transaction_id, e.global_position) \
+                         > (c.last_event_transaction_id, c.last_event_position) \
+                     AND (e.transaction_id, e.global_position) <= (c.last_transaction_id, c.last_global_position) \
+                   ORDER BY e.transaction_id DESC, e.global_position DESC LIMIT $2) y) k \
          ORDER BY c.projection_name, c.partition_key",
         ev = sql.events,
         cp = sql.checkpoints,
@@ -476,6 +496,7 @@ async fn status_in<C: tokio_postgres::GenericClient>(
                 registered: r.try_get(10)?,
                 stale_worker_id: if live.is_none() { assigned } else { None },
                 worker_id: live,
+                skipped_events: r.try_get(19)?,
             })
         })
         .collect::<Result<Vec<SlotStatus>>>()?;

@@ -897,10 +897,10 @@ fn print_status_table(rows: &[crate::admin::SlotStatus]) {
                 if r.lag_exact || r.lag_capped { "" } else { "~" },
                 r.lag_seconds
             ),
-            if r.registered {
-                r.state.clone()
-            } else {
-                format!("{} (not in this binary)", r.state)
+            match (r.registered, r.skipped_events) {
+                (false, _) => format!("{} (not in this binary)", r.state),
+                (true, 0) => r.state.clone(),
+                (true, n) => format!("{} ({n} SKIPPED)", r.state),
             },
             match (&r.worker_id, &r.stale_worker_id) {
                 (Some(w), _) => w.clone(),
@@ -925,6 +925,15 @@ fn print_status_table(rows: &[crate::admin::SlotStatus]) {
     }
     if rows.iter().any(|r| r.lag_capped) {
         println!("> the exact count stopped at --exact-limit (STATUS_EXACT_LIMIT)");
+    }
+    for r in rows.iter().filter(|r| r.skipped_events > 0) {
+        println!(
+            "SKIPPED: projection {} partition {} has {} event(s) below its cursor that it never handled (written \
+             after the cursor passed them: transaction ids reused after lost commits). Fix: with its processes \
+             running, UPDATE projection_checkpoints SET epoch = NULL WHERE projection_name = '{}' — the engine \
+             then moves the cursor back to the last handled event within seconds; or `reset {} --yes`",
+            r.projection, r.partition, r.skipped_events, r.projection, r.projection
+        );
     }
     if rows.iter().any(|r| !r.registered) {
         println!(

@@ -17,6 +17,7 @@ pub(crate) struct Metrics {
     pub(crate) handler_duration: HistogramVec,
     pub(crate) batch_duration: HistogramVec,
     pub(crate) lag_events: IntGaugeVec,
+    pub(crate) skipped_events: IntGaugeVec,
     pub(crate) lag_seconds: GaugeVec,
     pub(crate) cursor_position: IntGaugeVec,
     pub(crate) projection_state: IntGaugeVec,
@@ -51,6 +52,15 @@ fn build() -> Result<Metrics, prometheus::Error> {
             HistogramOpts::new("projectionist_batch_duration_seconds", "Time of a whole batch transaction: read, handle, checkpoint, commit.")
                 .buckets(buckets),
             &["projection"],
+        )?,
+        skipped_events: IntGaugeVec::new(
+            Opts::new(
+                "projectionist_skipped_events",
+                "Events the slot receives that sort between its last handled event and its cursor: written after \
+                 the cursor passed them, never to be handled unless the cursor moves back (should always be 0; \
+                 checked over the newest 1000 events of that range).",
+            ),
+            &["projection", "partition"],
         )?,
         lag_events: IntGaugeVec::new(
             Opts::new(
@@ -131,6 +141,7 @@ fn build() -> Result<Metrics, prometheus::Error> {
     m.registry.register(Box::new(m.projection_state.clone()))?;
     m.registry.register(Box::new(m.events_appended.clone()))?;
     m.registry.register(Box::new(m.lost_commits.clone()))?;
+    m.registry.register(Box::new(m.skipped_events.clone()))?;
     m.registry.register(Box::new(m.wakeups.clone()))?;
     m.registry.register(Box::new(m.worker_up.clone()))?;
     m.registry.register(Box::new(m.is_leader.clone()))?;

@@ -197,6 +197,9 @@ impl AdminState {
                 let labels = [s.projection.as_str(), partition.as_str()];
                 m.lag_events.with_label_values(&labels).set(s.lag_events);
                 m.lag_seconds.with_label_values(&labels).set(s.lag_seconds);
+                m.skipped_events
+                    .with_label_values(&labels)
+                    .set(s.skipped_events);
                 m.cursor_position
                     .with_label_values(&labels)
                     .set(s.gauge_position());
@@ -211,6 +214,7 @@ impl AdminState {
                 let labels = [projection.as_str(), partition.as_str()];
                 let _ = m.lag_events.remove_label_values(&labels);
                 let _ = m.lag_seconds.remove_label_values(&labels);
+                let _ = m.skipped_events.remove_label_values(&labels);
                 let _ = m.cursor_position.remove_label_values(&labels);
                 for state in ["running", "stopped", "failed"] {
                     let _ = m.projection_state.remove_label_values(&[
