@@ -678,12 +678,18 @@ impl App {
         if let (Some(addr), false) = (admin_addr, args.once) {
             let poll = parse_duration("POLL_INTERVAL", &args.poll_interval)?;
             let window = (poll * 3).clamp(Duration::from_secs(15), Duration::from_secs(120));
-            let state = std::sync::Arc::new(crate::server::AdminState::new(
-                store.clone(),
-                self.projections.clone(),
-                args.ready_max_lag,
-                window,
-            ));
+            let state = std::sync::Arc::new(
+                crate::server::AdminState::new(
+                    store.clone(),
+                    self.projections.clone(),
+                    args.ready_max_lag,
+                    window,
+                )
+                .heartbeat_timeout(parse_duration(
+                    "HEARTBEAT_TIMEOUT",
+                    &args.heartbeat_timeout,
+                )?),
+            );
             crate::server::serve(addr, state, admin_stop_rx).await?;
         }
         crate::metrics::with(|m| m.worker_up.set(1));

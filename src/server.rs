@@ -124,6 +124,13 @@ impl AdminState {
         }
     }
 
+    /// Worker mode: after how long without a heartbeat a slot's owner is
+    /// shown as stale (`HEARTBEAT_TIMEOUT`). Default: 30 s.
+    pub(crate) fn heartbeat_timeout(mut self, d: Duration) -> AdminState {
+        self.options.heartbeat_timeout = d;
+        self
+    }
+
     /// The status report, at most a second old; also refreshes the gauges.
     async fn report(&self) -> Fetched {
         self.report
