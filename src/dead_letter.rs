@@ -128,6 +128,9 @@ pub struct RetryOutcome {
 /// Re-runs the projection's handler on dead letter `id` in a transaction:
 /// on success the read model change and the entry's removal commit
 /// together; on failure the entry's attempt count and error are updated.
+/// A concurrency-mode projection ([`Projection::concurrency`]) gets its
+/// [`Projection::handle_concurrent`], as in the engine: at-least-once (if
+/// the removal fails to commit, a later retry handles the event again).
 pub async fn retry(
     store: &EventStore,
     projections: &[Arc<dyn Projection>],
@@ -176,10 +179,18 @@ pub async fn retry(
             ))
         })?;
     tx.batch_execute("SAVEPOINT projectionist_retry").await?;
-    let outcome = match projection
-        .handle_batch(std::slice::from_ref(&event), &tx)
-        .await
-    {
+    // The handler the engine runs for this projection: a concurrency-mode
+    // projection's handle_concurrent (no transaction, at-least-once: it
+    // runs before the entry's removal commits), else handle_batch in the
+    // transaction that also removes the entry.
+    let handled = if projection.concurrency().is_some() {
+        projection.handle_concurrent(&event).await
+    } else {
+        projection
+            .handle_batch(std::slice::from_ref(&event), &tx)
+            .await
+    };
+    let outcome = match handled {
         Ok(()) => {
             tx.execute(
                 &format!("DELETE FROM {} WHERE id = $1", sql.dead_letters),

@@ -545,3 +545,98 @@ async fn query_one_without_a_row_and_a_type_mismatch_are_dead_lettered() {
         "the errors name the cause: {letters:?}"
     );
 }
+
+/// A concurrency-mode projection: `handle_concurrent` records the events it
+/// handled and fails on `Poison` until fixed; `handle` must never be called.
+struct Notifier {
+    fixed: AtomicBool,
+    handled: std::sync::Mutex<Vec<i64>>,
+}
+
+#[async_trait]
+impl Projection for Notifier {
+    fn name(&self) -> &str {
+        "notifier"
+    }
+
+    fn concurrency(&self) -> Option<projectionist::Concurrency> {
+        Some(projectionist::Concurrency::new(4))
+    }
+
+    fn failure_policy(&self) -> FailurePolicy {
+        FailurePolicy::dead_letter()
+            .attempts(2)
+            .backoff(Duration::from_millis(5), Duration::from_millis(20))
+    }
+
+    async fn handle_concurrent(&self, event: &StoredEvent) -> projectionist::Result<()> {
+        if event.event_type == "Poison" && !self.fixed.load(Ordering::SeqCst) {
+            return Err(projectionist::Error::handler_msg("the mail server said no"));
+        }
+        self.handled.lock().unwrap().push(event.global_position);
+        Ok(())
+    }
+
+    async fn handle(&self, _: &StoredEvent, _: &Transaction<'_>) -> projectionist::Result<()> {
+        Err(projectionist::Error::handler_msg(
+            "handle() called on a concurrency-mode projection",
+        ))
+    }
+}
+
+/// `dlq retry` of a concurrency-mode projection runs `handle_concurrent`
+/// (the handler the engine ran), not the transactional `handle`.
+#[tokio::test]
+async fn dead_letter_retry_of_a_concurrent_projection_calls_handle_concurrent() {
+    let env = env().await;
+    let mut events: Vec<NewEvent> = (1..=3).map(good).collect();
+    events.push(NewEvent::new("Poison", &serde_json::json!({})).unwrap());
+    events.extend((4..=6).map(good));
+    let r = env
+        .store
+        .append("Account", "n", ExpectedVersion::NoStream, &events)
+        .await
+        .unwrap();
+    let notifier = Arc::new(Notifier {
+        fixed: AtomicBool::new(false),
+        handled: std::sync::Mutex::new(Vec::new()),
+    });
+    let runner = Runner::new(env.store.clone(), RunnerConfig::default())
+        .with_projection(notifier.clone())
+        .unwrap();
+    wait_until(Duration::from_secs(30), "the 6 good events", || async {
+        runner.run_once().await.unwrap();
+        notifier.handled.lock().unwrap().len() == 6
+    })
+    .await;
+    let letters = dead_letter::list(&env.store, Some("notifier"))
+        .await
+        .unwrap();
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    let poison = letters[0].global_position;
+    assert_eq!(poison, r.last_position - 3);
+
+    let projections: Vec<Arc<dyn Projection>> = vec![notifier.clone()];
+    let again = dead_letter::retry(&env.store, &projections, letters[0].id)
+        .await
+        .unwrap();
+    assert!(!again.succeeded);
+    assert!(
+        again
+            .error
+            .as_deref()
+            .is_some_and(|e| e.contains("the mail server said no")),
+        "the retry ran handle_concurrent: {again:?}"
+    );
+
+    notifier.fixed.store(true, Ordering::SeqCst);
+    let ok = dead_letter::retry(&env.store, &projections, letters[0].id)
+        .await
+        .unwrap();
+    assert!(ok.succeeded, "{ok:?}");
+    assert_eq!(notifier.handled.lock().unwrap().last(), Some(&poison));
+    assert!(dead_letter::list(&env.store, None)
+        .await
+        .unwrap()
+        .is_empty());
+}
