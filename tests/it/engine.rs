@@ -764,3 +764,104 @@ async fn pipelined_handlers_keep_each_streams_order_across_rebuilds() {
     }
     assert!(failures.is_empty(), "{failures:#?}");
 }
+
+/// Two processes starting one projection with different partition counts
+/// at the same moment: at most one may pass the partition-count check.
+/// The race is widened deterministically: an open transaction has inserted
+/// (uncommitted) rows with every key the processes will insert, so each
+/// process's check runs and its insert then waits; the transaction rolls
+/// back once every process is waiting. A check-then-insert lets both pass.
+/// (On a server of its own: the open transaction holds the cluster-wide
+/// watermark back while it waits.)
+#[tokio::test]
+async fn concurrent_starts_with_different_partition_counts_never_both_succeed() {
+    let server = projectionist::testing::TestServer::start_private()
+        .await
+        .unwrap();
+    let db = server.create_database().await.unwrap();
+    projectionist::migrate(&db.config(), "public")
+        .await
+        .unwrap();
+    let env = Env {
+        store: projectionist::EventStore::connect_config(
+            db.config(),
+            projectionist::StoreConfig::default(),
+        )
+        .unwrap(),
+        db,
+    };
+    const PAIRS: usize = 10;
+    let mut holder = env.client().await;
+    let hold = holder.transaction().await.unwrap();
+    for i in 0..PAIRS {
+        hold.execute(
+            "INSERT INTO projection_checkpoints (projection_name, partition_key, total_partitions) \
+             VALUES ($1, 0, 99), ($1, 1, 99)",
+            &[&format!("race_{i}")],
+        )
+        .await
+        .unwrap();
+    }
+    let start = |i: usize, key: i32, total: i32| {
+        let store = env.store.clone();
+        tokio::spawn(async move {
+            Runner::new(
+                store,
+                RunnerConfig::default().partition(key, total).unwrap(),
+            )
+            .with_projection(Arc::new(Tally::new(&format!("race_{i}"))))
+            .unwrap()
+            .run_once()
+            .await
+        })
+    };
+    let pairs: Vec<_> = (0..PAIRS)
+        .map(|i| (start(i, 0, 2), start(i, 1, 3)))
+        .collect();
+    let watcher = env.client().await;
+    wait_until(
+        Duration::from_secs(30),
+        "every start to be waiting",
+        || async {
+            let waiting: i64 = watcher
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+                 AND wait_event_type = 'Lock' AND pid <> pg_backend_pid()",
+                    &[],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            waiting == 2 * PAIRS as i64
+        },
+    )
+    .await;
+    hold.rollback().await.unwrap();
+    let (mut both, mut mixed) = (Vec::new(), Vec::new());
+    for (i, (a, b)) in pairs.into_iter().enumerate() {
+        let (a, b) = (a.await.unwrap(), b.await.unwrap());
+        if let Some(e) = [&a, &b].into_iter().find_map(|r| r.as_ref().err()) {
+            assert!(
+                e.is_config() && e.to_string().contains("partition(s)"),
+                "race_{i}: {e}"
+            );
+        }
+        if a.is_ok() && b.is_ok() {
+            both.push(i);
+        }
+        let totals = env
+            .scalar_i64(&format!(
+                "SELECT count(DISTINCT total_partitions) FROM projection_checkpoints WHERE projection_name = 'race_{i}'"
+            ))
+            .await;
+        if totals > 1 {
+            mixed.push(i);
+        }
+    }
+    assert!(
+        both.is_empty() && mixed.is_empty(),
+        "both starts with different partition counts succeeded for {} of {PAIRS} pairs ({both:?}); \
+         checkpoints with two partition counts for {mixed:?}",
+        both.len()
+    );
+}
