@@ -174,19 +174,21 @@ pub trait Projection: Send + Sync + 'static {
     async fn handle(&self, event: &StoredEvent, tx: &Transaction<'_>) -> Result<()>;
 
     /// Whether the default [`Projection::handle_batch`] may pipeline
-    /// [`Projection::handle`] across streams: the batch's events are
-    /// grouped by stream (`aggregate_type`, `aggregate_id`), each stream's
-    /// events are handled one after the other, in order, and the streams
-    /// run concurrently in the same transaction, so their statements travel
-    /// to the server back to back instead of one round trip at a time.
+    /// [`Projection::handle`] across streams, all in the batch transaction,
+    /// so that statements travel to the server back to back instead of one
+    /// round trip at a time. The batch runs in rounds: the first event of
+    /// every stream (`aggregate_type`, `aggregate_id`) in the batch, all
+    /// started together; once they are all done, every stream's second
+    /// event; and so on.
     ///
-    /// Per-stream order always holds. Events of *different* streams may
-    /// reach the server in any order (a handler whose statement is already
-    /// prepared overtakes one that must prepare first), so opt in when the
-    /// work of different streams commutes: each event writes only rows of
-    /// its own stream (an upsert keyed by the aggregate id, an insert), or
-    /// adds to shared counters. Default: `false` (one event after the
-    /// other, in batch order).
+    /// Per-stream order always holds: a stream's event starts only after its
+    /// previous one finished. Events of *different* streams may reach the
+    /// server in any order (a handler whose statement is already prepared
+    /// overtakes one that must prepare first), so opt in when the work of
+    /// different streams commutes: each event writes only rows of its own
+    /// stream (an upsert keyed by the aggregate id, an insert), or adds to
+    /// shared counters. Default: `false` (one event after the other, in
+    /// batch order).
     fn pipelined(&self) -> bool {
         false
     }
@@ -199,14 +201,15 @@ pub trait Projection: Send + Sync + 'static {
     /// order is part of the engine's contract.
     async fn handle_batch(&self, events: &[StoredEvent], tx: &Transaction<'_>) -> Result<()> {
         if self.pipelined() && events.len() > 1 {
-            let streams = by_stream(events);
-            let runs = streams.iter().map(|stream| async move {
-                for event in stream {
+            for round in stream_rounds(events) {
+                if let [event] = round.as_slice() {
                     self.handle(event, tx).await?;
+                    continue;
                 }
-                Ok(())
-            });
-            return first_cause(futures_util::future::join_all(runs).await);
+                let handlers = round.iter().map(|event| self.handle(event, tx));
+                first_cause(futures_util::future::join_all(handlers).await)?;
+            }
+            return Ok(());
         }
         for event in events {
             self.handle(event, tx).await?;
@@ -225,27 +228,29 @@ pub trait Projection: Send + Sync + 'static {
     }
 }
 
-/// The events of a batch grouped by stream (`aggregate_type`,
-/// `aggregate_id`), each group in batch order, the groups in order of their
-/// first event.
-fn by_stream(events: &[StoredEvent]) -> Vec<Vec<&StoredEvent>> {
-    let mut index: std::collections::HashMap<(&str, &str), usize> =
+/// The events of a batch in rounds: round `n` holds the `n`-th event of
+/// every stream (`aggregate_type`, `aggregate_id`) that has one, in batch
+/// order. Running the rounds one after the other keeps every stream's
+/// order while each round's events, of distinct streams, run together.
+fn stream_rounds(events: &[StoredEvent]) -> Vec<Vec<&StoredEvent>> {
+    let mut seen: std::collections::HashMap<(&str, &str), usize> =
         std::collections::HashMap::with_capacity(events.len());
-    let mut streams: Vec<Vec<&StoredEvent>> = Vec::with_capacity(events.len());
+    let mut rounds: Vec<Vec<&StoredEvent>> = Vec::new();
     for event in events {
         let key = (event.aggregate_type.as_str(), event.aggregate_id.as_str());
-        let i = *index.entry(key).or_insert_with(|| {
-            streams.push(Vec::new());
-            streams.len() - 1
-        });
-        streams[i].push(event);
+        let n = seen.entry(key).or_insert(0);
+        if rounds.len() <= *n {
+            rounds.push(Vec::new());
+        }
+        rounds[*n].push(event);
+        *n += 1;
     }
-    streams
+    rounds
 }
 
-/// The outcome of concurrently handled streams: the first error that is
-/// not merely "the transaction is already aborted" (SQLSTATE 25P02, the
-/// echo of another stream's failure), else the first error, else `Ok`.
+/// The outcome of events handled together: the first error that is not
+/// merely "the transaction is already aborted" (SQLSTATE 25P02, the echo
+/// of another event's failure), else the first error, else `Ok`.
 fn first_cause(outcomes: Vec<Result<()>>) -> Result<()> {
     let mut first: Option<Error> = None;
     for outcome in outcomes {
@@ -280,7 +285,7 @@ mod tests {
     }
 
     #[test]
-    fn batches_split_by_stream_in_order() {
+    fn batches_run_in_rounds_that_keep_each_streams_order() {
         let events = [
             event(1, "Order", "a"),
             event(2, "Order", "b"),
@@ -289,10 +294,10 @@ mod tests {
             event(5, "Order", "b"),
             event(6, "Order", "a"),
         ];
-        let positions: Vec<Vec<i64>> = by_stream(&events)
+        let positions: Vec<Vec<i64>> = stream_rounds(&events)
             .iter()
             .map(|s| s.iter().map(|e| e.global_position).collect())
             .collect();
-        assert_eq!(positions, vec![vec![1, 3, 6], vec![2, 5], vec![4]]);
+        assert_eq!(positions, vec![vec![1, 2, 4], vec![3, 5], vec![6]]);
     }
 }
