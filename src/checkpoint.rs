@@ -287,6 +287,62 @@ impl Checkpoints {
             .await?)
     }
 
+    /// Pauses `name` (one partition, or all): sets `status = 'stopped'` on
+    /// its rows that are not stopped yet (a failed row keeps its error, so
+    /// `status` still shows why it had failed). Returns how many rows
+    /// exist for the selection and how many were paused now.
+    pub(crate) async fn pause<C: GenericClient>(
+        &self,
+        client: &C,
+        name: &str,
+        partition: Option<i32>,
+    ) -> Result<(u64, u64)> {
+        let paused = client
+            .execute(
+                &format!(
+                    "UPDATE {} SET status = 'stopped', updated_at = now() \
+                     WHERE projection_name = $1 AND ($2::int4 IS NULL OR partition_key = $2) \
+                       AND status <> 'stopped'",
+                    self.table
+                ),
+                &[&name, &partition],
+            )
+            .await?;
+        let rows: i64 = client
+            .query_one(
+                &format!(
+                    "SELECT count(*) FROM {} WHERE projection_name = $1 AND ($2::int4 IS NULL OR partition_key = $2)",
+                    self.table
+                ),
+                &[&name, &partition],
+            )
+            .await?
+            .try_get(0)?;
+        Ok((rows.max(0) as u64, paused))
+    }
+
+    /// Puts the failed or paused rows of `name` (one partition, or all) back
+    /// to `running`, clearing the failure. Returns the rows changed.
+    pub(crate) async fn resume<C: GenericClient>(
+        &self,
+        client: &C,
+        name: &str,
+        partition: Option<i32>,
+    ) -> Result<u64> {
+        Ok(client
+            .execute(
+                &format!(
+                    "UPDATE {} SET status = 'running', last_error = NULL, failed_position = NULL, \
+                     updated_at = now() \
+                     WHERE projection_name = $1 AND ($2::int4 IS NULL OR partition_key = $2) \
+                       AND status IN ('failed', 'stopped')",
+                    self.table
+                ),
+                &[&name, &partition],
+            )
+            .await?)
+    }
+
     /// Records an error on the row without moving the cursor.
     pub(crate) async fn record_error<C: GenericClient>(
         &self,

@@ -1,6 +1,7 @@
 //! The command line of the user's binary: `migrate`, `run-projections`,
-//! `status`, `reset`. Every option has a flag and an environment variable;
-//! the database URL's value is never shown in `--help` or logs.
+//! `status`, `reset`, `dlq`, `pause`/`resume`, `rebase-cursors`. Every
+//! option has a flag and an environment variable; the database URL's value
+//! is never shown in `--help` or logs.
 //!
 //! A user's `main` is a few lines:
 //!
@@ -80,8 +81,16 @@ pub enum Command {
     /// Dead letters: events projections gave up on (failure policy DeadLetter).
     #[command(subcommand)]
     Dlq(DlqCommand),
-    /// Put a failed projection back to running (processes pick it up within a second).
+    /// Put a failed or paused projection back to running (processes pick it up within a second).
     Resume {
+        /// The projection's name.
+        name: String,
+        /// Only this partition.
+        #[arg(long)]
+        partition: Option<i32>,
+    },
+    /// Pause a projection (state stopped): processes stop running it until `resume`.
+    Pause {
         /// The projection's name.
         name: String,
         /// Only this partition.
@@ -465,9 +474,29 @@ impl App {
                 let store = self.connect(global).await?;
                 let n = crate::dead_letter::resume(&store, &name, partition).await?;
                 if n == 0 {
-                    outln!("{name} has no failed partition: nothing to resume");
+                    outln!("{name} has no failed or paused partition: nothing to resume");
                 } else {
-                    outln!("resumed {n} failed partition(s) of {name}");
+                    outln!("resumed {n} failed or paused partition(s) of {name}");
+                }
+                Ok(())
+            }
+            Command::Pause { name, partition } => {
+                self.find(&name)?;
+                let store = self.connect(global).await?;
+                let n = crate::dead_letter::pause(&store, &name, partition).await?;
+                let what = partition
+                    .map(|p| format!("partition {p} of {name}"))
+                    .unwrap_or_else(|| name.clone());
+                if n == 0 {
+                    outln!("{what} is already paused: nothing to do");
+                } else {
+                    outln!(
+                        "paused {n} partition(s) of {name}: processes stop running it after their current \
+                         batch; `resume {name}{}` continues it",
+                        partition
+                            .map(|p| format!(" --partition {p}"))
+                            .unwrap_or_default()
+                    );
                 }
                 Ok(())
             }

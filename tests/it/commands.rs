@@ -77,6 +77,7 @@ async fn printing_commands_exit_cleanly_into_a_closed_pipe() {
         (&["dlq", "show", &id], 0),
         // The poison is still poison: the retry fails (exit 1), quietly.
         (&["dlq", "retry", &id], 1),
+        (&["pause", "account_balances"], 0),
         (&["resume", "account_balances"], 0),
         (&["run-projections", "--once"], 0),
         (&["rebase-cursors", "--yes"], 0),
@@ -95,4 +96,120 @@ async fn printing_commands_exit_cleanly_into_a_closed_pipe() {
         }
     }
     assert!(wrong.is_empty(), "{}", wrong.join("\n\n"));
+}
+
+/// The status of every checkpoint row, as `projection/partition=status`.
+async fn states(db: &TestDatabase) -> Vec<String> {
+    db.connect()
+        .await
+        .unwrap()
+        .query(
+            "SELECT projection_name || '/' || partition_key || '=' || status FROM projection_checkpoints \
+             ORDER BY projection_name, partition_key",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
+/// `pause NAME [--partition K]` sets the checkpoint rows to `stopped`
+/// (only that projection's, only that partition's), says so when they
+/// already are, refuses unknown names and partitions with the fix named,
+/// and `resume` puts them back to `running`.
+#[tokio::test]
+async fn pause_stops_the_rows_and_resume_restarts_them() {
+    let db = TestDatabase::create().await.unwrap();
+    let o = run(&db, &["migrate"], &[]);
+    assert!(o.status.success(), "{}", text(&o));
+    // No checkpoints yet: nothing to pause, and the message says why.
+    let o = run(&db, &["pause", "account_balances"], &[]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("no checkpoints yet"),
+        "{}",
+        text(&o)
+    );
+    for key in ["0", "1"] {
+        let o = run(
+            &db,
+            &["run-projections", "--once"],
+            &[("TOTAL_PARTITIONS", "2"), ("PARTITION_KEY", key)],
+        );
+        assert!(o.status.success(), "{}", text(&o));
+    }
+    let running = [
+        "account_balances/0=running",
+        "account_balances/1=running",
+        "large_withdrawal_notifier/0=running",
+        "large_withdrawal_notifier/1=running",
+    ];
+    assert_eq!(states(&db).await, running);
+
+    let o = run(&db, &["pause", "account_balances", "--partition", "1"], &[]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("paused 1 partition(s) of account_balances"),
+        "{}",
+        text(&o)
+    );
+    assert_eq!(
+        states(&db).await,
+        [
+            "account_balances/0=running",
+            "account_balances/1=stopped",
+            "large_withdrawal_notifier/0=running",
+            "large_withdrawal_notifier/1=running",
+        ]
+    );
+    let o = run(&db, &["pause", "account_balances"], &[]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("paused 1 partition(s)"),
+        "only partition 0 was still running: {}",
+        text(&o)
+    );
+    let o = run(&db, &["pause", "account_balances"], &[]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("already paused"),
+        "{}",
+        text(&o)
+    );
+    assert_eq!(
+        states(&db).await,
+        [
+            "account_balances/0=stopped",
+            "account_balances/1=stopped",
+            "large_withdrawal_notifier/0=running",
+            "large_withdrawal_notifier/1=running",
+        ]
+    );
+
+    // Unknown names and partitions: exit 2, the fix named, nothing changed.
+    let o = run(&db, &["pause", "nope"], &[]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("unknown projection \"nope\""),
+        "{}",
+        text(&o)
+    );
+    let o = run(&db, &["pause", "account_balances", "--partition", "7"], &[]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("no checkpoint for partition 7"),
+        "{}",
+        text(&o)
+    );
+
+    let o = run(&db, &["resume", "account_balances"], &[]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("resumed 2"),
+        "{}",
+        text(&o)
+    );
+    assert_eq!(states(&db).await, running);
 }
