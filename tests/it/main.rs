@@ -4,6 +4,7 @@
 
 mod catalogue;
 mod cli;
+mod commands;
 mod common;
 mod crash;
 mod engine;
