@@ -65,8 +65,10 @@ pub struct GlobalArgs {
     pub notify_channel: String,
 }
 
-/// The engine's subcommands.
+/// The engine's subcommands. New subcommands may be added in minor
+/// releases: match with a wildcard arm.
 #[derive(Subcommand, Debug, Clone)]
+#[non_exhaustive]
 pub enum Command {
     /// Create or upgrade the projectionist tables (safe to run from many replicas at once).
     Migrate,

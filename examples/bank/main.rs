@@ -51,6 +51,7 @@ use projectionist::cli::{Command, GlobalArgs};
 use projectionist::{App, Error};
 use projections::{AccountBalances, LargeWithdrawalNotifier, LARGE_WITHDRAWAL_CENTS};
 use simulate::SimulateArgs;
+use std::io::Write;
 use std::process::ExitCode;
 use std::sync::Arc;
 
@@ -122,7 +123,7 @@ fn build_app() -> Result<(App, bool), String> {
 
 /// Prints `e` and maps it to an exit code, as [`App::execute`] does.
 fn fail(e: &Error) -> ExitCode {
-    eprintln!("error: {e}");
+    let _ = writeln!(std::io::stderr(), "error: {e}");
     ExitCode::from(if e.is_config() && !e.is_not_migrated() {
         2
     } else {
@@ -144,7 +145,7 @@ async fn migrate(app: &App, global: &GlobalArgs) -> ExitCode {
     .await;
     match created {
         Ok(()) => {
-            println!("read model account_balances is ready");
+            let _ = writeln!(std::io::stdout(), "read model account_balances is ready");
             ExitCode::SUCCESS
         }
         Err(e) => fail(&e),
@@ -164,7 +165,7 @@ async fn main() -> ExitCode {
     let (app, batch) = match build_app() {
         Ok(built) => built,
         Err(message) => {
-            eprintln!("error: {message}");
+            let _ = writeln!(std::io::stderr(), "error: {message}");
             return ExitCode::from(2);
         }
     };

@@ -1,7 +1,7 @@
 //! Static partitions read only their own events: n partitions together
 //! fetch about one log's worth of index rows, not n logs.
 
-use crate::common::{env, wait_until};
+use crate::common::wait_until;
 use projectionist::{async_trait, Projection, Runner, RunnerConfig, StoredEvent, Transaction};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -58,7 +58,8 @@ async fn index_rows_read(c: &tokio_postgres::Client) -> i64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn four_partitions_together_read_the_log_about_once() {
     const EVENTS: i64 = 100_000;
-    let env = env().await;
+    // A server of its own: see common::private_env.
+    let (_server, env) = crate::common::private_env().await;
     let c = env.client().await;
     c.batch_execute(&format!(
         "INSERT INTO events (aggregate_type, aggregate_id, aggregate_version, event_type, payload) \
