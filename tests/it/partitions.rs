@@ -55,6 +55,19 @@ async fn index_rows_read(c: &tokio_postgres::Client) -> i64 {
     .get(0)
 }
 
+/// Catches up partitions 0 to 3 of 4, one after the other.
+async fn run_four_partitions(store: &projectionist::EventStore, noop: &Arc<Noop>) {
+    for partition in 0..4 {
+        let runner = Runner::new(
+            store.clone(),
+            RunnerConfig::default().partition(partition, 4).unwrap(),
+        )
+        .with_projection(noop.clone())
+        .unwrap();
+        runner.run_once().await.unwrap();
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn four_partitions_together_read_the_log_about_once() {
     const EVENTS: i64 = 100_000;
@@ -78,15 +91,7 @@ async fn four_partitions_together_read_the_log_about_once() {
     )
     .unwrap();
     // The index is built once, before the partitions read.
-    for partition in 0..4 {
-        let runner = Runner::new(
-            store.clone(),
-            RunnerConfig::default().partition(partition, 4).unwrap(),
-        )
-        .with_projection(noop.clone())
-        .unwrap();
-        runner.run_once().await.unwrap();
-    }
+    run_four_partitions(&store, &noop).await;
     assert_eq!(noop.calls.load(Ordering::Relaxed) as i64, EVENTS);
     let built: bool = c
         .query_one(
@@ -112,15 +117,7 @@ async fn four_partitions_together_read_the_log_about_once() {
         projectionist::StoreConfig::default(),
     )
     .unwrap();
-    for partition in 0..4 {
-        let runner = Runner::new(
-            store.clone(),
-            RunnerConfig::default().partition(partition, 4).unwrap(),
-        )
-        .with_projection(noop.clone())
-        .unwrap();
-        runner.run_once().await.unwrap();
-    }
+    run_four_partitions(&store, &noop).await;
     drop(store);
     let read = index_rows_read(&c).await - before;
     assert_eq!(noop.calls.load(Ordering::Relaxed) as i64, 2 * EVENTS);
