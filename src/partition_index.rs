@@ -43,9 +43,26 @@ pub(crate) async fn ensure(store: &EventStore, total: i32) -> Result<()> {
         return Ok(());
     }
     let key = lock_key(schema.as_str(), total);
-    client
-        .execute("SELECT pg_advisory_lock($1)", &[&key])
-        .await?;
+    // Try, don't block: a statement waiting for the lock holds a snapshot,
+    // and the holder's CREATE INDEX CONCURRENTLY waits for every older
+    // snapshot to end, so the two would deadlock (PostgreSQL then fails
+    // one of the processes starting together). Between tries no statement
+    // is open; the wait ends as soon as the index is valid.
+    let mut delay = std::time::Duration::from_millis(10);
+    loop {
+        let locked: bool = client
+            .query_one("SELECT pg_try_advisory_lock($1)", &[&key])
+            .await?
+            .try_get(0)?;
+        if locked {
+            break;
+        }
+        if index_state(&client, &qualified).await? == Some(true) {
+            return Ok(());
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(std::time::Duration::from_millis(500));
+    }
     let built = build(&client, store, total, &qualified).await;
     let _ = client
         .execute("SELECT pg_advisory_unlock($1)", &[&key])
