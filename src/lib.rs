@@ -31,6 +31,7 @@ mod server;
 mod slot;
 mod store;
 mod tls;
+mod wait;
 mod worker;
 
 #[cfg(feature = "testing")]
@@ -40,7 +41,7 @@ pub use admin::{
     report, reset, status, watermark_holder, workers, SlotStatus, StatusReport, WatermarkHolder,
     WorkerStatus,
 };
-pub use checkpoint::Checkpoint;
+pub use checkpoint::{Checkpoint, CHECKPOINTS_CHANNEL};
 pub use cli::App;
 pub use db::{describe as describe_database, parse_url, DEFAULT_POOL_SIZE};
 pub use dispatcher::DispatcherKind;
@@ -56,6 +57,7 @@ pub use runner::{
 pub use store::{
     AppendResult, EventStore, ExpectedVersion, ReadBatch, StoreConfig, DEFAULT_NOTIFY_CHANNEL,
 };
+pub use wait::{WaitTarget, Waiter};
 pub use worker::{
     WorkerConfig, DEFAULT_HEARTBEAT_INTERVAL, DEFAULT_HEARTBEAT_TIMEOUT,
     DEFAULT_MAX_CONSECUTIVE_FAILURES, DEFAULT_REBALANCE_INTERVAL, WORKERS_CHANNEL,

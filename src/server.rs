@@ -1,7 +1,8 @@
 //! The admin HTTP server (hyper 1), read-only: `/metrics` (Prometheus text
 //! format), `/healthz` (liveness: the process's loops are ticking),
 //! `/readyz` (database reachable, no failed projection, lag under
-//! `READY_MAX_LAG` if set) and `/status` (JSON, as `status --json`).
+//! `READY_MAX_LAG` if set), `/status` (JSON, as `status --json`) and
+//! `/wait` (read-your-writes, see `wait.rs`).
 //!
 //! Database-backed answers come from one status report cached for a second
 //! and refreshed by one request at a time, so thousands of concurrent
@@ -47,6 +48,8 @@ pub(crate) struct AdminState {
     /// Loops that have not ticked for this long make `/healthz` fail.
     liveness_window: Duration,
     cache: Mutex<Option<(Instant, Fetched)>>,
+    /// `/wait`: one LISTEN connection for every request, opened on the first.
+    waiter: crate::wait::Waiter,
 }
 
 impl AdminState {
@@ -58,6 +61,7 @@ impl AdminState {
     ) -> AdminState {
         tick();
         AdminState {
+            waiter: crate::wait::Waiter::new(&store),
             store,
             projections,
             ready_max_lag,
@@ -290,6 +294,11 @@ async fn route(state: &AdminState, req: Request<hyper::body::Incoming>) -> Respo
                 serde_json::json!({ "error": e }).to_string(),
             ),
         },
+        "/wait" => {
+            let (code, body) = crate::wait::http(&state.waiter, req.uri().query()).await;
+            let code = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+            respond(code, "application/json", body)
+        }
         _ => respond(
             StatusCode::NOT_FOUND,
             TEXT,

@@ -16,4 +16,5 @@ mod partitions;
 mod store;
 mod tls;
 mod two_schemas;
+mod wait;
 mod worker;
