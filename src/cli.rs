@@ -113,6 +113,8 @@ pub enum Command {
         #[arg(long)]
         partition: Option<i32>,
     },
+    /// Wait until a projection has handled an append (read-your-writes); exit 1 on timeout.
+    Wait(WaitArgs),
     /// After restoring the database into another PostgreSQL cluster: re-derive every cursor from
     /// global positions (stop all projection processes first).
     RebaseCursors {
@@ -131,6 +133,26 @@ pub enum Command {
         #[arg(long)]
         yes: bool,
     },
+}
+
+/// Options of `wait`.
+#[derive(Args, Debug, Clone)]
+pub struct WaitArgs {
+    /// The projection's name.
+    pub name: String,
+    /// The appending transaction's id (an append returns it).
+    #[arg(long)]
+    pub transaction_id: u64,
+    /// The global position of the event to wait for. Unset: the transaction's last event (the
+    /// whole transaction).
+    #[arg(long)]
+    pub position: Option<i64>,
+    /// Wait for this partition only. Unset: the partitions that hold the events waited for.
+    #[arg(long)]
+    pub partition: Option<i32>,
+    /// How long to wait (e.g. 500ms, 5s).
+    #[arg(long, env = "WAIT_TIMEOUT", default_value = "5s")]
+    pub timeout: String,
 }
 
 /// `dlq` subcommands.
@@ -484,6 +506,12 @@ impl App {
                     rebased.len()
                 );
                 Ok(())
+            }
+            Command::Wait(args) => {
+                self.find(&args.name)?;
+                let timeout = parse_duration("--timeout", &args.timeout)?;
+                let store = self.connect(global).await?;
+                crate::wait::run_cli(&store, &args, timeout).await
             }
             Command::Resume { name, partition } => {
                 self.find(&name)?;

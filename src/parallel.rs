@@ -141,8 +141,6 @@ pub(crate) async fn run(
     let mut tasks: JoinSet<(String, Cursor, Done)> = JoinSet::new();
     let mut fetch_cursor = p.cursor();
     let mut caught_up = false;
-    let mut head_at_commit = 0i64;
-    let mut head = 0i64;
     let mut uncommitted: Option<Uncommitted> = None;
     let mut last_commit = Instant::now();
     let mut failed: Option<(Error, u32, Box<StoredEvent>)> = None;
@@ -193,7 +191,7 @@ pub(crate) async fn run(
         if !caught_up && failed.is_none() && !*stop.borrow() && in_flight < max {
             wake.borrow_and_update();
             let limit = (max - in_flight) as i64;
-            let Some(page) = p.fetch(fetch_cursor, limit).await? else {
+            let Some((page, passed)) = p.fetch(fetch_cursor, limit).await? else {
                 // The slot resynchronised (lost commits, a reset, a moved
                 // checkpoint): wait for running handlers, then start over
                 // from the stored checkpoint.
@@ -204,7 +202,6 @@ pub(crate) async fn run(
                 continue;
             };
             marks.saw(page.watermark);
-            head = page.head;
             caught_up = (page.events.len() as i64) < limit;
             for event in page.events {
                 w.order.insert(event.cursor(), false);
@@ -217,8 +214,11 @@ pub(crate) async fn run(
                 }
             }
             fetch_cursor = page.next_cursor;
-            if w.order.is_empty() && fetch_cursor > p.cursor() && head > head_at_commit {
-                // Nothing in flight: the cursor may pass skipped events.
+            if w.order.is_empty() && fetch_cursor > p.cursor() && passed {
+                // Nothing in flight, and the page passed over events its
+                // filter excluded: the cursor moves past them (so waiters
+                // for them see it pass). A page that passed over nothing
+                // needs no write.
                 uncommitted = Some(Uncommitted {
                     to: fetch_cursor,
                     handled: uncommitted.map(|u| u.handled).unwrap_or(0),
@@ -247,7 +247,6 @@ pub(crate) async fn run(
                     Ok(()) => {
                         uncommitted = None;
                         last_commit = Instant::now();
-                        head_at_commit = head;
                     }
                     Err(e) if e.is_fenced() => {
                         while tasks.join_next().await.is_some() {}

@@ -213,8 +213,6 @@ pub(crate) struct Processor {
     last_event: Cursor,
     /// The crash epoch the cursors belong to (`None`: not known yet).
     epoch: Option<Uuid>,
-    /// The log head at the last checkpoint write.
-    persisted_head: i64,
     /// The server's start time when this processor last read.
     server_started: Option<chrono::DateTime<chrono::Utc>>,
     /// The highest watermark read below; one lower than this means the
@@ -268,7 +266,6 @@ impl Processor {
             read_cursor: cursor,
             last_event: cursor,
             epoch: None,
-            persisted_head: 0,
             server_started: None,
             last_watermark: 0,
         };
@@ -521,10 +518,14 @@ impl Processor {
         self.last_watermark = page.watermark;
         let caught_up = (page.events.len() as i64) < self.batch_size;
         let next = page.next_cursor;
-        if page.events.is_empty() && (next <= self.cursor || page.head <= self.persisted_head) {
-            // Nothing handled and no new event was skipped since the last
-            // write: move on in memory only (a write here would move the
-            // watermark and wake every processor again).
+        if page.events.is_empty() && (next <= self.cursor || !control.passed) {
+            // Nothing handled and no event passed over (the filter or the
+            // partition excluded none): move on in memory only (a write
+            // here would move the watermark and wake every processor
+            // again). Earlier pages skipped this way passed over nothing
+            // either, so the stored cursor is behind no event; once a page
+            // passes over one, the cursor is written past it, so that
+            // waiters for it (`Waiter`) see the slot pass it.
             drop(tx);
             self.read_cursor = next;
             return Ok(BatchOutcome {
@@ -562,7 +563,6 @@ impl Processor {
         self.advance(&tx, next, handled, last_event).await?;
         tx.commit().await?;
         self.moved_to(next, last_event);
-        self.persisted_head = page.head;
         Ok(BatchOutcome {
             handled,
             caught_up,
@@ -756,8 +756,14 @@ impl Processor {
     /// Reads up to `limit` events after `after` (no transaction), checking
     /// the slot first: `Ok(None)` means the processor resynchronised with
     /// its slot (lost commits, a reset, a moved checkpoint) and every
-    /// in-memory position after [`Processor::cursor`] is void.
-    pub(crate) async fn fetch(&mut self, after: Cursor, limit: i64) -> Result<Option<ReadBatch>> {
+    /// in-memory position after [`Processor::cursor`] is void. The flag
+    /// says whether the range read holds any event, matching or not (see
+    /// `Control::passed`).
+    pub(crate) async fn fetch(
+        &mut self,
+        after: Cursor,
+        limit: i64,
+    ) -> Result<Option<(ReadBatch, bool)>> {
         let client = self.pool.get().await?;
         let read = client.prepare_cached(&self.read_sql).await?;
         let (page, control) = read_page(
@@ -775,7 +781,7 @@ impl Processor {
             return Ok(None);
         }
         self.last_watermark = page.watermark;
-        Ok(Some(page))
+        Ok(Some((page, control.passed)))
     }
 
     /// Moves the checkpoint to `next` in a transaction of its own (the
@@ -891,7 +897,6 @@ impl Processor {
         self.read_cursor = row.cursor;
         self.last_event = row.last_event;
         self.epoch = row.epoch;
-        self.persisted_head = 0;
         self.last_watermark = 0;
         Ok(())
     }

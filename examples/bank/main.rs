@@ -4,7 +4,7 @@
 //! `AccountOpened {"owner"}`, `MoneyDeposited {"amount"}` and
 //! `MoneyWithdrawn {"amount"}` events (amounts in integer cents). It shows
 //!
-//! - a binary that adds its own subcommand (`simulate`) to the engine's
+//! - a binary that adds its own subcommands (`simulate`, `deposit`) to the engine's
 //!   `migrate`, `run-projections`, `status` and `reset`, by flattening
 //!   [`projectionist::cli::Command`] into its clap enum and calling
 //!   [`App::execute`];
@@ -13,7 +13,10 @@
 //!   set-based statement per batch (`handle_batch` over `unnest` arrays);
 //! - a non-transactional consumer, `large_withdrawal_notifier`, with
 //!   at-least-once side effects keyed by `event_id`;
-//! - writers that append with expected versions and retry on conflicts.
+//! - writers that append with expected versions and retry on conflicts;
+//! - read-your-writes: `deposit --account A --cents N --wait` appends, waits
+//!   until `account_balances` has handled the deposit (a [`projectionist::Waiter`],
+//!   woken by the checkpoint's NOTIFY), and prints the balance read from it.
 //!
 //! ## Running it
 //!
@@ -42,11 +45,13 @@
 //!
 //! Exit codes: 0 success, 1 runtime error, 2 usage or configuration error.
 
+mod deposit;
 mod events;
 mod projections;
 mod simulate;
 
 use clap::{Parser, Subcommand};
+use deposit::DepositArgs;
 use projectionist::cli::{Command, GlobalArgs};
 use projectionist::{App, Error};
 use projections::{AccountBalances, LargeWithdrawalNotifier, LARGE_WITHDRAWAL_CENTS};
@@ -71,6 +76,8 @@ enum BankCommand {
     Engine(Command),
     /// Open accounts and append random deposits and withdrawals from concurrent writers.
     Simulate(SimulateArgs),
+    /// Deposit cents to an account; with --wait, print its balance once account_balances has it.
+    Deposit(DepositArgs),
 }
 
 /// Reads a boolean switch from the environment (unset: `false`).
@@ -185,6 +192,17 @@ async fn main() -> ExitCode {
                 );
             }
             app.execute(&global, command).await
+        }
+        BankCommand::Deposit(args) => {
+            projectionist::cli::init_logging(&global.log_format, &global.log_level);
+            let result = match app.store(&global) {
+                Ok(store) => deposit::run(&store, &args).await,
+                Err(e) => Err(e),
+            };
+            match result {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => fail(&e),
+            }
         }
         BankCommand::Simulate(args) => {
             projectionist::cli::init_logging(&global.log_format, &global.log_level);

@@ -19,4 +19,5 @@ mod status;
 mod store;
 mod tls;
 mod two_schemas;
+mod wait;
 mod worker;
