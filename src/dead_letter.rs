@@ -2,9 +2,10 @@
 //! `DeadLetter` failure policy. Listed, shown, retried (the handler runs
 //! again in a transaction; on success the entry goes away) and purged.
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Kind, Result};
 use crate::event::StoredEvent;
 use crate::projection::Projection;
+use crate::projection::UnknownEvents;
 use crate::store::EventStore;
 use serde::Serialize;
 use std::sync::Arc;
@@ -79,7 +80,8 @@ pub async fn list(store: &EventStore, projection: Option<&str>) -> Result<Vec<De
     rows.iter().map(from_row).collect()
 }
 
-/// One dead letter and its event.
+/// One dead letter and its event, upcast by the store's registry (as
+/// stored when an upcaster fails on it).
 pub async fn show(store: &EventStore, id: i64) -> Result<(DeadLetter, Option<StoredEvent>)> {
     let client = store.pool().get().await?;
     let row = client
@@ -104,7 +106,15 @@ pub async fn show(store: &EventStore, id: i64) -> Result<(DeadLetter, Option<Sto
         )
         .await?
         .map(|r| StoredEvent::from_row_at(&r, 0))
-        .transpose()?;
+        .transpose()?
+        .map(|mut e| {
+            // Shown as handlers see it; when an upcaster fails on it (the
+            // dead letter's error then says so), as it is stored.
+            if let Err(err) = store.upcast(&mut e) {
+                tracing::warn!(id, error = %err, "showing the dead letter's event as stored");
+            }
+            e
+        });
     Ok((dl, event))
 }
 
@@ -125,7 +135,8 @@ pub struct RetryOutcome {
     pub error: Option<String>,
 }
 
-/// Re-runs the projection's handler on dead letter `id` in a transaction:
+/// Re-runs the projection's handler on dead letter `id` (upcast by the
+/// store's registry) in a transaction:
 /// on success the read model change and the entry's removal commit
 /// together; on failure the entry's attempt count and error are updated.
 pub async fn retry(
@@ -156,7 +167,7 @@ pub async fn retry(
                 dl.projection
             ))
         })?;
-    let event = tx
+    let mut event = tx
         .query_opt(
             &format!(
                 "SELECT {} FROM {} WHERE global_position = $1",
@@ -176,10 +187,34 @@ pub async fn retry(
             ))
         })?;
     tx.batch_execute("SAVEPOINT projectionist_retry").await?;
-    let outcome = match projection
-        .handle_batch(std::slice::from_ref(&event), &tx)
-        .await
-    {
+    // The handler sees the event in its current shape; an event the
+    // registry does not know is not handed over (unless the projection
+    // ignores such events: then the entry simply goes).
+    let prepared = match store.upcast(&mut event) {
+        Err(e) => Err(e),
+        Ok(()) => match store.registry().and_then(|r| {
+            let policy = projection.unknown_events();
+            r.unknown(&event, policy != UnknownEvents::StopOnUnknownVersion)
+                .map(|u| (u, policy))
+        }) {
+            None => Ok(true),
+            Some((_, UnknownEvents::Ignore)) => Ok(false),
+            Some((u, _)) => Err(Error::new(
+                Kind::Failed,
+                u.describe(&event, projection.name()),
+            )),
+        },
+    };
+    let handled = match prepared {
+        Ok(true) => {
+            projection
+                .handle_batch(std::slice::from_ref(&event), &tx)
+                .await
+        }
+        Ok(false) => Ok(()),
+        Err(e) => Err(e),
+    };
+    let outcome = match handled {
         Ok(()) => {
             tx.execute(
                 &format!("DELETE FROM {} WHERE id = $1", sql.dead_letters),
