@@ -136,7 +136,9 @@ macro_rules! events {
 
         impl $crate::Event for $name {
             fn types() -> &'static [$crate::EventType] {
-                &[$($crate::EventType::new($type_name, $version),)+]
+                const TYPES: &[$crate::EventType] =
+                    &[$($crate::EventType::new($type_name, $version),)+];
+                TYPES
             }
 
             fn event_type(&self) -> &'static str {

@@ -7,6 +7,7 @@ mod cli;
 mod common;
 mod crash;
 mod engine;
+mod events;
 mod failure;
 mod lifecycle;
 mod ops;
