@@ -70,11 +70,25 @@ pub enum Command {
     Migrate,
     /// Run the projections until SIGTERM/SIGINT (or, with --once, until caught up).
     RunProjections(Box<RunArgs>),
-    /// Show each projection's cursor, lag and state.
+    /// Show each projection's cursor, lag and state (lag estimated unless --exact).
     Status {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
+        /// Count each slot's lag exactly instead of estimating it, up to --exact-limit events per
+        /// slot (a scan of the lag: slow when far behind).
+        #[arg(long)]
+        exact: bool,
+        /// With --exact: the most events counted per slot; a slot further behind shows >N.
+        #[arg(long, env = "STATUS_EXACT_LIMIT", default_value_t = crate::admin::DEFAULT_EXACT_LAG_LIMIT)]
+        exact_limit: i64,
+        /// How long the status queries may take; they are cancelled on the server after that.
+        #[arg(long, env = "STATUS_TIMEOUT", default_value = "30s")]
+        timeout: String,
+        /// Workers without a heartbeat for this long are gone: slots still assigned to them show
+        /// the worker as stale (use run-projections' HEARTBEAT_TIMEOUT).
+        #[arg(long, env = "HEARTBEAT_TIMEOUT", default_value = "30s")]
+        heartbeat_timeout: String,
     },
     /// Dead letters: events projections gave up on (failure policy DeadLetter).
     #[command(subcommand)]
@@ -444,9 +458,23 @@ impl App {
                 }
                 Ok(())
             }
-            Command::Status { json } => {
+            Command::Status {
+                json,
+                exact,
+                exact_limit,
+                timeout,
+                heartbeat_timeout,
+            } => {
+                let mut options = crate::admin::StatusOptions::default()
+                    .timeout(parse_duration("STATUS_TIMEOUT", &timeout)?)?
+                    .heartbeat_timeout(parse_duration("HEARTBEAT_TIMEOUT", &heartbeat_timeout)?);
+                if exact {
+                    options = options
+                        .exact(exact_limit)
+                        .map_err(|e| e.context("STATUS_EXACT_LIMIT (--exact-limit)"))?;
+                }
                 let store = self.connect(global).await?;
-                let report = crate::admin::report(&store, &self.projections).await?;
+                let report = crate::admin::report_with(&store, &self.projections, &options).await?;
                 if json {
                     println!("{}", serde_json::to_string_pretty(&report)?);
                 } else {
@@ -663,12 +691,18 @@ impl App {
         if let (Some(addr), false) = (admin_addr, args.once) {
             let poll = parse_duration("POLL_INTERVAL", &args.poll_interval)?;
             let window = (poll * 3).clamp(Duration::from_secs(15), Duration::from_secs(120));
-            let state = std::sync::Arc::new(crate::server::AdminState::new(
-                store.clone(),
-                self.projections.clone(),
-                args.ready_max_lag,
-                window,
-            ));
+            let state = std::sync::Arc::new(
+                crate::server::AdminState::new(
+                    store.clone(),
+                    self.projections.clone(),
+                    args.ready_max_lag,
+                    window,
+                )
+                .heartbeat_timeout(parse_duration(
+                    "HEARTBEAT_TIMEOUT",
+                    &args.heartbeat_timeout,
+                )?),
+            );
             crate::server::serve(addr, state, admin_stop_rx).await?;
         }
         crate::metrics::with(|m| m.worker_up.set(1));
@@ -876,18 +910,73 @@ fn print_status_table(rows: &[crate::admin::SlotStatus]) {
             r.cursor_position
                 .map(|p| p.to_string())
                 .unwrap_or_else(|| format!("watermark (tx {})", r.cursor_transaction_id)),
-            r.lag_events.to_string(),
-            format!("{:.1}", r.lag_seconds),
-            r.state.clone(),
-            r.worker_id.clone().unwrap_or_default(),
+            lag_cell(r),
+            format!(
+                "{}{:.1}",
+                if r.lag_exact || r.lag_capped { "" } else { "~" },
+                r.lag_seconds
+            ),
+            match (r.registered, r.skipped_events) {
+                (false, _) => format!("{} (not in this binary)", r.state),
+                (true, 0) => r.state.clone(),
+                (true, n) => format!("{} ({n} SKIPPED)", r.state),
+            },
+            match (&r.worker_id, &r.stale_worker_id) {
+                (Some(w), _) => w.clone(),
+                (None, Some(w)) => format!("{w} (stale)"),
+                (None, None) => String::new(),
+            },
             r.last_error.clone().unwrap_or_default(),
             r.updated_at.clone(),
         ]);
     }
     if rows.is_empty() {
         println!("no checkpoints yet: run `run-projections` first");
+        return;
+    }
+    println!("{table}");
+    if rows.iter().any(|r| !r.lag_exact && !r.lag_capped) {
+        println!(
+            "~ estimated: the first {} events after each cursor are counted, the rest extrapolated from \
+             global positions; `status --exact` counts",
+            crate::admin::LAG_SAMPLE_EVENTS
+        );
+    }
+    if rows.iter().any(|r| r.lag_capped) {
+        println!("> the exact count stopped at --exact-limit (STATUS_EXACT_LIMIT)");
+    }
+    for r in rows.iter().filter(|r| r.skipped_events > 0) {
+        println!(
+            "SKIPPED: projection {} partition {} has {} event(s) below its cursor that it never handled (written \
+             after the cursor passed them: transaction ids reused after lost commits). Fix: with its processes \
+             running, UPDATE projection_checkpoints SET epoch = NULL WHERE projection_name = '{}' — the engine \
+             then moves the cursor back to the last handled event within seconds; or `reset {} --yes`",
+            r.projection, r.partition, r.skipped_events, r.projection, r.projection
+        );
+    }
+    if rows.iter().any(|r| !r.registered) {
+        println!(
+            "not in this binary: no projection of that name is registered here, so nothing started from \
+             this binary runs it and its lag ignores its filter; `reset NAME` from a binary that has it \
+             removes it"
+        );
+    }
+    if rows.iter().any(|r| r.stale_worker_id.is_some()) {
+        println!(
+            "stale: assigned to a worker without a heartbeat for HEARTBEAT_TIMEOUT; no worker runs the slot \
+             (a static-mode process may)"
+        );
+    }
+}
+
+/// The lag column: exact, `~` estimated, or `>` over the exact limit.
+fn lag_cell(r: &crate::admin::SlotStatus) -> String {
+    if r.lag_capped {
+        format!(">{}", r.lag_events)
+    } else if r.lag_exact {
+        r.lag_events.to_string()
     } else {
-        println!("{table}");
+        format!("~{}", r.lag_events)
     }
 }
 

@@ -14,6 +14,8 @@ mod ops;
 mod outage;
 mod parallel;
 mod partitions;
+mod rebalance;
+mod status;
 mod store;
 mod tls;
 mod two_schemas;
