@@ -44,6 +44,8 @@ struct Window {
     busy: std::collections::HashSet<String>,
     /// The lowest incomplete event and since when it has been the lowest.
     blocking: Option<(Cursor, Instant)>,
+    /// Entries of `order` passed over, not handled (`UnknownEvents::Ignore`).
+    passed: std::collections::HashSet<Cursor>,
 }
 
 fn key(e: &StoredEvent) -> String {
@@ -55,14 +57,17 @@ impl Window {
         self.order.values().filter(|d| **d).count()
     }
 
-    /// Pops the complete prefix; returns the new high-water mark, if any.
+    /// Pops the complete prefix; returns the new high-water mark, if any,
+    /// and how many handled events it passed.
     fn advance(&mut self) -> Option<(Cursor, usize)> {
         let mut hwm = None;
         let mut n = 0;
         while let Some((c, true)) = self.order.first_key_value().map(|(c, d)| (*c, *d)) {
             self.order.remove(&c);
             hwm = Some(c);
-            n += 1;
+            if !self.passed.remove(&c) {
+                n += 1;
+            }
         }
         let lowest = self.order.keys().next().copied();
         match (lowest, self.blocking) {
@@ -239,6 +244,12 @@ pub(crate) async fn run(
                     spawn(&mut tasks, (event, why));
                 }
             }
+            // Passed-over events are complete at once: the high-water mark
+            // (and the last event dealt with) moves past them.
+            for c in prepared.passed_over {
+                w.order.insert(c, true);
+                w.passed.insert(c);
+            }
             match prepared.unknown {
                 Some((event, message)) => {
                     // Nothing at or after the unknown event is fetched again.
@@ -249,7 +260,15 @@ pub(crate) async fn run(
                 }
                 None => fetch_cursor = page.next_cursor,
             }
-            if w.order.is_empty() && fetch_cursor > p.cursor() && head > head_at_commit {
+            if let Some((hwm, n)) = w.advance() {
+                uncommitted = Some(Uncommitted {
+                    to: hwm,
+                    handled: uncommitted.map(|u| u.handled).unwrap_or(0) + n,
+                    last_event: Some(hwm),
+                });
+            }
+            let committing = uncommitted.map(|u| u.to).unwrap_or(p.cursor());
+            if w.order.is_empty() && fetch_cursor > committing && head > head_at_commit {
                 // Nothing in flight: the cursor may pass skipped events.
                 uncommitted = Some(Uncommitted {
                     to: fetch_cursor,
@@ -257,7 +276,6 @@ pub(crate) async fn run(
                     last_event: uncommitted.and_then(|u| u.last_event),
                 });
             }
-            w.advance();
             continue;
         }
         // Commit the high-water mark now and then, and when idle.

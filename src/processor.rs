@@ -200,6 +200,8 @@ pub(crate) struct Prepared {
     /// The cursor of the last event before `unknown` (handed over or
     /// passed over), if any.
     pub(crate) through: Option<Cursor>,
+    /// Events passed over (`UnknownEvents::Ignore`): complete at once.
+    pub(crate) passed_over: Vec<Cursor>,
     /// The first event the registry does not know, when the projection
     /// stops on it, and the operator's message: nothing from it on is in
     /// `events`.
@@ -321,6 +323,7 @@ impl Processor {
             events: Vec::with_capacity(events.len()),
             broken: Vec::new(),
             through: None,
+            passed_over: Vec::new(),
             unknown: None,
         };
         let Some(registry) = &self.registry else {
@@ -335,6 +338,7 @@ impl Processor {
             } else if let Some(unknown) = registry.unknown(&event, strict) {
                 if self.unknown_events == UnknownEvents::Ignore {
                     prepared.through = Some(event.cursor());
+                    prepared.passed_over.push(event.cursor());
                     continue;
                 }
                 let message = unknown.describe(&event, &self.name);
@@ -610,6 +614,10 @@ impl Processor {
         let mut next = page.next_cursor;
         let prepared = self.prepare(std::mem::take(&mut page.events));
         page.events = prepared.events;
+        // The last event handled or passed over (`UnknownEvents::Ignore`):
+        // stored as the last event dealt with, so that status never takes
+        // passed-over events for skipped ones.
+        let mut dealt_with = prepared.through;
         if let Some((index, error)) = prepared.broken.into_iter().next() {
             // An upcaster failed: handle what comes before the event, then
             // the failure policy decides about it (on the next batch).
@@ -622,6 +630,7 @@ impl Processor {
             }
             page.events.truncate(index);
             next = page.events[index - 1].cursor();
+            dealt_with = Some(next);
             caught_up = false;
         } else if let Some((event, message)) = prepared.unknown {
             // Handle what comes before the unknown event; stop at it when
@@ -637,7 +646,7 @@ impl Processor {
                 }
             }
         }
-        if page.events.is_empty() && (next <= self.cursor || page.head <= self.persisted_head) {
+        if dealt_with.is_none() && (next <= self.cursor || page.head <= self.persisted_head) {
             // Nothing handled and no new event was skipped since the last
             // write: move on in memory only (a write here would move the
             // watermark and wake every processor again).
@@ -650,11 +659,7 @@ impl Processor {
                 cursor: self.cursor,
             });
         }
-        let last_event = page
-            .events
-            .last()
-            .map(StoredEvent::cursor)
-            .unwrap_or(self.last_event);
+        let last_event = dealt_with.unwrap_or(self.last_event);
         if !page.events.is_empty() {
             let handler_started = std::time::Instant::now();
             let handled = guarded(self.projection.handle_batch(&page.events, &tx)).await;

@@ -866,3 +866,73 @@ async fn bank_projects_old_shapes_and_simulate_writes_version_2() {
         .get(0);
     assert_eq!(legacy, 500);
 }
+
+/// `status` with a registry: events passed over (`Ignore`) are not
+/// "skipped", and a filter's lag counts events stored under old names.
+#[tokio::test]
+async fn status_counts_passed_over_and_renamed_events_right() {
+    let env = env().await;
+    let store = bank_store(&env);
+    deposit(&store, "a", 1).await;
+    let renamed = Balances::new(&env, "renamed_balances", Mode::Sequential).await;
+    let ignoring_seq = Cents::new(&env, "lax_seq", UnknownEvents::Ignore, false).await;
+    let ignoring_conc = Cents::new(&env, "lax_conc", UnknownEvents::Ignore, true).await;
+    let projections: Vec<Arc<dyn Projection>> =
+        vec![renamed.clone(), ignoring_seq.clone(), ignoring_conc.clone()];
+    let runner = Runner::new(store.clone(), RunnerConfig::default())
+        .with_projections(&projections)
+        .unwrap();
+    wait_until(Duration::from_secs(30), "the first deposit", || async {
+        runner.run_once().await.unwrap();
+        balances(&env, "renamed_balances").await.len() == 1
+            && positions(&env, "lax_seq").await.len() == 1
+            && positions(&env, "lax_conc").await.len() == 1
+    })
+    .await;
+    // An old-name deposit and, last, a type this registry does not know.
+    env.client()
+        .await
+        .batch_execute(
+            "INSERT INTO events (aggregate_type, aggregate_id, aggregate_version, event_type, payload) \
+             VALUES ('Account', 'a', 2, 'FundsDeposited', '{\"amount\": 2}')",
+        )
+        .await
+        .unwrap();
+    env.client()
+        .await
+        .batch_execute(
+            "INSERT INTO events (aggregate_type, aggregate_id, aggregate_version, event_type, payload) \
+             VALUES ('Account', 'a', 3, 'AccountFrozen', '{}')",
+        )
+        .await
+        .unwrap();
+    wait_until(
+        Duration::from_secs(30),
+        "the lag of the old name",
+        || async {
+            let s = projectionist::status(&store, &projections).await.unwrap();
+            s.iter()
+                .any(|s| s.projection == "renamed_balances" && s.lag_events == 1)
+        },
+    )
+    .await;
+    wait_until(
+        Duration::from_secs(30),
+        "every event dealt with",
+        || async {
+            runner.run_once().await.unwrap();
+            let s = projectionist::status(&store, &projections).await.unwrap();
+            s.iter().all(|s| s.lag_events == 0)
+        },
+    )
+    .await;
+    assert_eq!(positions(&env, "lax_seq").await.len(), 2);
+    assert_eq!(positions(&env, "lax_conc").await.len(), 2);
+    assert_eq!(balances(&env, "renamed_balances").await["a"], (3, 2));
+    let s = projectionist::status(&store, &projections).await.unwrap();
+    assert!(
+        s.iter()
+            .all(|s| s.skipped_events == 0 && s.state == "running"),
+        "{s:?}"
+    );
+}
