@@ -352,6 +352,7 @@ pub fn init_logging(format: &str, level: &str) {
 pub struct App {
     name: String,
     projections: Vec<Arc<dyn Projection>>,
+    registry: Option<crate::Registry>,
 }
 
 impl App {
@@ -360,7 +361,15 @@ impl App {
         App {
             name: name.into(),
             projections: Vec::new(),
+            registry: None,
         }
+    }
+
+    /// The application's event types and upcasters, carried by every store
+    /// the app opens (see [`StoreConfig::registry`]). Default: none.
+    pub fn registry(mut self, registry: crate::Registry) -> App {
+        self.registry = Some(registry);
+        self
     }
 
     /// Registers a projection.
@@ -425,6 +434,10 @@ impl App {
             .notify_channel(Some(&global.notify_channel))?
             .pool_size(global.pool_size)
             .ca_file(global.ca_file.as_deref());
+        let config = match &self.registry {
+            Some(r) => config.registry(r.clone())?,
+            None => config,
+        };
         EventStore::connect_with(url, config)
     }
 

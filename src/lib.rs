@@ -27,11 +27,13 @@ mod policy;
 mod processor;
 mod progress;
 mod projection;
+mod registry;
 mod runner;
 mod server;
 mod slot;
 mod store;
 mod tls;
+mod typed;
 mod wait;
 mod worker;
 
@@ -51,7 +53,8 @@ pub use error::{Error, Result};
 pub use event::{Cursor, Metadata, NewEvent, StoredEvent};
 pub use migrate::{embedded_migrations, migrate, MigrationReport, HISTORY_TABLE};
 pub use policy::{FailurePolicy, OnFailure};
-pub use projection::{Concurrency, Filter, Partition, Projection, Transaction};
+pub use projection::{Concurrency, Filter, Partition, Projection, Transaction, UnknownEvents};
+pub use registry::{Registry, UpcastResult};
 pub use runner::{
     Progress, Runner, RunnerConfig, DEFAULT_BATCH_SIZE, DEFAULT_MAX_BACKOFF, DEFAULT_POLL_INTERVAL,
     DEFAULT_SHUTDOWN_TIMEOUT, MAX_BATCH_SIZE,
@@ -59,6 +62,7 @@ pub use runner::{
 pub use store::{
     AppendResult, EventStore, ExpectedVersion, ReadBatch, StoreConfig, DEFAULT_NOTIFY_CHANNEL,
 };
+pub use typed::{Event, EventType};
 pub use wait::{WaitTarget, Waiter};
 pub use worker::{
     WorkerConfig, DEFAULT_HEARTBEAT_INTERVAL, DEFAULT_HEARTBEAT_TIMEOUT,
@@ -69,3 +73,9 @@ pub use worker::{
 pub use async_trait::async_trait;
 /// Re-exported so users need not depend on the pool crate directly.
 pub use deadpool_postgres::Pool;
+
+/// Used by the [`events!`] macro; not a public API.
+#[doc(hidden)]
+pub mod __private {
+    pub use serde_json;
+}

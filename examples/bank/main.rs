@@ -1,8 +1,10 @@
 //! # bank: a complete projectionist application
 //!
 //! A tiny bank on the event store: every account is an `Account` stream of
-//! `AccountOpened {"owner"}`, `MoneyDeposited {"amount"}` and
-//! `MoneyWithdrawn {"amount"}` events (amounts in integer cents). It shows
+//! `AccountOpened {"owner"}`, `MoneyDeposited {"cents", "currency"}` and
+//! `MoneyWithdrawn {"cents", "currency"}` events (amounts in integer cents),
+//! declared once as a typed enum with a registry that upcasts their older
+//! shapes (`{"amount"}`, the old name `FundsDeposited`). It shows
 //!
 //! - a binary that adds its own subcommands (`simulate`, `deposit`) to the engine's
 //!   `migrate`, `run-projections`, `status` and `reset`, by flattening
@@ -123,6 +125,7 @@ fn build_app() -> Result<(App, bool), String> {
     let threshold = env_cents("BANK_LARGE_WITHDRAWAL_CENTS", LARGE_WITHDRAWAL_CENTS)?;
     let batch = balances.is_batch();
     let app = App::new("bank")
+        .registry(events::registry())
         .projection(Arc::new(balances))
         .projection(Arc::new(LargeWithdrawalNotifier::new(threshold)));
     Ok((app, batch))

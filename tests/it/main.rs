@@ -8,6 +8,7 @@ mod commands;
 mod common;
 mod crash;
 mod engine;
+mod events;
 mod failure;
 mod lifecycle;
 mod ops;
