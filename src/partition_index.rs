@@ -43,25 +43,26 @@ pub(crate) async fn ensure(store: &EventStore, total: i32) -> Result<()> {
         return Ok(());
     }
     let key = lock_key(schema.as_str(), total);
-    // Try, don't block: a statement waiting for the lock holds a snapshot,
-    // and the holder's CREATE INDEX CONCURRENTLY waits for every older
-    // snapshot to end, so the two would deadlock (PostgreSQL then fails
-    // one of the processes starting together). Between tries no statement
-    // is open; the wait ends as soon as the index is valid.
-    let mut delay = std::time::Duration::from_millis(10);
+    // Try, never wait inside a statement: CREATE INDEX CONCURRENTLY waits
+    // for every transaction with an older snapshot, so a process blocked
+    // in pg_advisory_lock behind the builder would deadlock with it.
+    let mut waited = false;
     loop {
-        let locked: bool = client
+        let got: bool = client
             .query_one("SELECT pg_try_advisory_lock($1)", &[&key])
             .await?
             .try_get(0)?;
-        if locked {
+        if got {
             break;
         }
-        if index_state(&client, &qualified).await? == Some(true) {
-            return Ok(());
+        if !waited {
+            waited = true;
+            tracing::info!(
+                partitions = total,
+                "waiting for another process to build the partition index"
+            );
         }
-        tokio::time::sleep(delay).await;
-        delay = (delay * 2).min(std::time::Duration::from_millis(500));
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     }
     let built = build(&client, store, total, &qualified).await;
     let _ = client

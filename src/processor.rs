@@ -485,28 +485,8 @@ impl Processor {
     /// whether this call moved it.
     async fn rewind(&self, client: &deadpool_postgres::Object, epoch: Uuid) -> Result<bool> {
         let sql = self.checkpoints.rewind_sql(self.fence.is_some());
-        let sql = sql.as_str();
-        let n = match &self.fence {
-            Some(f) => {
-                client
-                    .execute(
-                        sql,
-                        &[
-                            &self.name,
-                            &self.slot.partition,
-                            &epoch,
-                            &f.worker_id,
-                            &f.generation,
-                        ],
-                    )
-                    .await?
-            }
-            None => {
-                client
-                    .execute(sql, &[&self.name, &self.slot.partition, &epoch])
-                    .await?
-            }
-        };
+        let params = self.fenced_params(vec![&self.name, &self.slot.partition, &epoch]);
+        let n = client.execute(sql.as_str(), &params).await?;
         Ok(n == 1)
     }
 
@@ -627,10 +607,7 @@ impl Processor {
             &last_event.global_position,
             &self.epoch,
         ];
-        if let Some(f) = &self.fence {
-            params.push(&f.worker_id);
-            params.push(&f.generation);
-        }
+        params = self.fenced_params(params);
         let moved = tx.execute(&advance, &params).await?;
         if moved != 1 {
             let why = match &self.fence {
@@ -865,37 +842,13 @@ impl Processor {
         let marked = async {
             let client = self.pool.get().await?;
             let sql = self.checkpoints.mark_failed_sql(self.fence.is_some());
-            let sql = sql.as_str();
-            let n = match &self.fence {
-                Some(f) => {
-                    client
-                        .execute(
-                            sql,
-                            &[
-                                &self.name,
-                                &self.slot.partition,
-                                &message,
-                                &event.global_position,
-                                &f.worker_id,
-                                &f.generation,
-                            ],
-                        )
-                        .await?
-                }
-                None => {
-                    client
-                        .execute(
-                            sql,
-                            &[
-                                &self.name,
-                                &self.slot.partition,
-                                &message,
-                                &event.global_position,
-                            ],
-                        )
-                        .await?
-                }
-            };
+            let params = self.fenced_params(vec![
+                &self.name,
+                &self.slot.partition,
+                &message,
+                &event.global_position,
+            ]);
+            let n = client.execute(sql.as_str(), &params).await?;
             if n == 0 && self.fence.is_some() {
                 return Err(Error::fenced(format!(
                     "projection {} partition {}: the slot moved to another worker before it could be marked \
@@ -948,6 +901,19 @@ impl Processor {
         Ok(())
     }
 
+    /// `params` followed, in worker mode, by the fence's worker id and
+    /// generation (the last two parameters of every fenced statement).
+    fn fenced_params<'a>(
+        &'a self,
+        mut params: Vec<&'a (dyn tokio_postgres::types::ToSql + Sync)>,
+    ) -> Vec<&'a (dyn tokio_postgres::types::ToSql + Sync)> {
+        if let Some(f) = &self.fence {
+            params.push(&f.worker_id);
+            params.push(&f.generation);
+        }
+        params
+    }
+
     /// Whether this processor runs under worker-mode fencing.
     pub(crate) fn is_fenced_slot(&self) -> bool {
         self.fence.is_some()
@@ -993,29 +959,9 @@ impl Processor {
     pub(crate) async fn record_error(&self, error: &Error) {
         if let Ok(client) = self.pool.get().await {
             let sql = self.checkpoints.record_error_sql(self.fence.is_some());
-            let sql = sql.as_str();
             let message = error.to_string();
-            let _ = match &self.fence {
-                Some(f) => {
-                    client
-                        .execute(
-                            sql,
-                            &[
-                                &self.name,
-                                &self.slot.partition,
-                                &message,
-                                &f.worker_id,
-                                &f.generation,
-                            ],
-                        )
-                        .await
-                }
-                None => {
-                    client
-                        .execute(sql, &[&self.name, &self.slot.partition, &message])
-                        .await
-                }
-            };
+            let params = self.fenced_params(vec![&self.name, &self.slot.partition, &message]);
+            let _ = client.execute(sql.as_str(), &params).await;
         }
     }
 }

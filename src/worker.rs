@@ -4,9 +4,10 @@
 //! - Each worker registers in `worker_nodes` and heartbeats.
 //! - The leader is whichever worker holds a session advisory lock on its own
 //!   dedicated connection; it removes workers whose heartbeat is too old and
-//!   assigns slots round-robin over the live workers (sorted by id) in
-//!   `consumer_assignments`, bumping a slot's generation on every change of
-//!   owner, then NOTIFYs the workers channel.
+//!   assigns slots in `consumer_assignments` stickily (only orphans and the
+//!   excess over a fair share move, see [`crate::assign`]), bumping a
+//!   slot's generation on every change of owner, then NOTIFYs the workers
+//!   channel.
 //! - Every worker follows its assignments (on NOTIFY and at least every
 //!   rebalance interval): it starts new slots and stops lost ones after their
 //!   in-flight batch.
@@ -637,27 +638,31 @@ async fn rebalance(
     for r in &rows {
         current.insert((r.get(0), r.get(1)), (r.get(2), r.get(3), r.get(4)));
     }
+    // Sticky: only orphans and the excess over a fair share move (see
+    // `assign`).
+    let states: Vec<crate::assign::SlotState> = slots
+        .iter()
+        .map(|slot| {
+            let (owner, released_by, resting) = current
+                .get(&(slot.projection.clone(), slot.partition))
+                .cloned()
+                .unwrap_or((None, None, false));
+            crate::assign::SlotState {
+                owner,
+                released_by,
+                resting,
+            }
+        })
+        .collect();
+    let desired = crate::assign::assign(&states, &live);
     let mut names = Vec::new();
     let mut partitions = Vec::new();
     let mut totals = Vec::new();
     let mut owners: Vec<Option<String>> = Vec::new();
-    let mut i = 0usize;
-    for slot in slots {
-        let (cur, released_by, resting) = current
-            .get(&(slot.projection.clone(), slot.partition))
-            .cloned()
-            .unwrap_or((None, None, false));
-        let desired = if resting || live.is_empty() {
-            None
-        } else {
-            let mut w = i % live.len();
-            if live.len() > 1 && released_by.as_deref() == Some(live[w].as_str()) {
-                w = (w + 1) % live.len();
-            }
-            i += 1;
-            Some(live[w].clone())
-        };
-        if desired != cur || !current.contains_key(&(slot.projection.clone(), slot.partition)) {
+    for ((slot, state), desired) in slots.iter().zip(&states).zip(desired) {
+        if desired != state.owner
+            || !current.contains_key(&(slot.projection.clone(), slot.partition))
+        {
             names.push(slot.projection.clone());
             partitions.push(slot.partition);
             totals.push(slot.total);

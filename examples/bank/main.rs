@@ -25,6 +25,7 @@
 //! cargo run --example bank -- migrate        # engine tables + the account_balances table
 //! cargo run --example bank -- run-projections &   # DISPATCHER=notify for instant wake-ups
 //! cargo run --example bank -- simulate --accounts 100 --events 20000 --writers 4
+//! cargo run --example bank -- deposit --account acct-1 --cents 500 --wait   # prints the new balance
 //! cargo run --example bank -- status         # until the lag is 0
 //! psql "$DATABASE_URL" -c 'SELECT sum(balance), sum(event_count) FROM account_balances'
 //! cargo run --example bank -- run-projections --once   # catch up, then exit
@@ -56,6 +57,7 @@ use projectionist::cli::{Command, GlobalArgs};
 use projectionist::{App, Error};
 use projections::{AccountBalances, LargeWithdrawalNotifier, LARGE_WITHDRAWAL_CENTS};
 use simulate::SimulateArgs;
+use std::io::Write;
 use std::process::ExitCode;
 use std::sync::Arc;
 
@@ -129,7 +131,7 @@ fn build_app() -> Result<(App, bool), String> {
 
 /// Prints `e` and maps it to an exit code, as [`App::execute`] does.
 fn fail(e: &Error) -> ExitCode {
-    eprintln!("error: {e}");
+    let _ = writeln!(std::io::stderr(), "error: {e}");
     ExitCode::from(if e.is_config() && !e.is_not_migrated() {
         2
     } else {
@@ -151,7 +153,7 @@ async fn migrate(app: &App, global: &GlobalArgs) -> ExitCode {
     .await;
     match created {
         Ok(()) => {
-            println!("read model account_balances is ready");
+            let _ = writeln!(std::io::stdout(), "read model account_balances is ready");
             ExitCode::SUCCESS
         }
         Err(e) => fail(&e),
@@ -171,7 +173,7 @@ async fn main() -> ExitCode {
     let (app, batch) = match build_app() {
         Ok(built) => built,
         Err(message) => {
-            eprintln!("error: {message}");
+            let _ = writeln!(std::io::stderr(), "error: {message}");
             return ExitCode::from(2);
         }
     };

@@ -4,7 +4,7 @@
 
 use crate::common::{env, wait_until, Env};
 use projectionist::{
-    async_trait, Concurrency, ExpectedVersion, FailurePolicy, NewEvent, Projection, Runner,
+    async_trait, Concurrency, ExpectedVersion, FailurePolicy, Filter, NewEvent, Projection, Runner,
     RunnerConfig, StoredEvent, Transaction, WorkerConfig,
 };
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -98,6 +98,10 @@ impl Projection for Counter {
         &self.name
     }
 
+    fn filter(&self) -> Filter {
+        Filter::all().aggregate_types(["Thing"])
+    }
+
     fn failure_policy(&self) -> FailurePolicy {
         FailurePolicy::dead_letter()
             .attempts(2)
@@ -165,6 +169,32 @@ fn spawn(
             .await
     });
     (tx, h)
+}
+
+/// Runs `runner` in worker mode (fast heartbeats) until the returned
+/// sender fires.
+fn spawn_worker(
+    runner: Runner,
+) -> (
+    oneshot::Sender<()>,
+    tokio::task::JoinHandle<projectionist::Result<()>>,
+) {
+    let wc = WorkerConfig::default()
+        .heartbeat_interval(Duration::from_millis(100))
+        .unwrap()
+        .heartbeat_timeout(Duration::from_secs(2))
+        .unwrap()
+        .rebalance_interval(Duration::from_millis(100))
+        .unwrap();
+    let (stop_tx, stop_rx) = oneshot::channel::<()>();
+    let h = tokio::spawn(async move {
+        runner
+            .run_workers_until(wc, async {
+                let _ = stop_rx.await;
+            })
+            .await
+    });
+    (stop_tx, h)
 }
 
 async fn dead_letters(env: &Env, name: &str) -> i64 {
@@ -330,21 +360,7 @@ async fn worker_shutdown_does_not_leave_a_hung_handler_running() {
     )
     .with_projection(hung.clone())
     .unwrap();
-    let wc = WorkerConfig::default()
-        .heartbeat_interval(Duration::from_millis(100))
-        .unwrap()
-        .heartbeat_timeout(Duration::from_secs(2))
-        .unwrap()
-        .rebalance_interval(Duration::from_millis(100))
-        .unwrap();
-    let (stop_tx, stop_rx) = oneshot::channel::<()>();
-    let h = tokio::spawn(async move {
-        runner
-            .run_workers_until(wc, async {
-                let _ = stop_rx.await;
-            })
-            .await
-    });
+    let (stop_tx, h) = spawn_worker(runner);
     wait_until(Duration::from_secs(30), "the handler to hang", || async {
         hung.calls.load(Ordering::SeqCst) >= 1
     })
@@ -366,4 +382,137 @@ async fn worker_shutdown_does_not_leave_a_hung_handler_running() {
         || async { hung.hang_dropped.load(Ordering::SeqCst) },
     )
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_mark_is_never_overwritten_by_a_later_batch_in_worker_mode() {
+    let env = env().await;
+    let counter = Counter::new("marked", OnPoison::Nothing, false);
+    counter.create_table(&env).await;
+    append(&env, "a", &[1, 1]).await;
+    let runner = Runner::new(env.store.clone(), config())
+        .with_projection(counter.clone())
+        .unwrap();
+    let (stop_tx, h) = spawn_worker(runner);
+    wait_until(Duration::from_secs(30), "the first events", || async {
+        counter.rows(&env).await == 2
+    })
+    .await;
+    // Another worker (deposed a moment later) marked the slot failed.
+    let c = env.client().await;
+    c.execute(
+        "UPDATE projection_checkpoints SET status = 'failed', last_error = 'stopped at 2', \
+         failed_position = 2 WHERE projection_name = 'marked'",
+        &[],
+    )
+    .await
+    .unwrap();
+    append(&env, "a", &[1, 1, 1]).await;
+    // "Did not happen" cannot be awaited: give the worker many poll
+    // intervals and its idle re-check to overwrite the mark.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let row = c
+        .query_one(
+            "SELECT status, failed_position FROM projection_checkpoints WHERE projection_name = 'marked'",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        row.get::<_, String>(0),
+        "failed",
+        "a batch overwrote the failed mark"
+    );
+    assert_eq!(row.get::<_, Option<i64>>(1), Some(2));
+    assert_eq!(counter.rows(&env).await, 2, "a failed slot handled events");
+    c.execute(
+        "UPDATE projection_checkpoints SET status = 'running' WHERE projection_name = 'marked'",
+        &[],
+    )
+    .await
+    .unwrap();
+    wait_until(Duration::from_secs(30), "resumed", || async {
+        counter.rows(&env).await == 5
+    })
+    .await;
+    stop_tx.send(()).unwrap();
+    h.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_flags_events_below_the_cursor_that_were_never_handled() {
+    let env = env().await;
+    let counter = Counter::new("skipper", OnPoison::Nothing, false);
+    counter.create_table(&env).await;
+    append(&env, "a", &[1, 1]).await;
+    let runner = Runner::new(env.store.clone(), config())
+        .with_projection(counter.clone())
+        .unwrap();
+    let (stop, h) = spawn(runner);
+    wait_until(Duration::from_secs(30), "the first events", || async {
+        counter.rows(&env).await == 2
+    })
+    .await;
+    // An event the projection filters out moves its cursor past its
+    // transaction without handling anything.
+    let other = env
+        .store
+        .append(
+            "Other",
+            "x",
+            ExpectedVersion::Any,
+            &[NewEvent::new("Noted", &serde_json::json!({})).unwrap()],
+        )
+        .await
+        .unwrap();
+    let c = env.client().await;
+    wait_until(Duration::from_secs(30), "the cursor past it", || async {
+        let tx: String = c
+            .query_one(
+                "SELECT last_transaction_id::text FROM projection_checkpoints WHERE projection_name = 'skipper'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        tx.parse::<u64>().unwrap() >= other.transaction_id
+    })
+    .await;
+    // What reused transaction ids do: an event the projection receives,
+    // sorting below its cursor (the transaction id of the filtered event).
+    c.execute(
+        "INSERT INTO events (transaction_id, aggregate_type, aggregate_id, aggregate_version, event_type, payload) \
+         VALUES ($1::text::xid8, 'Thing', 'reused', 1, 'Counted', '{\"amount\": 1}')",
+        &[&other.transaction_id.to_string()],
+    )
+    .await
+    .unwrap();
+    let projections = [counter.clone() as Arc<dyn Projection>];
+    let status = projectionist::status(&env.store, &projections)
+        .await
+        .unwrap();
+    assert_eq!(status[0].skipped_events, 1, "{status:?}");
+    assert_eq!(
+        status[0].lag_events, 0,
+        "the event is below the cursor: no lag"
+    );
+    // The fix the status names: the engine moves the cursor back.
+    c.execute(
+        "UPDATE projection_checkpoints SET epoch = NULL WHERE projection_name = 'skipper'",
+        &[],
+    )
+    .await
+    .unwrap();
+    wait_until(
+        Duration::from_secs(30),
+        "the skipped event handled",
+        || async { counter.rows(&env).await == 3 },
+    )
+    .await;
+    let status = projectionist::status(&env.store, &projections)
+        .await
+        .unwrap();
+    assert_eq!(status[0].skipped_events, 0);
+    stop.send(()).unwrap();
+    h.await.unwrap().unwrap();
 }

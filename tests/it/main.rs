@@ -4,6 +4,7 @@
 
 mod catalogue;
 mod cli;
+mod commands;
 mod common;
 mod crash;
 mod engine;
@@ -13,6 +14,8 @@ mod ops;
 mod outage;
 mod parallel;
 mod partitions;
+mod rebalance;
+mod status;
 mod store;
 mod tls;
 mod two_schemas;

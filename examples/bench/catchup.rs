@@ -1,0 +1,234 @@
+//! The catch-up cases: `catchup_noop` (the engine's overhead over a raw
+//! keyset reader) and `catchup_read_model[_batch]` (a balances read model
+//! kept per event or per batch, against the same work in raw SQL), and the
+//! library catch-up loop the `parallel_io` case shares.
+
+use crate::projections::{BalancesBatch, BalancesPerEvent, Noop};
+use crate::raw::{self, RAW_CHECKPOINT_NAME};
+use crate::setup::{Bench, Seeded};
+use crate::stats::{ev_s, mark, median, rate, round};
+use projectionist::{EventStore, Projection, Runner, RunnerConfig};
+use serde_json::json;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio_postgres::Client;
+
+impl Bench {
+    /// `run_once` of `projection` from the start; loops if an open
+    /// transaction elsewhere held the watermark back.
+    async fn library_catchup(
+        &self,
+        s: &Seeded,
+        projection: Arc<dyn Projection>,
+        config: RunnerConfig,
+    ) -> Duration {
+        self.catchup_count(&s.store, &s.client, s.events, projection, config)
+            .await
+    }
+
+    /// `run_once` of `projection` from a deleted checkpoint until its
+    /// progress counter reaches `expected` (looping if an open transaction
+    /// elsewhere held the watermark back); the wall time.
+    pub async fn catchup_count(
+        &self,
+        store: &EventStore,
+        client: &Client,
+        expected: u64,
+        projection: Arc<dyn Projection>,
+        config: RunnerConfig,
+    ) -> Duration {
+        client
+            .execute(
+                "DELETE FROM projection_checkpoints WHERE projection_name = $1",
+                &[&projection.name()],
+            )
+            .await
+            .expect("cannot reset the checkpoint");
+        let name = projection.name().to_owned();
+        let runner = Runner::new(store.clone(), config)
+            .with_projection(projection)
+            .expect("cannot register the projection");
+        let start = Instant::now();
+        loop {
+            runner
+                .run_once()
+                .await
+                .unwrap_or_else(|e| panic!("{name}: run_once failed: {e}"));
+            if runner.progress().events_handled() >= expected {
+                break;
+            }
+            if start.elapsed() > Duration::from_secs(60) {
+                panic!(
+                    "{name}: handled {} of {expected} events after 60s: is a transaction held open on the server?",
+                    runner.progress().events_handled(),
+                );
+            }
+            self.progress(format!(
+                "{name}: only {} of {expected} events handled after run_once (open transaction elsewhere?); retrying",
+                runner.progress().events_handled(),
+            ));
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        start.elapsed()
+    }
+
+    async fn check_balances(&self, s: &Seeded, who: &str) {
+        let row = s
+            .client
+            .query_one(
+                "SELECT coalesce(sum(event_count), 0)::int8, coalesce(sum(balance), 0)::int8 FROM bench_balances",
+                &[],
+            )
+            .await
+            .expect("cannot read bench_balances");
+        let (count, sum): (i64, i64) = (row.get(0), row.get(1));
+        assert_eq!(
+            (count, sum),
+            (s.events as i64, s.amount),
+            "{who}: bench_balances totals are wrong"
+        );
+    }
+
+    async fn reset_raw_checkpoint(&self, s: &Seeded) {
+        s.client
+            .execute(
+                "UPDATE projection_checkpoints SET last_global_position = 0, events_handled = 0 \
+                 WHERE projection_name = $1",
+                &[&RAW_CHECKPOINT_NAME],
+            )
+            .await
+            .expect("cannot reset the raw checkpoint");
+    }
+
+    /// `catchup_noop`: the no-op projection against the raw keyset reader.
+    pub async fn catchup_noop(&mut self, s: &Seeded) {
+        // Untimed warm-up of both sides (caches, connections, plans).
+        let warm = Arc::new(Noop {
+            name: "bench_noop".into(),
+        });
+        self.library_catchup(s, warm, self.catchup_config()).await;
+        self.reset_raw_checkpoint(s).await;
+        raw::catchup_noop(&s.client, s.events, self.batch).await;
+        let (mut lib, mut raw) = (Vec::new(), Vec::new());
+        for rep in 0..self.reps {
+            for side in 0..2 {
+                if (side == 0) == (rep % 2 == 0) {
+                    let p = Arc::new(Noop {
+                        name: "bench_noop".into(),
+                    });
+                    let d = self.library_catchup(s, p, self.catchup_config()).await;
+                    lib.push(rate(s.events, d));
+                } else {
+                    self.reset_raw_checkpoint(s).await;
+                    let d = raw::catchup_noop(&s.client, s.events, self.batch).await;
+                    raw.push(rate(s.events, d));
+                }
+            }
+            self.progress(format!(
+                "catchup_noop rep {}/{}: projectionist {}, raw keyset {} ({} events, page {})",
+                rep + 1,
+                self.reps,
+                ev_s(lib[lib.len() - 1]),
+                ev_s(raw[raw.len() - 1]),
+                s.events,
+                self.batch
+            ));
+        }
+        let (l, r) = (median(&lib), median(&raw));
+        let ratio = l / r;
+        self.json.insert(
+            "catchup_noop".into(),
+            json!({"events_per_s": round(l, 0), "raw_events_per_s": round(r, 0),
+                   "ratio": round(ratio, 3), "events": s.events, "batch_size": self.batch}),
+        );
+        self.row(
+            "catchup_noop",
+            ev_s(l),
+            ev_s(r),
+            format!("{ratio:.2}"),
+            format!("ratio ≥ 0.9 {}", mark(ratio >= 0.9)),
+        );
+    }
+
+    /// `catchup_read_model` (per-event handler) or, with `batch`,
+    /// `catchup_read_model_batch`, against the raw one-statement page.
+    pub async fn catchup_read_model(&mut self, s: &Seeded, batch: bool) {
+        let name = if batch {
+            "catchup_read_model_batch"
+        } else {
+            "catchup_read_model"
+        };
+        let (mut lib, mut raw, mut raw_per_event) = (Vec::new(), Vec::new(), Vec::new());
+        for rep in 0..self.reps {
+            if !batch {
+                s.client
+                    .batch_execute("TRUNCATE bench_balances")
+                    .await
+                    .expect("TRUNCATE bench_balances failed");
+                self.reset_raw_checkpoint(s).await;
+                let d = raw::catchup_per_event(&s.client, s.events, self.batch).await;
+                self.check_balances(s, "raw per-event").await;
+                raw_per_event.push(rate(s.events, d));
+            }
+            for side in 0..2 {
+                s.client
+                    .batch_execute("TRUNCATE bench_balances")
+                    .await
+                    .expect("TRUNCATE bench_balances failed");
+                if (side == 0) == (rep % 2 == 0) {
+                    let p: Arc<dyn Projection> = if batch {
+                        Arc::new(BalancesBatch)
+                    } else {
+                        Arc::new(BalancesPerEvent)
+                    };
+                    let d = self.library_catchup(s, p, self.catchup_config()).await;
+                    self.check_balances(s, name).await;
+                    lib.push(rate(s.events, d));
+                } else {
+                    self.reset_raw_checkpoint(s).await;
+                    let d = raw::catchup_read_model(&s.client, s.events, self.batch).await;
+                    self.check_balances(s, "raw read model").await;
+                    raw.push(rate(s.events, d));
+                }
+            }
+            self.progress(format!(
+                "{name} rep {}/{}: projectionist {}, raw SQL {}{} ({} events)",
+                rep + 1,
+                self.reps,
+                ev_s(lib[lib.len() - 1]),
+                ev_s(raw[raw.len() - 1]),
+                raw_per_event
+                    .last()
+                    .map(|r| format!(", raw per-event upserts {}", ev_s(*r)))
+                    .unwrap_or_default(),
+                s.events
+            ));
+        }
+        let (l, r) = (median(&lib), median(&raw));
+        let ratio = l / r;
+        let mut entry = json!({"events_per_s": round(l, 0), "raw_events_per_s": round(r, 0),
+                               "ratio": round(ratio, 3), "events": s.events,
+                               "accounts": self.args.accounts, "batch_size": self.batch});
+        let target = if batch {
+            format!("ratio ≥ 0.8 {}", mark(ratio >= 0.8))
+        } else {
+            entry["note"] = json!("per-event handler (pipelined) run over events/4");
+            let rpe = median(&raw_per_event);
+            entry["raw_per_event_events_per_s"] = round(rpe, 0);
+            entry["ratio_to_raw_per_event"] = round(l / rpe, 3);
+            format!(
+                "≥ 25,000 ev/s {} (raw per-event upserts: {}, ratio {:.2})",
+                mark(l >= 25_000.0),
+                ev_s(rpe),
+                l / rpe
+            )
+        };
+        self.json.insert(name.into(), entry);
+        let label = if batch {
+            name.to_owned()
+        } else {
+            format!("{name} ({} events)", s.events)
+        };
+        self.row(&label, ev_s(l), ev_s(r), format!("{ratio:.2}"), target);
+    }
+}

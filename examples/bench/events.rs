@@ -1,0 +1,87 @@
+//! The benchmark's events: the aggregate and event types every case
+//! appends, and append plans, which hold the same rows in the library's and
+//! in the raw statement's shape so that both sides write exactly the same
+//! data.
+
+use projectionist::NewEvent;
+use rand::rngs::StdRng;
+use rand::Rng;
+use uuid::Uuid;
+
+/// Streams each append writer rotates over.
+const STREAMS_PER_WRITER: usize = 64;
+
+/// The aggregate type of every benchmark event.
+pub const AGGREGATE_TYPE: &str = "Account";
+/// The event type of every benchmark event.
+pub const EVENT_TYPE: &str = "MoneyDeposited";
+
+// ---------------------------------------------------------------------------
+// Append plans: the same rows for the library and the raw baseline.
+
+/// One append: a stream, its expected version and the events, in both the
+/// library's and the raw statement's shape.
+pub struct Batch {
+    pub stream: String,
+    pub expected: i64,
+    pub events: Vec<NewEvent>,
+    pub ids: Vec<Uuid>,
+    pub aggregate_types: Vec<&'static str>,
+    pub aggregate_ids: Vec<String>,
+    pub versions: Vec<i64>,
+    pub event_types: Vec<&'static str>,
+    pub payloads: Vec<String>,
+    pub metadata: Vec<&'static str>,
+}
+
+/// Per writer, its batches: `total` events split evenly, batches of `batch`
+/// events rotating over the writer's own streams.
+pub fn append_plan(
+    rng: &mut StdRng,
+    writers: usize,
+    batch: usize,
+    total: usize,
+) -> Vec<Vec<Batch>> {
+    let batches_per_writer = (total / writers / batch).max(1);
+    (0..writers)
+        .map(|w| {
+            let mut versions = [0i64; STREAMS_PER_WRITER];
+            (0..batches_per_writer)
+                .map(|k| {
+                    let s = k % STREAMS_PER_WRITER;
+                    let stream = format!("w{w}-s{s}");
+                    let expected = versions[s];
+                    versions[s] += batch as i64;
+                    let payloads: Vec<String> = (0..batch)
+                        .map(|_| format!(r#"{{"amount": {}}}"#, rng.gen_range(1..=10_000)))
+                        .collect();
+                    let ids: Vec<Uuid> = (0..batch).map(|_| Uuid::now_v7()).collect();
+                    let events = ids
+                        .iter()
+                        .zip(&payloads)
+                        .map(|(id, p)| {
+                            NewEvent::from_json(EVENT_TYPE, p.clone()).with_event_id(*id)
+                        })
+                        .collect();
+                    Batch {
+                        aggregate_ids: vec![stream.clone(); batch],
+                        stream,
+                        expected,
+                        events,
+                        ids,
+                        aggregate_types: vec![AGGREGATE_TYPE; batch],
+                        versions: (1..=batch as i64).map(|v| expected + v).collect(),
+                        event_types: vec![EVENT_TYPE; batch],
+                        payloads,
+                        metadata: vec!["{}"; batch],
+                    }
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// The number of events in a plan.
+pub fn plan_events(plan: &[Vec<Batch>]) -> usize {
+    plan.iter().flatten().map(|b| b.events.len()).sum()
+}
