@@ -1,13 +1,94 @@
 //! Operator actions that are not the batch loop: `status` (cursor, lag and
 //! state per slot) and `reset` (clear a read model and its checkpoints).
+//!
+//! `status` costs the same at any log size: one statement reads every
+//! checkpoint and, per slot, at most [`LAG_SAMPLE_EVENTS`] events after the
+//! cursor through the `(transaction_id, global_position)` index, plus one
+//! index probe on each side of the cursor. Lag beyond the sample is
+//! extrapolated from global positions ([`SlotStatus::lag_exact`] says which).
+//! An exact count ([`StatusOptions::exact`]) is bounded by a limit, and every
+//! status query runs under a `statement_timeout` and is cancelled on the
+//! server when its caller gives up.
 
 use crate::checkpoint::Checkpoints;
-use crate::error::{Error, Result};
+use crate::error::{Error, Kind, Result};
 use crate::event::Xid8;
 use crate::projection::{Partition, Projection};
 use crate::store::{filter_conditions, EventStore, ReadFilter};
 use serde::Serialize;
 use std::sync::Arc;
+use std::time::Duration;
+
+/// Events after a slot's cursor that `status` reads to measure its lag:
+/// fewer than this many remaining are counted exactly, more are estimated
+/// (see [`SlotStatus::lag_exact`]).
+pub const LAG_SAMPLE_EVENTS: i64 = 1000;
+
+/// Default of [`StatusOptions::exact`]'s limit: an exact count stops after
+/// this many events per slot (1,000,000).
+pub const DEFAULT_EXACT_LAG_LIMIT: i64 = 1_000_000;
+
+/// Default of [`StatusOptions::timeout`]: 30 s.
+pub const DEFAULT_STATUS_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How [`status_with`] and [`report_with`] measure and how long they may
+/// take. The default estimates lag, allows 30 s, and treats workers
+/// without a heartbeat for 30 s as gone.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StatusOptions {
+    pub(crate) exact_limit: Option<i64>,
+    pub(crate) timeout: Duration,
+    pub(crate) heartbeat_timeout: Duration,
+}
+
+impl Default for StatusOptions {
+    fn default() -> StatusOptions {
+        StatusOptions {
+            exact_limit: None,
+            timeout: DEFAULT_STATUS_TIMEOUT,
+            heartbeat_timeout: crate::worker::DEFAULT_HEARTBEAT_TIMEOUT,
+        }
+    }
+}
+
+impl StatusOptions {
+    /// Counts each slot's lag exactly, up to `limit` events per slot
+    /// ([`DEFAULT_EXACT_LAG_LIMIT`] is a good start): a slot further behind
+    /// reports `limit` with [`SlotStatus::lag_capped`]. Costs a scan of up to
+    /// `limit` events per slot; the default (no exact count) costs the same
+    /// at any lag.
+    pub fn exact(mut self, limit: i64) -> Result<StatusOptions> {
+        if limit < 1 {
+            return Err(Error::config(format!(
+                "the exact lag limit must be at least 1 event, got {limit}: use e.g. {DEFAULT_EXACT_LAG_LIMIT}"
+            )));
+        }
+        self.exact_limit = Some(limit);
+        Ok(self)
+    }
+
+    /// How long the status queries may take in all (default 30 s): enforced
+    /// by the server (`statement_timeout`) and by the caller, which then
+    /// cancels the query and fails with an error.
+    pub fn timeout(mut self, timeout: Duration) -> Result<StatusOptions> {
+        if timeout < Duration::from_millis(1) {
+            return Err(Error::config(
+                "the status timeout must be at least 1ms: use e.g. 3s or 30s",
+            ));
+        }
+        self.timeout = timeout;
+        Ok(self)
+    }
+
+    /// Workers whose last heartbeat is older than this are gone (default
+    /// 30 s, as `HEARTBEAT_TIMEOUT`): slots still assigned to them show the
+    /// worker in [`SlotStatus::stale_worker_id`], not in
+    /// [`SlotStatus::worker_id`].
+    pub fn heartbeat_timeout(mut self, timeout: Duration) -> StatusOptions {
+        self.heartbeat_timeout = timeout;
+        self
+    }
+}
 
 /// The state of one (projection, partition) slot.
 #[derive(Clone, Debug, Serialize, PartialEq)]
@@ -24,9 +105,29 @@ pub struct SlotStatus {
     pub cursor_position: Option<i64>,
     /// Transaction id of the cursor.
     pub cursor_transaction_id: u64,
-    /// Events after the cursor that this slot will receive.
+    /// Global position of the last event at or before the cursor in
+    /// reading order (transaction id, then position), whether the cursor
+    /// sits at an event or at the watermark; `None` before the first event.
+    /// It moves exactly when the cursor moves past events.
+    pub last_passed_position: Option<i64>,
+    /// Events after the cursor that this slot will receive: exact when
+    /// `lag_exact`, otherwise an estimate (see [`SlotStatus::lag_exact`]).
     pub lag_events: i64,
-    /// Age of the oldest of those events, in seconds (0 when caught up).
+    /// Whether `lag_events` is an exact count. Without
+    /// [`StatusOptions::exact`], the first [`LAG_SAMPLE_EVENTS`] events after
+    /// the cursor are read: when fewer remain, the count is exact; otherwise
+    /// the events from the first of them to the log head are estimated from
+    /// global positions (`log_head - first position + 1`), scaled by the
+    /// share of the sample that the slot receives (its filter and
+    /// partition).
+    pub lag_exact: bool,
+    /// An exact count stopped at its limit: the lag is more than
+    /// `lag_events`.
+    pub lag_capped: bool,
+    /// Age in seconds of the oldest event after the cursor that this slot
+    /// receives, among the events read (0 when none remain). When the
+    /// sample holds none of the slot's events but more events follow, the
+    /// age of the oldest event read: the slot has not passed it yet.
     pub lag_seconds: f64,
     /// `running`, `stopped` or `failed`.
     pub state: String,
@@ -36,14 +137,41 @@ pub struct SlotStatus {
     pub events_handled: i64,
     /// When the checkpoint last changed (RFC 3339).
     pub updated_at: String,
-    /// Whether this binary has a projection of that name registered.
+    /// Whether this binary has a projection of that name registered. If
+    /// not, nothing here runs it, and its lag is measured without its
+    /// filter (overstated).
     pub registered: bool,
-    /// Worker mode: the worker the slot is assigned to, if any.
+    /// Worker mode: the live worker the slot is assigned to, if any (its
+    /// heartbeat is younger than the heartbeat timeout).
     pub worker_id: Option<String>,
+    /// A worker the slot is still assigned to that has not heartbeated
+    /// within the heartbeat timeout (it died, or the deployment went back
+    /// to static mode): no worker of the pool runs the slot.
+    pub stale_worker_id: Option<String>,
+    /// Events this slot receives that sort between the last event it
+    /// handled and its cursor: such events were written after the cursor
+    /// passed them (transaction ids reused after lost commits the engine
+    /// did not notice) and will never be handled unless the cursor moves
+    /// back. Checked over the newest 1000 events of that range. Fix: with
+    /// the processes running, `UPDATE projection_checkpoints SET epoch =
+    /// NULL WHERE projection_name = '…'` makes the engine move the cursor
+    /// back to the last handled event within seconds (or `reset` the
+    /// projection).
+    pub skipped_events: i64,
     /// Concurrency mode: in_flight, running, gaps (complete but not yet
     /// committable), blocking_position (lowest incomplete event),
     /// blocked_seconds, fetch_paused — as of the last checkpoint.
     pub parallel: Option<serde_json::Value>,
+}
+
+impl SlotStatus {
+    /// The value of the `projectionist_cursor_position` gauge: the cursor's
+    /// position, or, at the watermark, the last event it passed.
+    pub(crate) fn gauge_position(&self) -> i64 {
+        self.cursor_position
+            .or(self.last_passed_position)
+            .unwrap_or(0)
+    }
 }
 
 /// A worker of the worker pool.
@@ -65,16 +193,147 @@ pub struct WorkerStatus {
     pub slots: i64,
 }
 
+/// A pooled connection running a read-only transaction under a
+/// `statement_timeout`. Dropped before [`Session::finish`] (its caller gave
+/// up, e.g. on a timeout), it cancels the running query on the server and
+/// closes the connection instead of returning it to the pool, so neither
+/// the query nor a late cancel request can reach anyone else.
+struct Session {
+    client: Option<deadpool_postgres::Object>,
+    cancel: tokio_postgres::CancelToken,
+    tls: crate::tls::MakeRustlsConnect,
+    finished: bool,
+}
+
+impl Session {
+    async fn open(store: &EventStore) -> Result<Session> {
+        let client = store.pool().get().await?;
+        Ok(Session {
+            cancel: client.cancel_token(),
+            client: Some(client),
+            tls: store.tls().clone(),
+            finished: false,
+        })
+    }
+
+    fn client(&mut self) -> Result<&mut deadpool_postgres::Object> {
+        self.client
+            .as_mut()
+            .ok_or_else(|| Error::new(Kind::Other, "status session used after it ended"))
+    }
+
+    /// Opens the read-only transaction (one snapshot for every statement)
+    /// with `SET LOCAL statement_timeout`.
+    async fn begin(&mut self, timeout: Duration) -> Result<deadpool_postgres::Transaction<'_>> {
+        let tx = self
+            .client()?
+            .build_transaction()
+            .read_only(true)
+            .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+            .start()
+            .await?;
+        let ms = format!("{}ms", timeout.as_millis().max(1));
+        tx.execute("SELECT set_config('statement_timeout', $1, true)", &[&ms])
+            .await?;
+        Ok(tx)
+    }
+
+    /// The work is done: the connection goes back to the pool.
+    fn finish(mut self) {
+        self.finished = true;
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        let Some(object) = self.client.take() else {
+            return;
+        };
+        if self.finished {
+            return;
+        }
+        let client = deadpool_postgres::Object::take(object);
+        let cancel = self.cancel.clone();
+        let tls = self.tls.clone();
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                if let Err(e) = cancel.cancel_query(tls).await {
+                    tracing::debug!(error = %e, "cannot cancel an abandoned status query");
+                }
+                drop(client);
+            });
+        }
+    }
+}
+
+/// Opens a [`Session`] and runs `work` on it for at most `timeout` in all.
+/// A query the server cancelled (`statement_timeout`) or a timeout here
+/// becomes an error that names the timeout. On a timeout here, the running
+/// query is cancelled on the server before the error is returned (so a
+/// process that exits on the error leaves nothing running), and the
+/// connection is closed rather than returned to the pool.
+async fn within<T, F, Fut>(store: &EventStore, timeout: Duration, what: &str, work: F) -> Result<T>
+where
+    F: FnOnce(Session) -> Fut,
+    Fut: std::future::Future<Output = Result<T>>,
+{
+    let started = tokio::time::Instant::now();
+    let session = match tokio::time::timeout(timeout, Session::open(store)).await {
+        Ok(session) => session.map_err(|e| e.context(what))?,
+        Err(_) => return Err(timed_out(what, timeout)),
+    };
+    let (cancel, tls) = (session.cancel.clone(), session.tls.clone());
+    match tokio::time::timeout_at(started + timeout, work(session)).await {
+        Ok(Ok(out)) => Ok(out),
+        Ok(Err(e)) if e.db_code() == Some("57014") => Err(timed_out(what, timeout).with_source(e)),
+        Ok(Err(e)) => Err(e.context(what)),
+        Err(_) => {
+            // Dropping `work` dropped the session, which also sends a cancel
+            // from a background task; this one is awaited (briefly).
+            if let Ok(Err(e)) =
+                tokio::time::timeout(Duration::from_secs(2), cancel.cancel_query(tls)).await
+            {
+                tracing::debug!(error = %e, "cannot cancel a timed-out status query");
+            }
+            Err(timed_out(what, timeout))
+        }
+    }
+}
+
+fn timed_out(what: &str, timeout: Duration) -> Error {
+    Error::new(
+        Kind::Database,
+        format!(
+            "{what} did not finish within {timeout:?} and was cancelled on the server: the database is \
+             overloaded, or a lock on the projectionist tables blocks it (see pg_stat_activity and \
+             pg_locks); retry, or allow more time (STATUS_TIMEOUT / --timeout)"
+        ),
+    )
+}
+
 /// The workers of the worker pool (empty in static mode).
 pub async fn workers(store: &EventStore) -> Result<Vec<WorkerStatus>> {
-    let sql = store.statements();
     let client = store.pool().get().await?;
+    workers_in(&**client, store).await
+}
+
+async fn workers_in<C: tokio_postgres::GenericClient>(
+    client: &C,
+    store: &EventStore,
+) -> Result<Vec<WorkerStatus>> {
+    let sql = store.statements();
     // The leader holds its advisory lock on a connection named
     // `projectionist-leader:<worker id>`.
     let rows = client
         .query(
             &format!(
-                "SELECT w.worker_id, w.hostname, w.pid, w.version,                         extract(epoch FROM now() - w.heartbeat_at)::float8,                         (SELECT count(*) FROM {a} a WHERE a.worker_id = w.worker_id),                         EXISTS (SELECT 1 FROM pg_locks l JOIN pg_stat_activity s ON s.pid = l.pid                                 WHERE l.locktype = 'advisory' AND l.granted                                   AND s.application_name = 'projectionist-leader:' || w.worker_id)                  FROM {w} w ORDER BY w.worker_id",
+                "SELECT w.worker_id, w.hostname, w.pid, w.version, \
+                        extract(epoch FROM now() - w.heartbeat_at)::float8, \
+                        (SELECT count(*) FROM {a} a WHERE a.worker_id = w.worker_id), \
+                        EXISTS (SELECT 1 FROM pg_locks l JOIN pg_stat_activity s ON s.pid = l.pid \
+                                WHERE l.locktype = 'advisory' AND l.granted \
+                                  AND s.application_name = 'projectionist-leader:' || w.worker_id) \
+                 FROM {w} w ORDER BY w.worker_id",
                 a = sql.assignments,
                 w = sql.workers
             ),
@@ -96,66 +355,284 @@ pub async fn workers(store: &EventStore) -> Result<Vec<WorkerStatus>> {
         .collect()
 }
 
-/// Reads every checkpoint and computes its lag, using the registered
-/// projections' filters where known.
+/// The registered projections' filters as the JSON that the status
+/// statement's `$1` takes (first projection of a name wins).
+fn filters_json(projections: &[Arc<dyn Projection>]) -> serde_json::Value {
+    let mut seen = std::collections::HashSet::new();
+    let mut out = Vec::new();
+    for p in projections {
+        if !seen.insert(p.name().to_owned()) {
+            continue;
+        }
+        let f = p.filter();
+        let list = |v: Vec<String>| {
+            if v.is_empty() {
+                serde_json::Value::Null
+            } else {
+                serde_json::json!(v)
+            }
+        };
+        out.push(serde_json::json!({
+            "projection": p.name(),
+            "aggregate_types": list(f.aggregate_types),
+            "event_types": list(f.event_types),
+        }));
+    }
+    serde_json::Value::Array(out)
+}
+
+/// The one statement behind `status`: `$1` the filters (JSON), `$2` the
+/// sample size ([`LAG_SAMPLE_EVENTS`]), `$3` the heartbeat timeout in
+/// seconds. Per slot, one bounded index range scan after the cursor (at
+/// most `$2` rows), one index probe before it, and one bounded range scan
+/// (at most `$2` rows, newest first) between the last handled event and
+/// the cursor, for skipped events; the head is one probe of the primary
+/// key. Nothing in it grows with the log or the lag.
+fn status_sql(store: &EventStore) -> String {
+    let sql = store.statements();
+    // Whether event e is one the slot receives: the registered filter (none
+    // known: every event) and the partition, as `filter_conditions`.
+    let hit = "(f.aggregate_types IS NULL OR e.aggregate_type = ANY(f.aggregate_types)) \
+               AND (f.event_types IS NULL OR e.event_type = ANY(f.event_types)) \
+               AND (c.total_partitions = 1 OR e.aggregate_hash % c.total_partitions = c.partition_key)";
+    format!(
+        "WITH f AS (SELECT * FROM jsonb_to_recordset($1::jsonb) \
+                    AS f(projection text, aggregate_types text[], event_types text[])), \
+              h AS (SELECT coalesce(max(global_position), 0) AS head FROM {ev}) \
+         SELECT c.projection_name, c.partition_key, c.total_partitions, c.last_transaction_id, \
+                c.last_global_position, c.events_handled, c.status, c.last_error, c.updated_at, \
+                c.parallel_stats, f.projection IS NOT NULL, \
+                s.n, s.m, s.min_pos, \
+                coalesce(extract(epoch FROM now() - s.oldest)::float8, 0), \
+                p.global_position, h.head, w.worker_id, a.worker_id, \
+                CASE WHEN f.projection IS NULL THEN 0 ELSE k.skipped END \
+         FROM {cp} c \
+         CROSS JOIN h \
+         LEFT JOIN f ON f.projection = c.projection_name \
+         LEFT JOIN {asg} a ON a.projection_name = c.projection_name AND a.partition_key = c.partition_key \
+         LEFT JOIN {wk} w ON w.worker_id = a.worker_id \
+                         AND w.heartbeat_at > now() - make_interval(secs => $3::float8) \
+         CROSS JOIN LATERAL ( \
+             SELECT count(*) AS n, count(*) FILTER (WHERE x.hit) AS m, min(x.global_position) AS min_pos, \
+                    coalesce(min(x.created_at) FILTER (WHERE x.hit), \
+                             CASE WHEN count(*) >= $2 THEN min(x.created_at) END) AS oldest \
+             FROM (SELECT e.global_position, e.created_at, {hit} AS hit FROM {ev} e \
+                   WHERE (e.transaction_id, e.global_position) > (c.last_transaction_id, c.last_global_position) \
+                   ORDER BY e.transaction_id, e.global_position LIMIT $2) x) s \
+         LEFT JOIN LATERAL (SELECT e.global_position FROM {ev} e \
+                            WHERE (e.transaction_id, e.global_position) <= (c.last_transaction_id, c.last_global_position) \
+                            ORDER BY e.transaction_id DESC, e.global_position DESC LIMIT 1) p ON true \
+         CROSS JOIN LATERAL ( \
+             SELECT count(*) FILTER (WHERE y.hit) AS skipped \
+             FROM (SELECT {hit} AS hit FROM {ev} e \
+                   WHERE (e.transaction_id, e.global_position) \
+                         > (c.last_event_transaction_id, c.last_event_position) \
+                     AND (e.transaction_id, e.global_position) <= (c.last_transaction_id, c.last_global_position) \
+                   ORDER BY e.transaction_id DESC, e.global_position DESC LIMIT $2) y) k \
+         ORDER BY c.projection_name, c.partition_key",
+        ev = sql.events,
+        cp = sql.checkpoints,
+        asg = sql.assignments,
+        wk = sql.workers,
+    )
+}
+
+async fn status_in<C: tokio_postgres::GenericClient>(
+    client: &C,
+    store: &EventStore,
+    projections: &[Arc<dyn Projection>],
+    options: &StatusOptions,
+    deadline: tokio::time::Instant,
+) -> Result<Vec<SlotStatus>> {
+    let filters = filters_json(projections);
+    let heartbeat = options.heartbeat_timeout.as_secs_f64();
+    let rows = client
+        .query(
+            &status_sql(store),
+            &[&filters, &LAG_SAMPLE_EVENTS, &heartbeat],
+        )
+        .await?;
+    let mut slots = rows
+        .iter()
+        .map(|r| {
+            let transaction_id = r.try_get::<_, Xid8>(3)?.0;
+            let position: i64 = r.try_get(4)?;
+            let n: i64 = r.try_get(11)?;
+            let m: i64 = r.try_get(12)?;
+            let min_pos: Option<i64> = r.try_get(13)?;
+            let head: i64 = r.try_get(16)?;
+            let (lag_events, lag_exact) = if n < LAG_SAMPLE_EVENTS {
+                (m, true)
+            } else {
+                // Events from the first one after the cursor to the head,
+                // at the sample's share of the slot's events.
+                let span = head
+                    .saturating_sub(min_pos.unwrap_or(head))
+                    .saturating_add(1)
+                    .max(n);
+                let estimate =
+                    (i128::from(span) * i128::from(m) + i128::from(n) / 2) / i128::from(n.max(1));
+                (i64::try_from(estimate).unwrap_or(i64::MAX), false)
+            };
+            let live: Option<String> = r.try_get(17)?;
+            let assigned: Option<String> = r.try_get(18)?;
+            let updated_at: chrono::DateTime<chrono::Utc> = r.try_get(8)?;
+            Ok(SlotStatus {
+                projection: r.try_get(0)?,
+                partition: r.try_get(1)?,
+                total_partitions: r.try_get(2)?,
+                cursor_position: (position != i64::MAX).then_some(position),
+                cursor_transaction_id: transaction_id,
+                last_passed_position: r.try_get(15)?,
+                lag_events,
+                lag_exact,
+                lag_capped: false,
+                lag_seconds: r.try_get::<_, f64>(14)?.max(0.0),
+                events_handled: r.try_get(5)?,
+                state: r.try_get(6)?,
+                last_error: r.try_get(7)?,
+                updated_at: updated_at.to_rfc3339(),
+                parallel: r.try_get(9)?,
+                registered: r.try_get(10)?,
+                stale_worker_id: if live.is_none() { assigned } else { None },
+                worker_id: live,
+                skipped_events: r.try_get(19)?,
+            })
+        })
+        .collect::<Result<Vec<SlotStatus>>>()?;
+    if let Some(limit) = options.exact_limit {
+        for slot in slots.iter_mut().filter(|s| !s.lag_exact) {
+            // The server-side bound is the time left, not a fresh timeout
+            // per count, so the counts stop by the deadline even if this
+            // process is gone.
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let ms = format!("{}ms", left.as_millis().max(1));
+            client
+                .execute("SELECT set_config('statement_timeout', $1, true)", &[&ms])
+                .await?;
+            count_exactly(client, store, projections, slot, limit).await?;
+        }
+    }
+    Ok(slots)
+}
+
+/// Replaces a slot's estimated lag by a count of up to `limit` events. One
+/// statement per slot, so that the planner sees the cursor and scans the
+/// log sequentially when most of it is lag.
+async fn count_exactly<C: tokio_postgres::GenericClient>(
+    client: &C,
+    store: &EventStore,
+    projections: &[Arc<dyn Projection>],
+    slot: &mut SlotStatus,
+    limit: i64,
+) -> Result<()> {
+    let f = projections
+        .iter()
+        .find(|p| p.name() == slot.projection)
+        .map(|p| p.filter())
+        .unwrap_or_default();
+    let filter = ReadFilter {
+        aggregate_types: f.aggregate_types,
+        event_types: f.event_types,
+        partition: (slot.total_partitions > 1).then_some((slot.partition, slot.total_partitions)),
+    };
+    let q = format!(
+        "SELECT count(*), coalesce(extract(epoch FROM now() - min(x.created_at))::float8, 0) \
+         FROM (SELECT e.created_at FROM {} e \
+               WHERE (e.transaction_id, e.global_position) > ($1::xid8, $2::int8){} LIMIT $3) x",
+        store.statements().events,
+        filter_conditions(&filter, 3)
+    );
+    let tx = Xid8(slot.cursor_transaction_id);
+    let position = slot.cursor_position.unwrap_or(i64::MAX);
+    let bound = limit.saturating_add(1);
+    let mut params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = vec![&tx, &position, &bound];
+    params.extend(filter.params());
+    let row = client.query_one(&q, &params).await?;
+    let counted: i64 = row.try_get(0)?;
+    slot.lag_capped = counted > limit;
+    slot.lag_exact = !slot.lag_capped;
+    slot.lag_events = counted.min(limit);
+    // Capped: the oldest of the events counted, not necessarily of all.
+    slot.lag_seconds = row.try_get::<_, f64>(1)?.max(0.0);
+    Ok(())
+}
+
+/// Every checkpoint with its estimated lag (see [`status_with`]), using the
+/// registered projections' filters where known.
 pub async fn status(
     store: &EventStore,
     projections: &[Arc<dyn Projection>],
 ) -> Result<Vec<SlotStatus>> {
-    let sql = store.statements();
+    status_with(store, projections, &StatusOptions::default()).await
+}
+
+/// Every checkpoint and its lag, in one statement whose cost does not grow
+/// with the log or the lag (unless `options` asks for an exact count):
+/// see [`SlotStatus::lag_exact`].
+pub async fn status_with(
+    store: &EventStore,
+    projections: &[Arc<dyn Projection>],
+    options: &StatusOptions,
+) -> Result<Vec<SlotStatus>> {
+    within(store, options.timeout, "status", |mut session| async move {
+        let tx = session.begin(options.timeout).await?;
+        let deadline = tokio::time::Instant::now() + options.timeout;
+        let out = status_in(&*tx, store, projections, options, deadline).await?;
+        tx.commit().await?;
+        session.finish();
+        Ok(out)
+    })
+    .await
+}
+
+/// The plan (`EXPLAIN (FORMAT JSON)`, without running it) of the one
+/// statement that [`status`] runs for every slot, to check that it reads
+/// the events table only through index conditions whatever the log's size.
+/// (`StatusOptions::exact` adds a bounded count per slot on top.)
+pub async fn explain_status(
+    store: &EventStore,
+    projections: &[Arc<dyn Projection>],
+) -> Result<serde_json::Value> {
+    let filters = filters_json(projections);
+    let heartbeat = StatusOptions::default().heartbeat_timeout.as_secs_f64();
     let client = store.pool().get().await?;
-    let checkpoints = Checkpoints::new(&sql.checkpoints).list(&**client).await?;
-    let owners: std::collections::HashMap<(String, i32), String> = client
-        .query(
-            &format!(
-                "SELECT projection_name, partition_key, worker_id FROM {} WHERE worker_id IS NOT NULL",
-                sql.assignments
-            ),
-            &[],
+    let row = client
+        .query_one(
+            &format!("EXPLAIN (FORMAT JSON) {}", status_sql(store)),
+            &[&filters, &LAG_SAMPLE_EVENTS, &heartbeat],
         )
-        .await
-        .map(|rows| rows.iter().map(|r| ((r.get(0), r.get(1)), r.get(2))).collect())
-        .unwrap_or_default();
-    let mut out = Vec::with_capacity(checkpoints.len());
-    for c in checkpoints {
-        let projection = projections.iter().find(|p| p.name() == c.projection);
-        let f = projection.map(|p| p.filter()).unwrap_or_default();
-        let filter = ReadFilter {
-            aggregate_types: f.aggregate_types,
-            event_types: f.event_types,
-            partition: (c.total_partitions > 1).then_some((c.partition, c.total_partitions)),
-        };
-        let q = format!(
-            "SELECT count(*), coalesce(extract(epoch FROM now() - min(e.created_at))::float8, 0) \
-             FROM {} e WHERE (e.transaction_id, e.global_position) > ($1::xid8, $2::int8){}",
-            sql.events,
-            filter_conditions(&filter, 2)
-        );
-        let tx = Xid8(c.cursor.transaction_id);
-        let mut params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
-            vec![&tx, &c.cursor.global_position];
-        params.extend(filter.params());
-        let row = client.query_one(&q, &params).await?;
-        let worker_id = owners.get(&(c.projection.clone(), c.partition)).cloned();
-        out.push(SlotStatus {
-            worker_id,
-            parallel: c.parallel,
-            projection: c.projection,
-            partition: c.partition,
-            total_partitions: c.total_partitions,
-            cursor_position: (c.cursor.global_position != i64::MAX)
-                .then_some(c.cursor.global_position),
-            cursor_transaction_id: c.cursor.transaction_id,
-            lag_events: row.try_get(0)?,
-            lag_seconds: row.try_get::<_, f64>(1)?.max(0.0),
-            state: c.status,
-            last_error: c.last_error,
-            events_handled: c.events_handled,
-            updated_at: c.updated_at.to_rfc3339(),
-            registered: projection.is_some(),
-        });
-    }
-    Ok(out)
+        .await?;
+    Ok(row.try_get(0)?)
+}
+
+/// The slots whose state is `failed`, as `projection/partition`: what
+/// `/readyz` checks. Reads only the checkpoint table (one row per slot).
+pub(crate) async fn failed_slots(store: &EventStore, timeout: Duration) -> Result<Vec<String>> {
+    let table = store.statements().checkpoints.clone();
+    within(
+        store,
+        timeout,
+        "the readiness check",
+        |mut session| async move {
+            let tx = session.begin(timeout).await?;
+            let rows = tx
+                .query(
+                    &format!(
+                        "SELECT projection_name || '/' || partition_key FROM {table} \
+                         WHERE status = 'failed' ORDER BY projection_name, partition_key"
+                    ),
+                    &[],
+                )
+                .await?;
+            tx.commit().await?;
+            session.finish();
+            rows.iter()
+                .map(|r| Ok(r.try_get(0)?))
+                .collect::<Result<Vec<String>>>()
+        },
+    )
+    .await
 }
 
 /// Runs the projection's reset hook and deletes its checkpoints and dead
@@ -255,6 +732,12 @@ pub struct WatermarkHolder {
 /// The oldest open writing transaction, if any (see [`WatermarkHolder`]).
 pub async fn watermark_holder(store: &EventStore) -> Result<Option<WatermarkHolder>> {
     let client = store.pool().get().await?;
+    watermark_holder_in(&**client).await
+}
+
+async fn watermark_holder_in<C: tokio_postgres::GenericClient>(
+    client: &C,
+) -> Result<Option<WatermarkHolder>> {
     let row = client
         .query_opt(
             "SELECT pid, datname::text, usename::text, application_name, state, \
@@ -295,42 +778,61 @@ pub struct StatusReport {
     pub log_head: i64,
 }
 
-/// Collects a [`StatusReport`].
+/// Collects a [`StatusReport`] with the default [`StatusOptions`]
+/// (estimated lag, 30 s).
 pub async fn report(
     store: &EventStore,
     projections: &[Arc<dyn Projection>],
 ) -> Result<StatusReport> {
-    let client = store.pool().get().await?;
-    let dead_letters = client
-        .query(
-            &format!(
-                "SELECT projection_name, count(*) FROM {} GROUP BY projection_name",
-                store.statements().dead_letters
-            ),
-            &[],
-        )
-        .await?
-        .iter()
-        .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
-        .collect::<Result<_>>()?;
-    let log_head: i64 = client
-        .query_one(
-            &format!(
-                "SELECT coalesce(max(global_position), 0) FROM {}",
-                store.statements().events
-            ),
-            &[],
-        )
-        .await?
-        .try_get(0)?;
-    drop(client);
-    Ok(StatusReport {
-        projections: status(store, projections).await?,
-        workers: workers(store).await?,
-        watermark_held_by: watermark_holder(store).await?,
-        dead_letters,
-        log_head,
+    report_with(store, projections, &StatusOptions::default()).await
+}
+
+/// Collects a [`StatusReport`] on one connection, in one read-only
+/// transaction (one snapshot), within `options`' timeout.
+pub async fn report_with(
+    store: &EventStore,
+    projections: &[Arc<dyn Projection>],
+    options: &StatusOptions,
+) -> Result<StatusReport> {
+    within(store, options.timeout, "status", |mut session| async move {
+        let tx = session.begin(options.timeout).await?;
+        let deadline = tokio::time::Instant::now() + options.timeout;
+        let slots = status_in(&*tx, store, projections, options, deadline).await?;
+        let workers = workers_in(&*tx, store).await?;
+        let watermark_held_by = watermark_holder_in(&*tx).await?;
+        let dead_letters = tx
+            .query(
+                &format!(
+                    "SELECT projection_name, count(*) FROM {} GROUP BY projection_name",
+                    store.statements().dead_letters
+                ),
+                &[],
+            )
+            .await?
+            .iter()
+            .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+            .collect::<Result<_>>()?;
+        let log_head: i64 = tx
+            .query_one(
+                &format!(
+                    "SELECT coalesce(max(global_position), 0) FROM {}",
+                    store.statements().events
+                ),
+                &[],
+            )
+            .await?
+            .try_get(0)?;
+        tx.commit().await?;
+        session.finish();
+        Ok(StatusReport {
+            projections: slots,
+            workers,
+            watermark_held_by,
+            dead_letters,
+            log_head,
+        })
     })
+    .await
 }
 
 /// What `rebase-cursors` did to one checkpoint.

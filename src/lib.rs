@@ -38,8 +38,9 @@ mod worker;
 pub mod testing;
 
 pub use admin::{
-    report, reset, status, watermark_holder, workers, SlotStatus, StatusReport, WatermarkHolder,
-    WorkerStatus,
+    explain_status, report, report_with, reset, status, status_with, watermark_holder, workers,
+    SlotStatus, StatusOptions, StatusReport, WatermarkHolder, WorkerStatus,
+    DEFAULT_EXACT_LAG_LIMIT, DEFAULT_STATUS_TIMEOUT, LAG_SAMPLE_EVENTS,
 };
 pub use checkpoint::Checkpoint;
 pub use cli::App;

@@ -1,7 +1,8 @@
 //! The Prometheus metric set (one registry per process, names prefixed
 //! `projectionist_`). Counters and histograms are updated where things
 //! happen; gauges that describe the database (lag, state, dead letters,
-//! the watermark holder) are refreshed from it when scraped.
+//! the watermark holder) are refreshed from it when scraped, by queries
+//! whose cost does not grow with the log (the lag is an estimate).
 
 use prometheus::{
     Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
@@ -16,6 +17,7 @@ pub(crate) struct Metrics {
     pub(crate) handler_duration: HistogramVec,
     pub(crate) batch_duration: HistogramVec,
     pub(crate) lag_events: IntGaugeVec,
+    pub(crate) skipped_events: IntGaugeVec,
     pub(crate) lag_seconds: GaugeVec,
     pub(crate) cursor_position: IntGaugeVec,
     pub(crate) projection_state: IntGaugeVec,
@@ -51,16 +53,44 @@ fn build() -> Result<Metrics, prometheus::Error> {
                 .buckets(buckets),
             &["projection"],
         )?,
+        skipped_events: IntGaugeVec::new(
+            Opts::new(
+                "projectionist_skipped_events",
+                "Events the slot receives that sort between its last handled event and its cursor: written after \
+                 the cursor passed them, never to be handled unless the cursor moves back (should always be 0; \
+                 checked over the newest 1000 events of that range).",
+            ),
+            &["projection", "partition"],
+        )?,
         lag_events: IntGaugeVec::new(
-            Opts::new("projectionist_lag_events", "Events after the slot's cursor that it will receive."),
+            Opts::new(
+                "projectionist_lag_events",
+                format!(
+                    "Events after the slot's cursor that it will receive. An estimate: the first {} events after \
+                     the cursor are counted (exact when fewer remain), the rest extrapolated from global positions \
+                     up to the log head; the status command's --exact flag counts.",
+                    crate::admin::LAG_SAMPLE_EVENTS
+                ),
+            ),
             &["projection", "partition"],
         )?,
         lag_seconds: GaugeVec::new(
-            Opts::new("projectionist_lag_seconds", "Age of the oldest event the slot has not handled yet."),
+            Opts::new(
+                "projectionist_lag_seconds",
+                format!(
+                    "Age of the oldest event after the slot's cursor that it receives, among the first {} after \
+                     the cursor (of any of them if none is the slot's); 0 when caught up.",
+                    crate::admin::LAG_SAMPLE_EVENTS
+                ),
+            ),
             &["projection", "partition"],
         )?,
         cursor_position: IntGaugeVec::new(
-            Opts::new("projectionist_cursor_position", "Global position of the slot's cursor (the log head when it sits at the watermark)."),
+            Opts::new(
+                "projectionist_cursor_position",
+                "Global position of the last event the slot's cursor passed, in reading order (transaction id, \
+                 then position); moves exactly when the cursor passes events.",
+            ),
             &["projection", "partition"],
         )?,
         projection_state: IntGaugeVec::new(
@@ -111,6 +141,7 @@ fn build() -> Result<Metrics, prometheus::Error> {
     m.registry.register(Box::new(m.projection_state.clone()))?;
     m.registry.register(Box::new(m.events_appended.clone()))?;
     m.registry.register(Box::new(m.lost_commits.clone()))?;
+    m.registry.register(Box::new(m.skipped_events.clone()))?;
     m.registry.register(Box::new(m.wakeups.clone()))?;
     m.registry.register(Box::new(m.worker_up.clone()))?;
     m.registry.register(Box::new(m.is_leader.clone()))?;

@@ -3,22 +3,34 @@
 //! `/readyz` (database reachable, no failed projection, lag under
 //! `READY_MAX_LAG` if set) and `/status` (JSON, as `status --json`).
 //!
-//! Database-backed answers come from one status report cached for a second
-//! and refreshed by one request at a time, so thousands of concurrent
-//! requests cost one query round.
+//! Database-backed answers are cached for a second and refreshed by one
+//! request at a time, so thousands of concurrent requests cost one query
+//! round. Every query they run costs the same at any log size (the lag is
+//! estimated, see `admin::status_with`), runs under a `statement_timeout`
+//! of [`QUERY_TIMEOUT`], and is cancelled on the server if it takes longer.
+//! `/readyz` does not use the status report: it reads only the checkpoint
+//! states (and the estimated lag when `READY_MAX_LAG` is set).
 
-use crate::admin::{report, StatusReport};
+use crate::admin::{failed_slots, report_with, status_with, StatusOptions, StatusReport};
 use crate::error::{Error, Result};
 use crate::projection::Projection;
 use crate::store::EventStore;
 use http_body_util::Full;
 use hyper::body::Bytes;
 use hyper::{Method, Request, Response, StatusCode};
+use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::{watch, Mutex};
+
+/// How long a database-backed answer may take (3 s): the queries run
+/// under this `statement_timeout` and are cancelled when it passes.
+pub(crate) const QUERY_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// How long a fetched answer is reused (1 s).
+const CACHE_FOR: Duration = Duration::from_secs(1);
 
 /// The time of the last tick of the process's loops, in seconds since the
 /// epoch (the dispatcher and the worker follower tick it).
@@ -39,6 +51,42 @@ pub(crate) fn tick() {
 /// A fetched status report, or why it could not be fetched.
 type Fetched = std::result::Result<Arc<StatusReport>, String>;
 
+/// A readiness verdict: the reasons not to be ready (empty: ready), or why
+/// the database could not answer.
+type Readiness = std::result::Result<Vec<String>, String>;
+
+/// A value fetched at most once per [`CACHE_FOR`].
+struct Cached<T>(Mutex<Option<(Instant, T)>>);
+
+impl<T: Clone> Cached<T> {
+    fn new() -> Cached<T> {
+        Cached(Mutex::new(None))
+    }
+
+    async fn get<F: std::future::Future<Output = T>>(&self, fetch: impl FnOnce() -> F) -> T {
+        let mut cache = self.0.lock().await;
+        if let Some((at, v)) = cache.as_ref() {
+            if at.elapsed() < CACHE_FOR {
+                return v.clone();
+            }
+        }
+        let fresh = fetch().await;
+        *cache = Some((Instant::now(), fresh.clone()));
+        fresh
+    }
+}
+
+/// The label values the database gauges were last set for, so that the
+/// series of slots (and dead-letter projections) that went away are
+/// removed after the current ones are set, never before.
+#[derive(Default)]
+struct GaugeLabels {
+    /// (projection, partition) of the slot gauges.
+    slots: HashSet<(String, String)>,
+    /// Projections with dead letters.
+    dead_letters: HashSet<String>,
+}
+
 /// What the admin server needs.
 pub(crate) struct AdminState {
     store: EventStore,
@@ -46,7 +94,11 @@ pub(crate) struct AdminState {
     ready_max_lag: Option<i64>,
     /// Loops that have not ticked for this long make `/healthz` fail.
     liveness_window: Duration,
-    cache: Mutex<Option<(Instant, Fetched)>>,
+    options: StatusOptions,
+    report: Cached<Fetched>,
+    readiness: Cached<Readiness>,
+    /// The labels the database gauges were last set for.
+    gauge_labels: std::sync::Mutex<GaugeLabels>,
 }
 
 impl AdminState {
@@ -62,75 +114,149 @@ impl AdminState {
             projections,
             ready_max_lag,
             liveness_window,
-            cache: Mutex::new(None),
+            options: StatusOptions {
+                timeout: QUERY_TIMEOUT,
+                ..StatusOptions::default()
+            },
+            report: Cached::new(),
+            readiness: Cached::new(),
+            gauge_labels: std::sync::Mutex::new(GaugeLabels::default()),
         }
+    }
+
+    /// Worker mode: after how long without a heartbeat a slot's owner is
+    /// shown as stale (`HEARTBEAT_TIMEOUT`). Default: 30 s.
+    pub(crate) fn heartbeat_timeout(mut self, d: Duration) -> AdminState {
+        self.options.heartbeat_timeout = d;
+        self
     }
 
     /// The status report, at most a second old; also refreshes the gauges.
     async fn report(&self) -> Fetched {
-        let mut cache = self.cache.lock().await;
-        if let Some((at, r)) = cache.as_ref() {
-            if at.elapsed() < Duration::from_secs(1) {
-                return r.clone();
-            }
-        }
-        let fresh = match tokio::time::timeout(
-            Duration::from_secs(3),
-            report(&self.store, &self.projections),
-        )
-        .await
-        {
-            Ok(Ok(r)) => {
-                refresh_gauges(&r, &self.store);
-                Ok(Arc::new(r))
-            }
-            Ok(Err(e)) => Err(e.to_string()),
-            Err(_) => Err("the database did not answer within 3s".to_owned()),
-        };
-        *cache = Some((Instant::now(), fresh.clone()));
-        fresh
+        self.report
+            .get(|| async {
+                match report_with(&self.store, &self.projections, &self.options).await {
+                    Ok(r) => {
+                        self.refresh_gauges(&r);
+                        Ok(Arc::new(r))
+                    }
+                    Err(e) => Err(e.to_string()),
+                }
+            })
+            .await
     }
-}
 
-fn refresh_gauges(r: &StatusReport, store: &EventStore) {
-    crate::metrics::with(|m| {
-        m.lag_events.reset();
-        m.lag_seconds.reset();
-        m.cursor_position.reset();
-        m.projection_state.reset();
-        m.dead_letters.reset();
-        for s in &r.projections {
-            let partition = s.partition.to_string();
-            let labels = [s.projection.as_str(), partition.as_str()];
-            m.lag_events.with_label_values(&labels).set(s.lag_events);
-            m.lag_seconds.with_label_values(&labels).set(s.lag_seconds);
-            m.cursor_position
-                .with_label_values(&labels)
-                .set(s.cursor_position.unwrap_or(r.log_head));
-            for state in ["running", "stopped", "failed"] {
-                m.projection_state
-                    .with_label_values(&[s.projection.as_str(), partition.as_str(), state])
-                    .set(i64::from(s.state == state));
+    /// What `/readyz` checks, at most a second old: the database answers and
+    /// no slot is failed (one read of the checkpoint table), and, with
+    /// `READY_MAX_LAG`, no slot's estimated lag is above it.
+    async fn readiness(&self) -> Readiness {
+        self.readiness
+            .get(|| async {
+                let Some(max) = self.ready_max_lag else {
+                    return failed_slots(&self.store, QUERY_TIMEOUT)
+                        .await
+                        .map(|failed| {
+                            failed
+                                .into_iter()
+                                .map(|s| format!("failed projection {s}"))
+                                .collect()
+                        })
+                        .map_err(|e| e.to_string());
+                };
+                let slots = status_with(&self.store, &self.projections, &self.options)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let mut reasons = Vec::new();
+                for s in &slots {
+                    if s.state == "failed" {
+                        reasons.push(format!(
+                            "failed projection {}/{}",
+                            s.projection, s.partition
+                        ));
+                    } else if s.lag_events > max {
+                        reasons.push(format!(
+                            "{}/{} lags {}{} events, over READY_MAX_LAG={max}",
+                            s.projection,
+                            s.partition,
+                            if s.lag_exact { "" } else { "~" },
+                            s.lag_events
+                        ));
+                    }
+                }
+                Ok(reasons)
+            })
+            .await
+    }
+
+    fn refresh_gauges(&self, r: &StatusReport) {
+        let store = &self.store;
+        let mut previous = self
+            .gauge_labels
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        crate::metrics::with(|m| {
+            // Set every current series first and only then remove those of
+            // slots that went away, so a concurrent scrape never sees a
+            // slot's series missing.
+            let mut current = HashSet::new();
+            for s in &r.projections {
+                let partition = s.partition.to_string();
+                let labels = [s.projection.as_str(), partition.as_str()];
+                m.lag_events.with_label_values(&labels).set(s.lag_events);
+                m.lag_seconds.with_label_values(&labels).set(s.lag_seconds);
+                m.skipped_events
+                    .with_label_values(&labels)
+                    .set(s.skipped_events);
+                m.cursor_position
+                    .with_label_values(&labels)
+                    .set(s.gauge_position());
+                for state in ["running", "stopped", "failed"] {
+                    m.projection_state
+                        .with_label_values(&[s.projection.as_str(), partition.as_str(), state])
+                        .set(i64::from(s.state == state));
+                }
+                current.insert((s.projection.clone(), partition));
             }
-        }
-        for (p, n) in &r.dead_letters {
-            m.dead_letters.with_label_values(&[p.as_str()]).set(*n);
-        }
-        m.watermark_held.set(
-            r.watermark_held_by
-                .as_ref()
-                .map(|h| h.open_seconds)
-                .unwrap_or(0.0),
-        );
-        let pool = store.pool().status();
-        let in_use = pool.size.saturating_sub(pool.available) as i64;
-        m.pool_connections
-            .with_label_values(&["in_use"])
-            .set(in_use);
-        m.pool_connections
-            .with_label_values(&["idle"])
-            .set(pool.available as i64);
-    });
+            for (projection, partition) in previous.slots.difference(&current) {
+                let labels = [projection.as_str(), partition.as_str()];
+                let _ = m.lag_events.remove_label_values(&labels);
+                let _ = m.lag_seconds.remove_label_values(&labels);
+                let _ = m.skipped_events.remove_label_values(&labels);
+                let _ = m.cursor_position.remove_label_values(&labels);
+                for state in ["running", "stopped", "failed"] {
+                    let _ = m.projection_state.remove_label_values(&[
+                        projection.as_str(),
+                        partition.as_str(),
+                        state,
+                    ]);
+                }
+            }
+            previous.slots = current;
+            for (p, n) in &r.dead_letters {
+                m.dead_letters.with_label_values(&[p.as_str()]).set(*n);
+            }
+            for p in previous.dead_letters.iter() {
+                if !r.dead_letters.contains_key(p) {
+                    let _ = m.dead_letters.remove_label_values(&[p.as_str()]);
+                }
+            }
+            previous.dead_letters = r.dead_letters.keys().cloned().collect();
+            m.watermark_held.set(
+                r.watermark_held_by
+                    .as_ref()
+                    .map(|h| h.open_seconds)
+                    .unwrap_or(0.0),
+            );
+            let pool = store.pool().status();
+            let in_use = pool.size.saturating_sub(pool.available) as i64;
+            m.pool_connections
+                .with_label_values(&["in_use"])
+                .set(in_use);
+            m.pool_connections
+                .with_label_values(&["idle"])
+                .set(pool.available as i64);
+        });
+    }
 }
 
 /// Parses `ADMIN_ADDR`: `host:port`, or `off`.
@@ -231,45 +357,18 @@ async fn route(state: &AdminState, req: Request<hyper::body::Incoming>) -> Respo
                 )
             }
         }
-        "/readyz" => match state.report().await {
+        "/readyz" => match state.readiness().await {
             Err(e) => respond(
                 StatusCode::SERVICE_UNAVAILABLE,
                 TEXT,
                 format!("database unavailable: {e}\n"),
             ),
-            Ok(r) => {
-                let failed: Vec<String> = r
-                    .projections
-                    .iter()
-                    .filter(|s| s.state == "failed")
-                    .map(|s| format!("{}/{}", s.projection, s.partition))
-                    .collect();
-                if !failed.is_empty() {
-                    return respond(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        TEXT,
-                        format!("failed projections: {}\n", failed.join(", ")),
-                    );
-                }
-                if let Some(max) = state.ready_max_lag {
-                    let lagging: Vec<String> = r
-                        .projections
-                        .iter()
-                        .filter(|s| s.lag_events > max)
-                        .map(|s| {
-                            format!("{}/{} ({} events)", s.projection, s.partition, s.lag_events)
-                        })
-                        .collect();
-                    if !lagging.is_empty() {
-                        return respond(
-                            StatusCode::SERVICE_UNAVAILABLE,
-                            TEXT,
-                            format!("lag over READY_MAX_LAG={max}: {}\n", lagging.join(", ")),
-                        );
-                    }
-                }
-                respond(StatusCode::OK, TEXT, "ready\n")
-            }
+            Ok(reasons) if !reasons.is_empty() => respond(
+                StatusCode::SERVICE_UNAVAILABLE,
+                TEXT,
+                format!("not ready: {}\n", reasons.join(", ")),
+            ),
+            Ok(_) => respond(StatusCode::OK, TEXT, "ready\n"),
         },
         "/status" => match state.report().await {
             Ok(r) => {

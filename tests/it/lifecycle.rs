@@ -4,7 +4,7 @@
 
 use crate::common::{env, wait_until, Env};
 use projectionist::{
-    async_trait, Concurrency, ExpectedVersion, FailurePolicy, NewEvent, Projection, Runner,
+    async_trait, Concurrency, ExpectedVersion, FailurePolicy, Filter, NewEvent, Projection, Runner,
     RunnerConfig, StoredEvent, Transaction, WorkerConfig,
 };
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -96,6 +96,10 @@ impl Counter {
 impl Projection for Counter {
     fn name(&self) -> &str {
         &self.name
+    }
+
+    fn filter(&self) -> Filter {
+        Filter::all().aggregate_types(["Thing"])
     }
 
     fn failure_policy(&self) -> FailurePolicy {
@@ -434,5 +438,83 @@ async fn a_failed_mark_is_never_overwritten_by_a_later_batch_in_worker_mode() {
     })
     .await;
     stop_tx.send(()).unwrap();
+    h.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_flags_events_below_the_cursor_that_were_never_handled() {
+    let env = env().await;
+    let counter = Counter::new("skipper", OnPoison::Nothing, false);
+    counter.create_table(&env).await;
+    append(&env, "a", &[1, 1]).await;
+    let runner = Runner::new(env.store.clone(), config())
+        .with_projection(counter.clone())
+        .unwrap();
+    let (stop, h) = spawn(runner);
+    wait_until(Duration::from_secs(30), "the first events", || async {
+        counter.rows(&env).await == 2
+    })
+    .await;
+    // An event the projection filters out moves its cursor past its
+    // transaction without handling anything.
+    let other = env
+        .store
+        .append(
+            "Other",
+            "x",
+            ExpectedVersion::Any,
+            &[NewEvent::new("Noted", &serde_json::json!({})).unwrap()],
+        )
+        .await
+        .unwrap();
+    let c = env.client().await;
+    wait_until(Duration::from_secs(30), "the cursor past it", || async {
+        let tx: String = c
+            .query_one(
+                "SELECT last_transaction_id::text FROM projection_checkpoints WHERE projection_name = 'skipper'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        tx.parse::<u64>().unwrap() >= other.transaction_id
+    })
+    .await;
+    // What reused transaction ids do: an event the projection receives,
+    // sorting below its cursor (the transaction id of the filtered event).
+    c.execute(
+        "INSERT INTO events (transaction_id, aggregate_type, aggregate_id, aggregate_version, event_type, payload) \
+         VALUES ($1::text::xid8, 'Thing', 'reused', 1, 'Counted', '{\"amount\": 1}')",
+        &[&other.transaction_id.to_string()],
+    )
+    .await
+    .unwrap();
+    let projections = [counter.clone() as Arc<dyn Projection>];
+    let status = projectionist::status(&env.store, &projections)
+        .await
+        .unwrap();
+    assert_eq!(status[0].skipped_events, 1, "{status:?}");
+    assert_eq!(
+        status[0].lag_events, 0,
+        "the event is below the cursor: no lag"
+    );
+    // The fix the status names: the engine moves the cursor back.
+    c.execute(
+        "UPDATE projection_checkpoints SET epoch = NULL WHERE projection_name = 'skipper'",
+        &[],
+    )
+    .await
+    .unwrap();
+    wait_until(
+        Duration::from_secs(30),
+        "the skipped event handled",
+        || async { counter.rows(&env).await == 3 },
+    )
+    .await;
+    let status = projectionist::status(&env.store, &projections)
+        .await
+        .unwrap();
+    assert_eq!(status[0].skipped_events, 0);
+    stop.send(()).unwrap();
     h.await.unwrap().unwrap();
 }

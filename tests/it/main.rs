@@ -4,6 +4,7 @@
 
 mod catalogue;
 mod cli;
+mod commands;
 mod common;
 mod crash;
 mod engine;
@@ -14,6 +15,7 @@ mod outage;
 mod parallel;
 mod partitions;
 mod rebalance;
+mod status;
 mod store;
 mod tls;
 mod two_schemas;
