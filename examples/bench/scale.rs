@@ -706,8 +706,25 @@ impl Bench {
             ),
         );
         // status --exact --json, once (when this build has it).
-        let (took, o) = status(&["status", "--exact", "--json"]).await?;
-        if o.status.success() {
+        let (took, o) = status(&["status", "--exact", "--json", "--timeout", "900s"]).await?;
+        if o.status.code() == Some(2) {
+            self.progress("status --exact: not in this build (skipped)");
+            out.insert("status_exact_s".into(), Value::Null);
+        } else if !o.status.success() {
+            let e = String::from_utf8_lossy(&o.stderr).trim().to_owned();
+            self.progress(format!(
+                "status --exact --json failed after {:.1}s: {e}",
+                took.as_secs_f64()
+            ));
+            out.insert("status_exact_error".into(), json!(e));
+            self.row(
+                "scale: status --exact --json",
+                format!("failed after {:.1} s", took.as_secs_f64()),
+                "—".into(),
+                "—".into(),
+                e,
+            );
+        } else {
             let s = took.as_secs_f64();
             self.progress(format!("status --exact --json: {s:.2}s"));
             out.insert("status_exact_s".into(), round(s, 2));
@@ -718,9 +735,6 @@ impl Bench {
                 "—".into(),
                 "— (counts on demand)".into(),
             );
-        } else {
-            self.progress("status --exact: not in this build (skipped)");
-            out.insert("status_exact_s".into(), Value::Null);
         }
 
         // /metrics, each request with the admin cache cold.
