@@ -357,7 +357,7 @@ async fn workers_in<C: tokio_postgres::GenericClient>(
 
 /// The registered projections' filters as the JSON that the status
 /// statement's `$1` takes (first projection of a name wins).
-fn filters_json(projections: &[Arc<dyn Projection>]) -> serde_json::Value {
+fn filters_json(store: &EventStore, projections: &[Arc<dyn Projection>]) -> serde_json::Value {
     let mut seen = std::collections::HashSet::new();
     let mut out = Vec::new();
     for p in projections {
@@ -375,7 +375,11 @@ fn filters_json(projections: &[Arc<dyn Projection>]) -> serde_json::Value {
         out.push(serde_json::json!({
             "projection": p.name(),
             "aggregate_types": list(f.aggregate_types),
-            "event_types": list(f.event_types),
+            // With the old names the registry knows, as the processor reads.
+            "event_types": list(match store.registry() {
+                Some(r) => r.stored_names(&f.event_types),
+                None => f.event_types,
+            }),
         }));
     }
     serde_json::Value::Array(out)
@@ -444,7 +448,7 @@ async fn status_in<C: tokio_postgres::GenericClient>(
     options: &StatusOptions,
     deadline: tokio::time::Instant,
 ) -> Result<Vec<SlotStatus>> {
-    let filters = filters_json(projections);
+    let filters = filters_json(store, projections);
     let heartbeat = options.heartbeat_timeout.as_secs_f64();
     let rows = client
         .query(
@@ -594,7 +598,7 @@ pub async fn explain_status(
     store: &EventStore,
     projections: &[Arc<dyn Projection>],
 ) -> Result<serde_json::Value> {
-    let filters = filters_json(projections);
+    let filters = filters_json(store, projections);
     let heartbeat = StatusOptions::default().heartbeat_timeout.as_secs_f64();
     let client = store.pool().get().await?;
     let row = client

@@ -12,6 +12,13 @@ use crate::error::{Error, Result};
 use crate::event::{Cursor, Xid8};
 use tokio_postgres::GenericClient;
 
+/// The channel every checkpoint advance NOTIFYs, in the batch transaction
+/// that moves the cursor, with the projection's name as the payload:
+/// `projectionist_checkpoints`. [`crate::Waiter`] listens on it; the
+/// notification carries no cursor, so listeners re-read the rows (of their
+/// own schema: deployments in several schemas of one database share it).
+pub const CHECKPOINTS_CHANNEL: &str = "projectionist_checkpoints";
+
 /// A checkpoint row.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Checkpoint {
@@ -69,14 +76,17 @@ impl Checkpoints {
              WHERE projection_name = $1 AND partition_key = $2 \
                AND last_transaction_id = $3 AND last_global_position = $4 AND status = 'running'"
         );
+        // Every advance tells waiters (`Waiter`) in the same transaction,
+        // so the notification arrives exactly when the cursor committed.
+        let notify = format!(" RETURNING pg_notify('{CHECKPOINTS_CHANNEL}', $1)");
         Checkpoints {
             table: table.to_owned(),
             assignments: assignments.to_owned(),
             advance_fenced: format!(
-                "{}{update} AND EXISTS (SELECT 1 FROM fence)",
+                "{}{update} AND EXISTS (SELECT 1 FROM fence){notify}",
                 fence_cte(assignments, 11, 12)
             ),
-            advance: update,
+            advance: format!("{update}{notify}"),
         }
     }
 

@@ -65,8 +65,10 @@ pub struct GlobalArgs {
     pub notify_channel: String,
 }
 
-/// The engine's subcommands.
+/// The engine's subcommands. New subcommands may be added in minor
+/// releases: match with a wildcard arm.
 #[derive(Subcommand, Debug, Clone)]
+#[non_exhaustive]
 pub enum Command {
     /// Create or upgrade the projectionist tables (safe to run from many replicas at once).
     Migrate,
@@ -111,6 +113,8 @@ pub enum Command {
         #[arg(long)]
         partition: Option<i32>,
     },
+    /// Wait until a projection has handled an append (read-your-writes); exit 1 on timeout.
+    Wait(WaitArgs),
     /// After restoring the database into another PostgreSQL cluster: re-derive every cursor from
     /// global positions (stop all projection processes first).
     RebaseCursors {
@@ -129,6 +133,26 @@ pub enum Command {
         #[arg(long)]
         yes: bool,
     },
+}
+
+/// Options of `wait`.
+#[derive(Args, Debug, Clone)]
+pub struct WaitArgs {
+    /// The projection's name.
+    pub name: String,
+    /// The appending transaction's id (an append returns it).
+    #[arg(long)]
+    pub transaction_id: u64,
+    /// The global position of the event to wait for. Unset: the transaction's last event (the
+    /// whole transaction).
+    #[arg(long)]
+    pub position: Option<i64>,
+    /// Wait for this partition only. Unset: the partitions that hold the events waited for.
+    #[arg(long)]
+    pub partition: Option<i32>,
+    /// How long to wait (e.g. 500ms, 5s).
+    #[arg(long, env = "WAIT_TIMEOUT", default_value = "5s")]
+    pub timeout: String,
 }
 
 /// `dlq` subcommands.
@@ -328,6 +352,7 @@ pub fn init_logging(format: &str, level: &str) {
 pub struct App {
     name: String,
     projections: Vec<Arc<dyn Projection>>,
+    registry: Option<crate::Registry>,
 }
 
 impl App {
@@ -336,7 +361,15 @@ impl App {
         App {
             name: name.into(),
             projections: Vec::new(),
+            registry: None,
         }
+    }
+
+    /// The application's event types and upcasters, carried by every store
+    /// the app opens (see [`StoreConfig::registry`]). Default: none.
+    pub fn registry(mut self, registry: crate::Registry) -> App {
+        self.registry = Some(registry);
+        self
     }
 
     /// Registers a projection.
@@ -401,6 +434,10 @@ impl App {
             .notify_channel(Some(&global.notify_channel))?
             .pool_size(global.pool_size)
             .ca_file(global.ca_file.as_deref());
+        let config = match &self.registry {
+            Some(r) => config.registry(r.clone())?,
+            None => config,
+        };
         EventStore::connect_with(url, config)
     }
 
@@ -482,6 +519,12 @@ impl App {
                     rebased.len()
                 );
                 Ok(())
+            }
+            Command::Wait(args) => {
+                self.find(&args.name)?;
+                let timeout = parse_duration("--timeout", &args.timeout)?;
+                let store = self.connect(global).await?;
+                crate::wait::run_cli(&store, &args, timeout).await
             }
             Command::Resume { name, partition } => {
                 self.find(&name)?;

@@ -3,9 +3,10 @@
 //! again in a transaction; on success the entry goes away) and purged.
 //! Also the slot states operators set: `pause` and `resume`.
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Kind, Result};
 use crate::event::StoredEvent;
 use crate::projection::Projection;
+use crate::projection::UnknownEvents;
 use crate::store::EventStore;
 use serde::Serialize;
 use std::sync::Arc;
@@ -80,7 +81,8 @@ pub async fn list(store: &EventStore, projection: Option<&str>) -> Result<Vec<De
     rows.iter().map(from_row).collect()
 }
 
-/// One dead letter and its event.
+/// One dead letter and its event, upcast by the store's registry (as
+/// stored when an upcaster fails on it).
 pub async fn show(store: &EventStore, id: i64) -> Result<(DeadLetter, Option<StoredEvent>)> {
     let client = store.pool().get().await?;
     let row = client
@@ -105,7 +107,15 @@ pub async fn show(store: &EventStore, id: i64) -> Result<(DeadLetter, Option<Sto
         )
         .await?
         .map(|r| StoredEvent::from_row_at(&r, 0))
-        .transpose()?;
+        .transpose()?
+        .map(|mut e| {
+            // Shown as handlers see it; when an upcaster fails on it (the
+            // dead letter's error then says so), as it is stored.
+            if let Err(err) = store.upcast(&mut e) {
+                tracing::warn!(id, error = %err, "showing the dead letter's event as stored");
+            }
+            e
+        });
     Ok((dl, event))
 }
 
@@ -126,7 +136,8 @@ pub struct RetryOutcome {
     pub error: Option<String>,
 }
 
-/// Re-runs the projection's handler on dead letter `id` in a transaction:
+/// Re-runs the projection's handler on dead letter `id` (upcast by the
+/// store's registry) in a transaction:
 /// on success the read model change and the entry's removal commit
 /// together; on failure the entry's attempt count and error are updated.
 /// A concurrency-mode projection ([`Projection::concurrency`]) gets its
@@ -160,7 +171,7 @@ pub async fn retry(
                 dl.projection
             ))
         })?;
-    let event = tx
+    let mut event = tx
         .query_opt(
             &format!(
                 "SELECT {} FROM {} WHERE global_position = $1",
@@ -180,16 +191,39 @@ pub async fn retry(
             ))
         })?;
     tx.batch_execute("SAVEPOINT projectionist_retry").await?;
-    // The handler the engine runs for this projection: a concurrency-mode
+    // The handler sees the event in its current shape; an event the
+    // registry does not know is not handed over (unless the projection
+    // ignores such events: then the entry simply goes). The handler is the
+    // one the engine runs for this projection: a concurrency-mode
     // projection's handle_concurrent (no transaction, at-least-once: it
     // runs before the entry's removal commits), else handle_batch in the
     // transaction that also removes the entry.
-    let handled = if projection.concurrency().is_some() {
-        projection.handle_concurrent(&event).await
-    } else {
-        projection
-            .handle_batch(std::slice::from_ref(&event), &tx)
-            .await
+    let prepared = match store.upcast(&mut event) {
+        Err(e) => Err(e),
+        Ok(()) => match store.registry().and_then(|r| {
+            let policy = projection.unknown_events();
+            r.unknown(&event, policy != UnknownEvents::StopOnUnknownVersion)
+                .map(|u| (u, policy))
+        }) {
+            None => Ok(true),
+            Some((_, UnknownEvents::Ignore)) => Ok(false),
+            Some((u, _)) => Err(Error::new(
+                Kind::Failed,
+                u.describe(&event, projection.name()),
+            )),
+        },
+    };
+    let handled = match prepared {
+        Ok(true) if projection.concurrency().is_some() => {
+            projection.handle_concurrent(&event).await
+        }
+        Ok(true) => {
+            projection
+                .handle_batch(std::slice::from_ref(&event), &tx)
+                .await
+        }
+        Ok(false) => Ok(()),
+        Err(e) => Err(e),
     };
     let outcome = match handled {
         Ok(()) => {

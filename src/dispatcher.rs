@@ -9,7 +9,8 @@
 //!   sent while the listener was away is missed.
 //!
 //! Architecture invariant: the LISTEN connection is the only long-lived
-//! non-pooled connection of a processor runner.
+//! non-pooled connection of a processor runner. [`crate::Waiter`] drives
+//! its own LISTEN connection through [`listen_loop`] too.
 
 use crate::db;
 use crate::error::{Error, Result};
@@ -203,6 +204,9 @@ pub(crate) enum Route {
     /// Worker-mode membership and assignment changes: wake the worker's
     /// leader and follower loops.
     Workers { wake: Wake },
+    /// Checkpoint advances (the payload is the projection's name): wake
+    /// the [`crate::Waiter`]s of that projection; a (re)connect wakes all.
+    Checkpoints(Arc<crate::wait::Hub>),
 }
 
 impl Route {
@@ -218,6 +222,10 @@ impl Route {
                 bump(wake);
             }
             Route::Workers { wake } => bump(wake),
+            Route::Checkpoints(hub) => match payload {
+                Some(name) => hub.advanced(name),
+                None => hub.listening(),
+            },
         }
     }
 }

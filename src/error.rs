@@ -38,6 +38,8 @@ pub(crate) enum Kind {
     Database,
     /// The database could not be reached (connection refused, closed, pool).
     Connection,
+    /// A wait (read-your-writes) ran out of time.
+    Timeout,
     /// Anything else (I/O, signals).
     Other,
 }
@@ -135,6 +137,12 @@ impl Error {
     /// The database could not be reached.
     pub fn is_connection(&self) -> bool {
         self.kind == Kind::Connection
+    }
+
+    /// A [`crate::Waiter`] wait ran out of time before the projection
+    /// handled the target (the message names its cursor and the target).
+    pub fn is_timeout(&self) -> bool {
+        self.kind == Kind::Timeout
     }
 
     /// Retrying the same operation later may succeed (conflicts,

@@ -6,6 +6,7 @@
 //! for a typed value, so reading costs no JSON tree building.
 
 use crate::error::{Error, Kind, Result};
+use crate::typed::Event;
 use bytes::BytesMut;
 use chrono::{DateTime, Utc};
 use postgres_types::{accepts, to_sql_checked, FromSql, IsNull, ToSql, Type};
@@ -33,6 +34,36 @@ pub struct Metadata {
 }
 
 impl Metadata {
+    /// Empty metadata (the same as `Metadata::default()`), to build on with
+    /// the `with_*` methods.
+    pub fn new() -> Metadata {
+        Metadata::default()
+    }
+
+    /// Sets the correlation id.
+    pub fn with_correlation_id(mut self, id: impl Into<String>) -> Metadata {
+        self.correlation_id = Some(id.into());
+        self
+    }
+
+    /// Sets the causation id.
+    pub fn with_causation_id(mut self, id: impl Into<String>) -> Metadata {
+        self.causation_id = Some(id.into());
+        self
+    }
+
+    /// Sets the W3C `traceparent`.
+    pub fn with_traceparent(mut self, traceparent: impl Into<String>) -> Metadata {
+        self.traceparent = Some(traceparent.into());
+        self
+    }
+
+    /// Sets a field of your own.
+    pub fn with_field(mut self, name: impl Into<String>, value: serde_json::Value) -> Metadata {
+        self.extra.insert(name.into(), value);
+        self
+    }
+
     fn is_empty(&self) -> bool {
         self.correlation_id.is_none()
             && self.causation_id.is_none()
@@ -64,6 +95,19 @@ impl NewEvent {
             )
         })?;
         Ok(NewEvent::from_json(event_type, payload))
+    }
+
+    /// The typed event `event`: its type name, current version and payload
+    /// come from its [`Event`] impl.
+    pub fn typed<E: Event>(event: &E) -> Result<NewEvent> {
+        let event_type = event.event_type();
+        let payload = event.to_payload().map_err(|e| {
+            Error::new(
+                Kind::Payload,
+                format!("cannot serialise the payload of a new {event_type} event: {e}"),
+            )
+        })?;
+        Ok(NewEvent::from_json(event_type, payload).with_event_version(event.event_version()))
     }
 
     /// Uses `payload_json` (JSON text) as the body as it is; the database
@@ -109,6 +153,16 @@ impl NewEvent {
     /// The event type.
     pub fn event_type(&self) -> &str {
         &self.event_type
+    }
+
+    /// The payload's schema version.
+    pub fn event_version(&self) -> i32 {
+        self.event_version
+    }
+
+    /// The payload as JSON text.
+    pub fn payload_json(&self) -> &str {
+        &self.payload
     }
 }
 
@@ -230,6 +284,107 @@ pub struct StoredEvent {
 }
 
 impl StoredEvent {
+    /// The event `new` as if it had been stored as version
+    /// `aggregate_version` of the stream `(aggregate_type, aggregate_id)`:
+    /// for unit tests of handlers and upcasters, without a database. Its
+    /// position is 1 in transaction 1 ([`StoredEvent::with_position`]
+    /// changes it) and `created_at` is now.
+    pub fn from_new(
+        new: &NewEvent,
+        aggregate_type: impl Into<String>,
+        aggregate_id: impl Into<String>,
+        aggregate_version: i64,
+    ) -> StoredEvent {
+        StoredEvent {
+            global_position: 1,
+            transaction_id: 1,
+            event_id: new.event_id,
+            aggregate_type: aggregate_type.into(),
+            aggregate_id: aggregate_id.into(),
+            aggregate_version,
+            event_type: new.event_type.clone(),
+            event_version: new.event_version,
+            created_at: Utc::now(),
+            payload: new.payload.clone(),
+            metadata: new.metadata.clone(),
+        }
+    }
+
+    /// Sets the global position and the appending transaction's id (for
+    /// tests).
+    pub fn with_position(mut self, global_position: i64, transaction_id: u64) -> StoredEvent {
+        self.global_position = global_position;
+        self.transaction_id = transaction_id;
+        self
+    }
+
+    /// Sets when the event was appended (for tests).
+    pub fn with_created_at(mut self, created_at: DateTime<Utc>) -> StoredEvent {
+        self.created_at = created_at;
+        self
+    }
+
+    /// Decodes the event into the [`Event`] enum `E`. Fails (a payload
+    /// error naming the event) when `E` does not declare the type, when
+    /// the stored version is not `E`'s current one (a newer release wrote
+    /// it, or no upcaster brought it up to date), or when the payload does
+    /// not decode.
+    pub fn typed<E: Event>(&self) -> Result<E> {
+        self.try_typed::<E>()?.ok_or_else(|| {
+            let known: Vec<&str> = E::types().iter().map(|t| t.name).collect();
+            self.payload_error(format!(
+                "{} does not declare the event type {} (it declares {}): add a variant, or use \
+                 StoredEvent::try_typed to pass over types a handler does not handle",
+                std::any::type_name::<E>(),
+                self.event_type,
+                known.join(", ")
+            ))
+        })
+    }
+
+    /// Like [`StoredEvent::typed`], but `Ok(None)` when `E` does not
+    /// declare the event's type.
+    pub fn try_typed<E: Event>(&self) -> Result<Option<E>> {
+        let Some(t) = E::types().iter().find(|t| t.name == self.event_type) else {
+            return Ok(None);
+        };
+        if t.version != self.event_version {
+            return Err(self.payload_error(if self.event_version > t.version {
+                format!(
+                    "it is version {}, newer than the version {} this binary knows: it was written by a newer \
+                     release; deploy that release",
+                    self.event_version, t.version
+                )
+            } else {
+                format!(
+                    "it is version {}, older than the current version {}: register an upcaster from version {} \
+                     in the store's Registry (StoreConfig::registry), so that reads bring it up to date",
+                    self.event_version, t.version, self.event_version
+                )
+            }));
+        }
+        match E::from_payload(&self.event_type, &self.payload) {
+            Some(Ok(e)) => Ok(Some(e)),
+            Some(Err(e)) => Err(self.payload_error(e.to_string())),
+            None => Ok(None),
+        }
+    }
+
+    fn payload_error(&self, why: String) -> Error {
+        Error::new(
+            Kind::Payload,
+            format!(
+                "cannot decode the {} version {} event at global position {} ({} {} v{}): {why}",
+                self.event_type,
+                self.event_version,
+                self.global_position,
+                self.aggregate_type,
+                self.aggregate_id,
+                self.aggregate_version,
+            ),
+        )
+    }
+
     /// The cursor at this event.
     pub fn cursor(&self) -> Cursor {
         Cursor::new(self.transaction_id, self.global_position)

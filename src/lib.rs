@@ -27,11 +27,14 @@ mod policy;
 mod processor;
 mod progress;
 mod projection;
+mod registry;
 mod runner;
 mod server;
 mod slot;
 mod store;
 mod tls;
+mod typed;
+mod wait;
 mod worker;
 
 #[cfg(feature = "testing")]
@@ -42,7 +45,7 @@ pub use admin::{
     SlotStatus, StatusOptions, StatusReport, WatermarkHolder, WorkerStatus,
     DEFAULT_EXACT_LAG_LIMIT, DEFAULT_STATUS_TIMEOUT, LAG_SAMPLE_EVENTS,
 };
-pub use checkpoint::Checkpoint;
+pub use checkpoint::{Checkpoint, CHECKPOINTS_CHANNEL};
 pub use cli::App;
 pub use db::{describe as describe_database, parse_url, DEFAULT_POOL_SIZE};
 pub use dispatcher::DispatcherKind;
@@ -50,7 +53,8 @@ pub use error::{Error, Result};
 pub use event::{Cursor, Metadata, NewEvent, StoredEvent};
 pub use migrate::{embedded_migrations, migrate, MigrationReport, HISTORY_TABLE};
 pub use policy::{FailurePolicy, OnFailure};
-pub use projection::{Concurrency, Filter, Partition, Projection, Transaction};
+pub use projection::{Concurrency, Filter, Partition, Projection, Transaction, UnknownEvents};
+pub use registry::{Registry, UpcastResult};
 pub use runner::{
     Progress, Runner, RunnerConfig, DEFAULT_BATCH_SIZE, DEFAULT_MAX_BACKOFF, DEFAULT_POLL_INTERVAL,
     DEFAULT_SHUTDOWN_TIMEOUT, MAX_BATCH_SIZE,
@@ -58,6 +62,8 @@ pub use runner::{
 pub use store::{
     AppendResult, EventStore, ExpectedVersion, ReadBatch, StoreConfig, DEFAULT_NOTIFY_CHANNEL,
 };
+pub use typed::{Event, EventType};
+pub use wait::{WaitTarget, Waiter};
 pub use worker::{
     WorkerConfig, DEFAULT_HEARTBEAT_INTERVAL, DEFAULT_HEARTBEAT_TIMEOUT,
     DEFAULT_MAX_CONSECUTIVE_FAILURES, DEFAULT_REBALANCE_INTERVAL, WORKERS_CHANNEL,
@@ -67,3 +73,9 @@ pub use worker::{
 pub use async_trait::async_trait;
 /// Re-exported so users need not depend on the pool crate directly.
 pub use deadpool_postgres::Pool;
+
+/// Used by the [`events!`] macro; not a public API.
+#[doc(hidden)]
+pub mod __private {
+    pub use serde_json;
+}

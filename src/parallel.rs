@@ -7,7 +7,7 @@
 //! after a crash at most the in-flight window is handled again.
 
 use crate::dispatcher::Watermarks;
-use crate::error::{Error, Result};
+use crate::error::{Error, Kind, Result};
 use crate::event::{Cursor, StoredEvent};
 use crate::policy::OnFailure;
 use crate::processor::{guarded, Processor};
@@ -37,12 +37,15 @@ enum Done {
 struct Window {
     /// Fetched, not yet committed events: done or not.
     order: BTreeMap<Cursor, bool>,
-    /// Events waiting for an earlier event of their aggregate.
-    waiting: HashMap<String, VecDeque<StoredEvent>>,
+    /// Events waiting for an earlier event of their aggregate (with the
+    /// error of a failed upcast).
+    waiting: HashMap<String, VecDeque<(StoredEvent, Option<String>)>>,
     /// Aggregates with an event running.
     busy: std::collections::HashSet<String>,
     /// The lowest incomplete event and since when it has been the lowest.
     blocking: Option<(Cursor, Instant)>,
+    /// Entries of `order` passed over, not handled (`UnknownEvents::Ignore`).
+    passed: std::collections::HashSet<Cursor>,
 }
 
 fn key(e: &StoredEvent) -> String {
@@ -54,14 +57,17 @@ impl Window {
         self.order.values().filter(|d| **d).count()
     }
 
-    /// Pops the complete prefix; returns the new high-water mark, if any.
+    /// Pops the complete prefix; returns the new high-water mark, if any,
+    /// and how many handled events it passed.
     fn advance(&mut self) -> Option<(Cursor, usize)> {
         let mut hwm = None;
         let mut n = 0;
         while let Some((c, true)) = self.order.first_key_value().map(|(c, d)| (*c, *d)) {
             self.order.remove(&c);
             hwm = Some(c);
-            n += 1;
+            if !self.passed.remove(&c) {
+                n += 1;
+            }
         }
         let lowest = self.order.keys().next().copied();
         match (lowest, self.blocking) {
@@ -141,13 +147,15 @@ pub(crate) async fn run(
     let mut tasks: JoinSet<(String, Cursor, Done)> = JoinSet::new();
     let mut fetch_cursor = p.cursor();
     let mut caught_up = false;
-    let mut head_at_commit = 0i64;
-    let mut head = 0i64;
     let mut uncommitted: Option<Uncommitted> = None;
     let mut last_commit = Instant::now();
     let mut failed: Option<(Error, u32, Box<StoredEvent>)> = None;
+    // An event the registry does not know: the slot stops there once
+    // everything before it is committed.
+    let mut unknown: Option<(Box<StoredEvent>, String)> = None;
 
-    let spawn = |tasks: &mut JoinSet<(String, Cursor, Done)>, event: StoredEvent| {
+    let spawn = |tasks: &mut JoinSet<(String, Cursor, Done)>,
+                 (event, broken): (StoredEvent, Option<String>)| {
         let projection = projection.clone();
         let sink = sink.clone();
         let pool = pool.clone();
@@ -156,8 +164,22 @@ pub(crate) async fn run(
             let cursor = event.cursor();
             let mut attempt = 1u32;
             loop {
-                match guarded(projection.handle_concurrent(&event)).await {
+                // An event whose upcast failed goes to the policy at once.
+                let outcome = match &broken {
+                    Some(why) => Err(Error::new(Kind::Payload, why.clone())),
+                    None => guarded(projection.handle_concurrent(&event)).await,
+                };
+                match outcome {
                     Ok(()) => return (k, cursor, Done::Complete),
+                    Err(e) if broken.is_some() => {
+                        return match policy.on_failure {
+                            OnFailure::DeadLetter => match sink.insert_fenced(&pool, &event, &e, attempt).await {
+                                Ok(()) => (k, cursor, Done::Complete),
+                                Err(db) => (k, cursor, Done::Failed(db, attempt, Box::new(event))),
+                            },
+                            OnFailure::Stop => (k, cursor, Done::Failed(e, attempt, Box::new(event))),
+                        };
+                    }
                     Err(e) if attempt < policy.attempts && !e.is_config() => {
                         attempt += 1;
                         tokio::time::sleep(policy.delay_before(attempt)).await;
@@ -190,10 +212,11 @@ pub(crate) async fn run(
         let in_flight = w.order.len() + pending_commit;
         progress.set_in_flight(in_flight);
         // Fetch while there is room (backpressure at max_in_flight).
-        if !caught_up && failed.is_none() && !*stop.borrow() && in_flight < max {
+        if !caught_up && failed.is_none() && unknown.is_none() && !*stop.borrow() && in_flight < max
+        {
             wake.borrow_and_update();
             let limit = (max - in_flight) as i64;
-            let Some(page) = p.fetch(fetch_cursor, limit).await? else {
+            let Some((page, passed)) = p.fetch(fetch_cursor, limit).await? else {
                 // The slot resynchronised (lost commits, a reset, a moved
                 // checkpoint): wait for running handlers, then start over
                 // from the stored checkpoint.
@@ -204,28 +227,55 @@ pub(crate) async fn run(
                 continue;
             };
             marks.saw(page.watermark);
-            head = page.head;
             caught_up = (page.events.len() as i64) < limit;
-            for event in page.events {
+            let prepared = p.prepare(page.events);
+            let mut broken = prepared.broken.into_iter().peekable();
+            for (i, event) in prepared.events.into_iter().enumerate() {
+                let why = broken.next_if(|(j, _)| *j == i).map(|(_, e)| e.to_string());
                 w.order.insert(event.cursor(), false);
                 let k = key(&event);
                 if w.busy.contains(&k) {
-                    w.waiting.entry(k).or_default().push_back(event);
+                    w.waiting.entry(k).or_default().push_back((event, why));
                 } else {
                     w.busy.insert(k);
-                    spawn(&mut tasks, event);
+                    spawn(&mut tasks, (event, why));
                 }
             }
-            fetch_cursor = page.next_cursor;
-            if w.order.is_empty() && fetch_cursor > p.cursor() && head > head_at_commit {
-                // Nothing in flight: the cursor may pass skipped events.
+            // Passed-over events are complete at once: the high-water mark
+            // (and the last event dealt with) moves past them.
+            for c in prepared.passed_over {
+                w.order.insert(c, true);
+                w.passed.insert(c);
+            }
+            match prepared.unknown {
+                Some((event, message)) => {
+                    // Nothing at or after the unknown event is fetched again.
+                    if let Some(through) = prepared.through {
+                        fetch_cursor = through;
+                    }
+                    unknown = Some((Box::new(event), message));
+                }
+                None => fetch_cursor = page.next_cursor,
+            }
+            if let Some((hwm, n)) = w.advance() {
+                uncommitted = Some(Uncommitted {
+                    to: hwm,
+                    handled: uncommitted.map(|u| u.handled).unwrap_or(0) + n,
+                    last_event: Some(hwm),
+                });
+            }
+            let committing = uncommitted.map(|u| u.to).unwrap_or(p.cursor());
+            if w.order.is_empty() && fetch_cursor > committing && passed {
+                // Nothing in flight, and the page passed over events its
+                // filter excluded: the cursor moves past them (so waiters
+                // for them see it pass). A page that passed over nothing
+                // needs no write.
                 uncommitted = Some(Uncommitted {
                     to: fetch_cursor,
                     handled: uncommitted.map(|u| u.handled).unwrap_or(0),
                     last_event: uncommitted.and_then(|u| u.last_event),
                 });
             }
-            w.advance();
             continue;
         }
         // Commit the high-water mark now and then, and when idle.
@@ -247,7 +297,6 @@ pub(crate) async fn run(
                     Ok(()) => {
                         uncommitted = None;
                         last_commit = Instant::now();
-                        head_at_commit = head;
                     }
                     Err(e) if e.is_fenced() => {
                         while tasks.join_next().await.is_some() {}
@@ -260,10 +309,13 @@ pub(crate) async fn run(
                 }
             }
         }
-        if failed.is_some() && tasks.is_empty() && uncommitted.is_none() {
+        if (failed.is_some() || unknown.is_some()) && tasks.is_empty() && uncommitted.is_none() {
             // Everything below the failing event is committed: stop there.
             if let Some((e, attempts, event)) = failed.take() {
                 return Err(p.stop_at(&event, &e, attempts).await);
+            }
+            if let Some((event, message)) = unknown.take() {
+                return Err(p.stop_unknown(&event, &message).await);
             }
         }
         let drained = tasks.is_empty() && uncommitted.is_none();
@@ -271,7 +323,7 @@ pub(crate) async fn run(
             return Ok(());
         }
         let room = w.order.len() + uncommitted.map(|u| u.handled).unwrap_or(0) < max;
-        if room && !caught_up && failed.is_none() && !*stop.borrow() {
+        if room && !caught_up && failed.is_none() && unknown.is_none() && !*stop.borrow() {
             // The commit above made room: fetch more before waiting.
             continue;
         }

@@ -9,16 +9,10 @@
 //! (`CREATE INDEX CONCURRENTLY`: appends and other readers go on), under a
 //! session advisory lock on a dedicated connection so that the partitions'
 //! processes starting together build it once; an index left invalid by an
-//! interrupted build is dropped and built again. The others poll the lock
-//! (`pg_try_advisory_lock`) rather than block in `pg_advisory_lock`: a
-//! blocked statement holds a snapshot, which the concurrent build waits
-//! for, so blocking waiters deadlocked with the builder.
+//! interrupted build is dropped and built again.
 
 use crate::error::Result;
 use crate::store::EventStore;
-
-/// How often a process waiting for another one's build tries the lock.
-const LOCK_RETRY: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// The index's name for `total` partitions.
 pub(crate) fn index_name(total: i32) -> String {
@@ -49,17 +43,26 @@ pub(crate) async fn ensure(store: &EventStore, total: i32) -> Result<()> {
         return Ok(());
     }
     let key = lock_key(schema.as_str(), total);
-    // Wait for the builder without a statement running: a session blocked
-    // in `pg_advisory_lock()` holds a snapshot, and `CREATE INDEX
-    // CONCURRENTLY` waits for every older snapshot before it finishes, so
-    // the builder would wait for the waiters while they wait for it (the
-    // server breaks that deadlock by failing one of them).
-    while !client
-        .query_one("SELECT pg_try_advisory_lock($1)", &[&key])
-        .await?
-        .try_get::<_, bool>(0)?
-    {
-        tokio::time::sleep(LOCK_RETRY).await;
+    // Try, never wait inside a statement: CREATE INDEX CONCURRENTLY waits
+    // for every transaction with an older snapshot, so a process blocked
+    // in pg_advisory_lock behind the builder would deadlock with it.
+    let mut waited = false;
+    loop {
+        let got: bool = client
+            .query_one("SELECT pg_try_advisory_lock($1)", &[&key])
+            .await?
+            .try_get(0)?;
+        if got {
+            break;
+        }
+        if !waited {
+            waited = true;
+            tracing::info!(
+                partitions = total,
+                "waiting for another process to build the partition index"
+            );
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     }
     let built = build(&client, store, total, &qualified).await;
     let _ = client

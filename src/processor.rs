@@ -19,7 +19,8 @@ use crate::checkpoint::Checkpoints;
 use crate::error::{Error, Kind, Result};
 use crate::event::{Cursor, StoredEvent, Xid8};
 use crate::policy::OnFailure;
-use crate::projection::Projection;
+use crate::projection::{Projection, UnknownEvents};
+use crate::registry::Registry;
 use crate::store::{
     gap_safe_query, read_page, Control, ReadBatch, ReadFilter, SlotTables, Statements,
 };
@@ -188,9 +189,32 @@ struct Row {
     epoch: Option<Uuid>,
 }
 
+/// A page's events made ready for the handler by [`Processor::prepare`].
+#[derive(Debug)]
+pub(crate) struct Prepared {
+    /// The events to hand over, upcast, in order.
+    pub(crate) events: Vec<StoredEvent>,
+    /// Events of `events` whose upcast failed (by index, ascending), left
+    /// as stored: the failure policy applies to them as to a handler error.
+    pub(crate) broken: Vec<(usize, Error)>,
+    /// The cursor of the last event before `unknown` (handed over or
+    /// passed over), if any.
+    pub(crate) through: Option<Cursor>,
+    /// Events passed over (`UnknownEvents::Ignore`): complete at once.
+    pub(crate) passed_over: Vec<Cursor>,
+    /// The first event the registry does not know, when the projection
+    /// stops on it, and the operator's message: nothing from it on is in
+    /// `events`.
+    pub(crate) unknown: Option<(StoredEvent, String)>,
+}
+
 /// Processes one slot.
 pub(crate) struct Processor {
     projection: Arc<dyn Projection>,
+    /// The store's event registry (upcasting, unknown events).
+    registry: Option<Arc<Registry>>,
+    /// What the projection does with unknown events.
+    unknown_events: UnknownEvents,
     name: String,
     pool: Pool,
     read_sql: String,
@@ -213,8 +237,6 @@ pub(crate) struct Processor {
     last_event: Cursor,
     /// The crash epoch the cursors belong to (`None`: not known yet).
     epoch: Option<Uuid>,
-    /// The log head at the last checkpoint write.
-    persisted_head: i64,
     /// The server's start time when this processor last read.
     server_started: Option<chrono::DateTime<chrono::Utc>>,
     /// The highest watermark read below; one lower than this means the
@@ -235,9 +257,16 @@ impl Processor {
     ) -> Result<Processor> {
         let name = projection.name().to_owned();
         let f = projection.filter();
+        let registry = sql.registry.clone();
+        // A filter written with current type names also reads the events
+        // stored under their old names.
+        let event_types = match &registry {
+            Some(r) => r.stored_names(&f.event_types),
+            None => f.event_types,
+        };
         let filter = ReadFilter {
             aggregate_types: f.aggregate_types,
-            event_types: f.event_types,
+            event_types,
             partition: (slot.total > 1).then_some((slot.partition, slot.total)),
         };
         let tables = SlotTables {
@@ -250,8 +279,11 @@ impl Processor {
         let cursor = checkpoints
             .ensure(&**client, &name, slot.partition, slot.total)
             .await?;
+        let unknown_events = projection.unknown_events();
         let mut p = Processor {
             projection,
+            registry,
+            unknown_events,
             name,
             pool: pool.clone(),
             read_sql,
@@ -268,7 +300,6 @@ impl Processor {
             read_cursor: cursor,
             last_event: cursor,
             epoch: None,
-            persisted_head: 0,
             server_started: None,
             last_watermark: 0,
         };
@@ -278,6 +309,43 @@ impl Processor {
 
     pub(crate) fn name(&self) -> &str {
         &self.name
+    }
+
+    /// Upcasts a page's events with the store's registry and applies the
+    /// projection's [`UnknownEvents`] choice: passes over unknown events
+    /// (`Ignore`), or cuts the page before the first one (the slot stops
+    /// there once everything before it is committed).
+    pub(crate) fn prepare(&self, events: Vec<StoredEvent>) -> Prepared {
+        let mut prepared = Prepared {
+            events: Vec::with_capacity(events.len()),
+            broken: Vec::new(),
+            through: None,
+            passed_over: Vec::new(),
+            unknown: None,
+        };
+        let Some(registry) = &self.registry else {
+            prepared.through = events.last().map(StoredEvent::cursor);
+            prepared.events = events;
+            return prepared;
+        };
+        let strict = self.unknown_events != UnknownEvents::StopOnUnknownVersion;
+        for mut event in events {
+            if let Err(e) = registry.upcast(&mut event) {
+                prepared.broken.push((prepared.events.len(), e));
+            } else if let Some(unknown) = registry.unknown(&event, strict) {
+                if self.unknown_events == UnknownEvents::Ignore {
+                    prepared.through = Some(event.cursor());
+                    prepared.passed_over.push(event.cursor());
+                    continue;
+                }
+                let message = unknown.describe(&event, &self.name);
+                prepared.unknown = Some((event, message));
+                return prepared;
+            }
+            prepared.through = Some(event.cursor());
+            prepared.events.push(event);
+        }
+        prepared
     }
 
     pub(crate) fn slot(&self) -> Slot {
@@ -488,28 +556,8 @@ impl Processor {
     /// whether this call moved it.
     async fn rewind(&self, client: &deadpool_postgres::Object, epoch: Uuid) -> Result<bool> {
         let sql = self.checkpoints.rewind_sql(self.fence.is_some());
-        let sql = sql.as_str();
-        let n = match &self.fence {
-            Some(f) => {
-                client
-                    .execute(
-                        sql,
-                        &[
-                            &self.name,
-                            &self.slot.partition,
-                            &epoch,
-                            &f.worker_id,
-                            &f.generation,
-                        ],
-                    )
-                    .await?
-            }
-            None => {
-                client
-                    .execute(sql, &[&self.name, &self.slot.partition, &epoch])
-                    .await?
-            }
-        };
+        let params = self.fenced_params(vec![&self.name, &self.slot.partition, &epoch]);
+        let n = client.execute(sql.as_str(), &params).await?;
         Ok(n == 1)
     }
 
@@ -517,7 +565,7 @@ impl Processor {
         let mut client = self.pool.get().await?;
         let read = client.prepare_cached(&self.read_sql).await?;
         let tx = client.transaction().await?;
-        let (page, control) = read_page(
+        let (mut page, control) = read_page(
             &*tx,
             &read,
             self.read_cursor,
@@ -539,12 +587,50 @@ impl Processor {
         }
         self.server_started = Some(page.server_started);
         self.last_watermark = page.watermark;
-        let caught_up = (page.events.len() as i64) < self.batch_size;
-        let next = page.next_cursor;
-        if page.events.is_empty() && (next <= self.cursor || page.head <= self.persisted_head) {
-            // Nothing handled and no new event was skipped since the last
-            // write: move on in memory only (a write here would move the
-            // watermark and wake every processor again).
+        let mut caught_up = (page.events.len() as i64) < self.batch_size;
+        let mut next = page.next_cursor;
+        let prepared = self.prepare(std::mem::take(&mut page.events));
+        page.events = prepared.events;
+        // The last event handled or passed over (`UnknownEvents::Ignore`):
+        // stored as the last event dealt with, so that status never takes
+        // passed-over events for skipped ones.
+        let mut dealt_with = prepared.through;
+        if let Some((index, error)) = prepared.broken.into_iter().next() {
+            // An upcaster failed: handle what comes before the event, then
+            // the failure policy decides about it (on the next batch).
+            if index == 0 {
+                drop(tx);
+                drop(client);
+                self.count("error", 1);
+                let event = page.events.swap_remove(0);
+                return self.give_up(&event, error, 1, 0, page.watermark).await;
+            }
+            page.events.truncate(index);
+            next = page.events[index - 1].cursor();
+            dealt_with = Some(next);
+            caught_up = false;
+        } else if let Some((event, message)) = prepared.unknown {
+            // Handle what comes before the unknown event; stop at it when
+            // it heads the page.
+            match prepared.through {
+                Some(through) if !page.events.is_empty() => {
+                    next = through;
+                    caught_up = false;
+                }
+                _ => {
+                    drop(tx);
+                    return Err(self.stop_unknown(&event, &message).await);
+                }
+            }
+        }
+        if dealt_with.is_none() && (next <= self.cursor || !control.passed) {
+            // Nothing handled and no event passed over (the filter or the
+            // partition excluded none): move on in memory only (a write
+            // here would move the watermark and wake every processor
+            // again). Earlier pages skipped this way passed over nothing
+            // either, so the stored cursor is behind no event; once a page
+            // passes over one, the cursor is written past it, so that
+            // waiters for it (`Waiter`) see the slot pass it.
             drop(tx);
             self.read_cursor = next;
             return Ok(BatchOutcome {
@@ -554,11 +640,7 @@ impl Processor {
                 cursor: self.cursor,
             });
         }
-        let last_event = page
-            .events
-            .last()
-            .map(StoredEvent::cursor)
-            .unwrap_or(self.last_event);
+        let last_event = dealt_with.unwrap_or(self.last_event);
         if !page.events.is_empty() {
             let handler_started = std::time::Instant::now();
             let handled = guarded(self.projection.handle_batch(&page.events, &tx)).await;
@@ -582,7 +664,6 @@ impl Processor {
         self.advance(&tx, next, handled, last_event).await?;
         tx.commit().await?;
         self.moved_to(next, last_event);
-        self.persisted_head = page.head;
         Ok(BatchOutcome {
             handled,
             caught_up,
@@ -627,10 +708,7 @@ impl Processor {
             &last_event.global_position,
             &self.epoch,
         ];
-        if let Some(f) = &self.fence {
-            params.push(&f.worker_id);
-            params.push(&f.generation);
-        }
+        params = self.fenced_params(params);
         let moved = tx.execute(&advance, &params).await?;
         if moved != 1 {
             let why = match &self.fence {
@@ -745,7 +823,21 @@ impl Processor {
                 Err(e) => return Err(e),
             }
         }
-        match policy.on_failure {
+        self.give_up(event, error, attempts, done, watermark).await
+    }
+
+    /// Applies the failure policy to `event`, which failed `attempts` times
+    /// with `error` (the `done` events before it are committed):
+    /// dead-letter it and go on, or stop the slot.
+    async fn give_up(
+        &mut self,
+        event: &StoredEvent,
+        error: Error,
+        attempts: u32,
+        done: usize,
+        watermark: u64,
+    ) -> Result<BatchOutcome> {
+        match self.projection.failure_policy().on_failure {
             OnFailure::DeadLetter => {
                 let mut client = self.pool.get().await?;
                 let tx = client.transaction().await?;
@@ -779,8 +871,14 @@ impl Processor {
     /// Reads up to `limit` events after `after` (no transaction), checking
     /// the slot first: `Ok(None)` means the processor resynchronised with
     /// its slot (lost commits, a reset, a moved checkpoint) and every
-    /// in-memory position after [`Processor::cursor`] is void.
-    pub(crate) async fn fetch(&mut self, after: Cursor, limit: i64) -> Result<Option<ReadBatch>> {
+    /// in-memory position after [`Processor::cursor`] is void. The flag
+    /// says whether the range read holds any event, matching or not (see
+    /// `Control::passed`).
+    pub(crate) async fn fetch(
+        &mut self,
+        after: Cursor,
+        limit: i64,
+    ) -> Result<Option<(ReadBatch, bool)>> {
         let client = self.pool.get().await?;
         let read = client.prepare_cached(&self.read_sql).await?;
         let (page, control) = read_page(
@@ -798,7 +896,7 @@ impl Processor {
             return Ok(None);
         }
         self.last_watermark = page.watermark;
-        Ok(Some(page))
+        Ok(Some((page, control.passed)))
     }
 
     /// Moves the checkpoint to `next` in a transaction of its own (the
@@ -856,40 +954,34 @@ impl Processor {
             event.event_type,
             self.name
         );
+        self.mark_stopped(event, message).await
+    }
+
+    /// Puts the slot in the `failed` state at `event`, an event the
+    /// registry does not know (`message` says which and what to do),
+    /// whatever the failure policy: nothing after it is handled.
+    pub(crate) async fn stop_unknown(&self, event: &StoredEvent, message: &str) -> Error {
+        self.count("unknown", 1);
+        let message = format!(
+            "projection {} partition {} stopped: {message}",
+            self.name, self.slot.partition
+        );
+        self.mark_stopped(event, message).await
+    }
+
+    /// Marks the slot failed at `event` with `message` (fenced in worker
+    /// mode) and returns the error that stops its loop.
+    async fn mark_stopped(&self, event: &StoredEvent, message: String) -> Error {
         let marked = async {
             let client = self.pool.get().await?;
             let sql = self.checkpoints.mark_failed_sql(self.fence.is_some());
-            let sql = sql.as_str();
-            let n = match &self.fence {
-                Some(f) => {
-                    client
-                        .execute(
-                            sql,
-                            &[
-                                &self.name,
-                                &self.slot.partition,
-                                &message,
-                                &event.global_position,
-                                &f.worker_id,
-                                &f.generation,
-                            ],
-                        )
-                        .await?
-                }
-                None => {
-                    client
-                        .execute(
-                            sql,
-                            &[
-                                &self.name,
-                                &self.slot.partition,
-                                &message,
-                                &event.global_position,
-                            ],
-                        )
-                        .await?
-                }
-            };
+            let params = self.fenced_params(vec![
+                &self.name,
+                &self.slot.partition,
+                &message,
+                &event.global_position,
+            ]);
+            let n = client.execute(sql.as_str(), &params).await?;
             if n == 0 && self.fence.is_some() {
                 return Err(Error::fenced(format!(
                     "projection {} partition {}: the slot moved to another worker before it could be marked \
@@ -938,9 +1030,21 @@ impl Processor {
         self.read_cursor = row.cursor;
         self.last_event = row.last_event;
         self.epoch = row.epoch;
-        self.persisted_head = 0;
         self.last_watermark = 0;
         Ok(())
+    }
+
+    /// `params` followed, in worker mode, by the fence's worker id and
+    /// generation (the last two parameters of every fenced statement).
+    fn fenced_params<'a>(
+        &'a self,
+        mut params: Vec<&'a (dyn tokio_postgres::types::ToSql + Sync)>,
+    ) -> Vec<&'a (dyn tokio_postgres::types::ToSql + Sync)> {
+        if let Some(f) = &self.fence {
+            params.push(&f.worker_id);
+            params.push(&f.generation);
+        }
+        params
     }
 
     /// Whether this processor runs under worker-mode fencing.
@@ -988,29 +1092,9 @@ impl Processor {
     pub(crate) async fn record_error(&self, error: &Error) {
         if let Ok(client) = self.pool.get().await {
             let sql = self.checkpoints.record_error_sql(self.fence.is_some());
-            let sql = sql.as_str();
             let message = error.to_string();
-            let _ = match &self.fence {
-                Some(f) => {
-                    client
-                        .execute(
-                            sql,
-                            &[
-                                &self.name,
-                                &self.slot.partition,
-                                &message,
-                                &f.worker_id,
-                                &f.generation,
-                            ],
-                        )
-                        .await
-                }
-                None => {
-                    client
-                        .execute(sql, &[&self.name, &self.slot.partition, &message])
-                        .await
-                }
-            };
+            let params = self.fenced_params(vec![&self.name, &self.slot.partition, &message]);
+            let _ = client.execute(sql.as_str(), &params).await;
         }
     }
 }

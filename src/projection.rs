@@ -101,6 +101,35 @@ impl Default for Concurrency {
     }
 }
 
+/// What a projection does with an event the store's [`Registry`] does not
+/// know: one written by a newer release (a version above the registry's
+/// current version of its type, or a type it does not register), or an old
+/// version no upcaster brings up to date. Without a registry on the store
+/// every event is handed over as it is.
+///
+/// "Stop" means: the slot stops at the event (state `failed`, whatever the
+/// failure policy), its checkpoint stays before it, nothing after it is
+/// handled, and the error names the type, version and position and tells
+/// the operator to deploy the newer binary and run `resume`.
+///
+/// [`Registry`]: crate::Registry
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum UnknownEvents {
+    /// Stop at a registered type's unknown version; hand types the
+    /// registry does not register to the handler as they are stored (a
+    /// registry need not list every type). The default.
+    #[default]
+    StopOnUnknownVersion,
+    /// Stop at an unknown version and at any type the registry does not
+    /// register: for projections that handle only registered types.
+    StopOnUnknownType,
+    /// Pass over unknown versions and unregistered types without handing
+    /// them to the handler (the cursor moves past them: this projection
+    /// never handles them, even after an upgrade, unless it is rebuilt).
+    /// For projections that ignore what they do not handle explicitly.
+    Ignore,
+}
+
 /// One static partition: `key` of `total`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Partition {
@@ -151,6 +180,12 @@ pub trait Projection: Send + Sync + 'static {
     /// [`FailurePolicy::stop`] (3 attempts, then the slot stops).
     fn failure_policy(&self) -> FailurePolicy {
         FailurePolicy::default()
+    }
+
+    /// What to do with events the store's registry does not know (see
+    /// [`UnknownEvents`]). Default: [`UnknownEvents::StopOnUnknownVersion`].
+    fn unknown_events(&self) -> UnknownEvents {
+        UnknownEvents::default()
     }
 
     /// Opt into key-ordered concurrency (see [`Concurrency`]): the engine

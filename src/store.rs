@@ -9,6 +9,7 @@ use crate::db;
 use crate::error::{Error, Kind, Result};
 use crate::event::{Cursor, NewEvent, StoredEvent, Xid8};
 use crate::ident::Ident;
+use crate::registry::Registry;
 use deadpool_postgres::Pool;
 use std::sync::Arc;
 use tokio_postgres::types::{ToSql, Type};
@@ -79,6 +80,7 @@ pub struct StoreConfig {
     pub(crate) notify_channel: Option<Ident>,
     pub(crate) pool_size: usize,
     pub(crate) ca_file: Option<std::path::PathBuf>,
+    pub(crate) registry: Option<Arc<Registry>>,
 }
 
 impl Default for StoreConfig {
@@ -91,6 +93,7 @@ impl Default for StoreConfig {
             ),
             pool_size: db::DEFAULT_POOL_SIZE,
             ca_file: None,
+            registry: None,
         }
     }
 }
@@ -123,6 +126,20 @@ impl StoreConfig {
         self
     }
 
+    /// The application's event types and upcasters. Every read through the
+    /// store (projections in every mode, stream reads, `read_all`, `dlq
+    /// show`, `dlq retry`) brings events to their current shape; every
+    /// append is checked (registered type, current version, a payload that
+    /// decodes); projection filters also match old type names; events of a
+    /// version newer than the registry's stop projections (see
+    /// [`UnknownEvents`](crate::UnknownEvents)). Fails when the registry is
+    /// inconsistent (see [`Registry::check`]). Default: none (events are
+    /// read and appended as they are).
+    pub fn registry(mut self, registry: Registry) -> Result<StoreConfig> {
+        self.registry = Some(Arc::new(registry.sealed()?));
+        Ok(self)
+    }
+
     /// Maximum pooled connections when the store builds its own pool.
     /// Default: 16.
     pub fn pool_size(mut self, size: usize) -> StoreConfig {
@@ -153,6 +170,9 @@ pub(crate) struct Statements {
     read_stream: String,
     read_all: String,
     head: String,
+    /// The store's event registry: every reader of these statements
+    /// upcasts with it.
+    pub(crate) registry: Option<Arc<Registry>>,
 }
 
 impl Statements {
@@ -219,6 +239,7 @@ impl Statements {
             read_stream,
             read_all,
             head,
+            registry: None,
         }
     }
 
@@ -257,8 +278,9 @@ impl ReadFilter {
 /// The gap-safe page query: `$1` cursor transaction id, `$2` cursor
 /// position, `$3` limit; with `slot` also `$4` projection name and `$5`
 /// partition; then the filter's parameters. Returns the watermark, head,
-/// server start time, crash epoch and (with `slot`) the slot's stored
-/// checkpoint (cursor, status, epoch) in columns 0 to
+/// server start time, crash epoch, (with `slot`) the slot's stored
+/// checkpoint (cursor, status, epoch) and whether the range holds any
+/// event at all (see [`Control::passed`]) in columns 0 to
 /// [`CONTROL_COLUMNS`]` - 1` of every row (one row with null event columns
 /// when no event qualifies), the event columns after them.
 pub(crate) fn gap_safe_query(
@@ -273,6 +295,20 @@ pub(crate) fn gap_safe_query(
         .map(|c| format!("e.{c}"))
         .collect::<Vec<_>>()
         .join(", ");
+    // Whether the read range holds any event at all, matching or not: a
+    // filtered slot whose page is empty moves its stored cursor only when
+    // it passed over events (so a waiter for one of them sees the cursor
+    // pass), never merely because the watermark moved. Uncorrelated, so
+    // PostgreSQL evaluates it once per page (an InitPlan), one index probe.
+    let passed = if conds.is_empty() {
+        "false".to_owned()
+    } else {
+        format!(
+            "EXISTS (SELECT 1 FROM {events} x \
+             WHERE (x.transaction_id, x.global_position) > ($1::xid8, $2::int8) \
+               AND x.transaction_id < pg_snapshot_xmin(pg_current_snapshot()))"
+        )
+    };
     let (epoch, checkpoint, join) = match slot {
         Some(t) => (
             format!("(SELECT epoch FROM {} WHERE id = 1)", t.epoch),
@@ -295,7 +331,8 @@ pub(crate) fn gap_safe_query(
         "SELECT w.*, {cols} \
          FROM (SELECT pg_snapshot_xmin(pg_current_snapshot()) AS xmin, \
                       coalesce((SELECT max(global_position) FROM {events}), 0) AS head, \
-                      pg_postmaster_start_time() AS started, {epoch} AS epoch, {checkpoint} \
+                      pg_postmaster_start_time() AS started, {epoch} AS epoch, {checkpoint}, \
+                      {passed} AS passed \
                FROM (SELECT) AS one{join}) w \
          LEFT JOIN LATERAL ( \
             SELECT * FROM {events} e \
@@ -315,7 +352,7 @@ pub(crate) struct SlotTables {
 }
 
 /// Columns before the event columns in a [`gap_safe_query`] row.
-pub(crate) const CONTROL_COLUMNS: usize = 8;
+pub(crate) const CONTROL_COLUMNS: usize = 9;
 
 /// What a page query says besides the events: the crash epoch and the
 /// slot's stored checkpoint as of the page's snapshot.
@@ -325,6 +362,10 @@ pub(crate) struct Control {
     pub(crate) epoch: Option<uuid::Uuid>,
     /// The slot's checkpoint row; `None` when it does not exist (reset).
     pub(crate) checkpoint: Option<StoredCheckpoint>,
+    /// The read range (after the cursor, below the watermark) holds an
+    /// event, whether the slot's filter matches it or not. Always `false`
+    /// for unfiltered reads (their page holds every such event).
+    pub(crate) passed: bool,
 }
 
 /// A checkpoint row's cursor, state and epoch, as a page query saw it.
@@ -382,6 +423,7 @@ pub(crate) fn decode_page(
         }),
         None => None,
     };
+    let passed: bool = first.try_get(8)?;
     let mut events = Vec::with_capacity(rows.len());
     for row in rows {
         if row.try_get::<_, Option<i64>>(CONTROL_COLUMNS)?.is_none() {
@@ -403,7 +445,11 @@ pub(crate) fn decode_page(
             head,
             server_started,
         },
-        Control { epoch, checkpoint },
+        Control {
+            epoch,
+            checkpoint,
+            passed,
+        },
     ))
 }
 
@@ -465,10 +511,9 @@ impl EventStore {
         tls: crate::tls::MakeRustlsConnect,
         config: StoreConfig,
     ) -> EventStore {
-        let sql = Arc::new(Statements::new(
-            &config.schema,
-            config.notify_channel.is_some(),
-        ));
+        let mut sql = Statements::new(&config.schema, config.notify_channel.is_some());
+        sql.registry = config.registry.clone();
+        let sql = Arc::new(sql);
         let notifier = config.notify_channel.as_ref().map(|c| {
             Arc::new(Notifier {
                 channel: c.as_str().to_owned(),
@@ -509,6 +554,31 @@ impl EventStore {
 
     pub(crate) fn statements(&self) -> &Arc<Statements> {
         &self.sql
+    }
+
+    /// This store with `registry` (see [`StoreConfig::registry`]); clones
+    /// of the store made before keep theirs. Fails when the registry is
+    /// inconsistent.
+    pub fn with_registry(mut self, registry: Registry) -> Result<EventStore> {
+        self.config = self.config.registry(registry)?;
+        let mut sql = Statements::new(&self.config.schema, self.config.notify_channel.is_some());
+        sql.registry = self.config.registry.clone();
+        self.sql = Arc::new(sql);
+        Ok(self)
+    }
+
+    /// The store's event registry, if it has one.
+    pub fn registry(&self) -> Option<&Registry> {
+        self.sql.registry.as_deref()
+    }
+
+    /// Brings `event` to its current shape with the store's registry (a
+    /// no-op without one). See [`Registry::upcast`].
+    pub(crate) fn upcast(&self, event: &mut StoredEvent) -> Result<()> {
+        match &self.sql.registry {
+            Some(r) => r.upcast(event),
+            None => Ok(()),
+        }
     }
 
     /// Appends `events` to the stream `(aggregate_type, aggregate_id)` in
@@ -574,6 +644,15 @@ impl EventStore {
             return Err(Error::config(
                 "append called with no events: pass at least one",
             ));
+        }
+        if let Some(registry) = &self.sql.registry {
+            for e in events {
+                registry.check_append(e).map_err(|e| {
+                    e.context(format_args!(
+                        "append to stream {aggregate_type}/{aggregate_id}"
+                    ))
+                })?;
+            }
         }
         let expected_param = expected.as_param();
         let ids: Vec<Uuid> = events.iter().map(|e| e.event_id).collect();
@@ -677,7 +756,9 @@ impl EventStore {
     }
 
     /// Reads the stream `(aggregate_type, aggregate_id)` from `from_version`
-    /// (inclusive), at most `limit` events, in version order.
+    /// (inclusive), at most `limit` events, in version order, upcast by the
+    /// store's registry (an upcaster failure fails the read, naming the
+    /// event; an event the registry does not know is returned as stored).
     pub async fn read_stream(
         &self,
         aggregate_type: &str,
@@ -694,22 +775,30 @@ impl EventStore {
             )
             .await?;
         rows.iter()
-            .map(|r| StoredEvent::from_row_at(r, 0))
+            .map(|r| {
+                let mut e = StoredEvent::from_row_at(r, 0)?;
+                self.upcast(&mut e)?;
+                Ok(e)
+            })
             .collect()
     }
 
     /// Reads up to `limit` events after `after`, gap-safely: only events of
     /// transactions older than every transaction still running, so an event
     /// that commits late is never stepped over. Resume from
-    /// [`ReadBatch::next_cursor`].
+    /// [`ReadBatch::next_cursor`]. Events are upcast as by
+    /// [`EventStore::read_stream`].
     pub async fn read_all(&self, after: Cursor, limit: i64) -> Result<ReadBatch> {
         if limit <= 0 {
             return Err(Error::config("read_all limit must be at least 1"));
         }
         let client = self.pool.get().await?;
         let stmt = client.prepare_cached(&self.sql.read_all).await?;
-        let (page, _) =
+        let (mut page, _) =
             read_page(&**client, &stmt, after, limit, None, &ReadFilter::default()).await?;
+        for e in &mut page.events {
+            self.upcast(e)?;
+        }
         Ok(page)
     }
 

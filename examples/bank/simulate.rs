@@ -3,10 +3,7 @@
 //! stream, decide, append with the expected version, and on a conflict
 //! reload and decide again.
 
-use crate::events::{
-    AccountOpened, MoneyDeposited, MoneyWithdrawn, ACCOUNT, ACCOUNT_OPENED, MONEY_DEPOSITED,
-    MONEY_WITHDRAWN,
-};
+use crate::events::{AccountOpened, BankEvent, MoneyDeposited, MoneyWithdrawn, ACCOUNT, EUR};
 use clap::Args;
 use projectionist::{Error, EventStore, ExpectedVersion, NewEvent, Result};
 use rand::rngs::StdRng;
@@ -80,10 +77,11 @@ impl Account {
                 .read_stream(ACCOUNT, &self.id, self.version + 1, READ_PAGE)
                 .await?;
             for event in &page {
-                match event.event_type.as_str() {
-                    MONEY_DEPOSITED => self.balance += event.decode::<MoneyDeposited>()?.amount,
-                    MONEY_WITHDRAWN => self.balance -= event.decode::<MoneyWithdrawn>()?.amount,
-                    _ => {}
+                // Stream reads upcast: older shapes arrive as version 2.
+                match event.typed::<BankEvent>()? {
+                    BankEvent::Deposited(d) => self.balance += d.cents,
+                    BankEvent::Withdrawn(w) => self.balance -= w.cents,
+                    BankEvent::Opened(_) => {}
                 }
                 self.version = event.aggregate_version;
             }
@@ -102,12 +100,9 @@ async fn open_or_load(store: &EventStore, i: u32) -> Result<(Account, bool)> {
         version: 0,
         balance: 0,
     };
-    let opened = NewEvent::new(
-        ACCOUNT_OPENED,
-        &AccountOpened {
-            owner: format!("owner-{i}"),
-        },
-    )?;
+    let opened = NewEvent::typed(&BankEvent::Opened(AccountOpened {
+        owner: format!("owner-{i}"),
+    }))?;
     match store
         .append(ACCOUNT, &account.id, ExpectedVersion::NoStream, &[opened])
         .await
@@ -136,12 +131,18 @@ fn draw(rng: &mut StdRng, n: u64, mut balance: i64) -> Result<(Vec<NewEvent>, i6
     for _ in 0..n {
         let amount = rng.gen_range(1..=MAX_AMOUNT);
         if rng.gen_bool(0.5) && amount <= balance {
-            events.push(NewEvent::new(MONEY_WITHDRAWN, &MoneyWithdrawn { amount })?);
+            events.push(NewEvent::typed(&BankEvent::Withdrawn(MoneyWithdrawn {
+                cents: amount,
+                currency: EUR.to_owned(),
+            }))?);
             balance -= amount;
             t.withdrawals += 1;
             t.withdrawn += amount;
         } else {
-            events.push(NewEvent::new(MONEY_DEPOSITED, &MoneyDeposited { amount })?);
+            events.push(NewEvent::typed(&BankEvent::Deposited(MoneyDeposited {
+                cents: amount,
+                currency: EUR.to_owned(),
+            }))?);
             balance += amount;
             t.deposits += 1;
             t.deposited += amount;

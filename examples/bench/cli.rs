@@ -95,6 +95,7 @@ pub const CASES: &[&str] = &[
     "catchup_noop",
     "catchup_read_model",
     "catchup_read_model_batch",
+    "catchup_upcast",
     "wakeup_notify_ms",
     "wakeup_poll_ms",
     "wakeup_raw_listen_ms",

@@ -63,6 +63,11 @@
 //!   The per-event case also reports `raw_per_event_events_per_s`: the same
 //!   statements in raw SQL (keyset page, one prepared upsert per event,
 //!   pipelined likewise, checkpoint `UPDATE`), and its ratio.
+//! * `catchup_upcast`: what upcasting costs a catch-up: `--events`
+//!   deposits stored in an old shape (version 1) read through a one-step
+//!   upcaster, against the same events stored in the current shape, both
+//!   decoded into a typed enum by a projection that only sums in memory.
+//!   The baseline is the current shape, not raw SQL; target ratio ≥ 0.85.
 //! * `wakeup_notify_ms`, `wakeup_poll_ms`: time from an append returning
 //!   (committed) to the handler starting on that event, under the notify
 //!   dispatcher and the poll dispatcher (default interval, reported).
@@ -136,9 +141,9 @@
 //! plans), `projections` (the projections under test), `raw` (the raw-SQL
 //! baselines), `stats` (medians, percentiles, formatting), `report` (the
 //! table and the JSON), and one module per case group: `append`, `catchup`,
-//! `wakeup`, `parallel`, `partitions`, `workers` (worker-mode failover and
-//! rebalance with real processes), `rss` (peak memory of a child) and
-//! `scale` (`--scale`).
+//! `upcast`, `wakeup`, `parallel`, `partitions`, `workers` (worker-mode
+//! failover and rebalance with real processes), `rss` (peak memory of a
+//! child) and `scale` (`--scale`).
 
 mod append;
 mod catchup;
@@ -153,6 +158,7 @@ mod rss;
 mod scale;
 mod setup;
 mod stats;
+mod upcast;
 mod wakeup;
 mod workers;
 
@@ -244,6 +250,9 @@ impl Bench {
             let seeded = self.seeded(n).await;
             self.catchup_read_model(&seeded, false).await;
             self.dbs.push(seeded.db);
+        }
+        if self.wants("catchup_upcast") {
+            self.catchup_upcast().await;
         }
         if self.wants("parallel_io") {
             self.parallel_io().await;

@@ -102,8 +102,8 @@ pub async fn assert_read_model_exact(db: &TestDatabase) {
     let c = db.connect().await.unwrap();
     let want = c
         .query_one(
-            "SELECT coalesce(sum(CASE event_type WHEN 'MoneyDeposited' THEN (payload->>'amount')::int8 \
-                                     WHEN 'MoneyWithdrawn' THEN -(payload->>'amount')::int8 ELSE 0 END), 0)::int8, \
+            "SELECT coalesce(sum(CASE event_type WHEN 'MoneyDeposited' THEN coalesce(payload->>'cents', payload->>'amount')::int8 \
+                                     WHEN 'MoneyWithdrawn' THEN -coalesce(payload->>'cents', payload->>'amount')::int8 ELSE 0 END), 0)::int8, \
                     count(*) FROM events WHERE aggregate_type = 'Account'",
             &[],
         )

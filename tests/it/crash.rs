@@ -150,8 +150,8 @@ pub type Accounts = BTreeMap<String, Account>;
 pub async fn balances(c: &tokio_postgres::Client) -> (Accounts, Accounts) {
     let want = c
         .query(
-            "SELECT aggregate_id, sum(CASE event_type WHEN 'MoneyDeposited' THEN (payload->>'amount')::int8 \
-                                       WHEN 'MoneyWithdrawn' THEN -(payload->>'amount')::int8 ELSE 0 END)::int8, \
+            "SELECT aggregate_id, sum(CASE event_type WHEN 'MoneyDeposited' THEN coalesce(payload->>'cents', payload->>'amount')::int8 \
+                                       WHEN 'MoneyWithdrawn' THEN -coalesce(payload->>'cents', payload->>'amount')::int8 ELSE 0 END)::int8, \
                     count(*) FROM events WHERE aggregate_type = 'Account' GROUP BY aggregate_id",
             &[],
         )

@@ -399,7 +399,8 @@ async fn a_filter_that_matches_nothing_still_advances_the_cursor() {
 
 #[tokio::test]
 async fn notify_wakes_within_100ms_and_survives_a_killed_listener() {
-    let env = env().await;
+    // A server of its own: see common::private_env.
+    let (_server, env) = crate::common::private_env().await;
     let (seen_tx, mut seen_rx) = mpsc::unbounded_channel();
     let mut tally = Tally::new("notified");
     tally.seen = Some(seen_tx);
@@ -488,7 +489,8 @@ async fn notify_wakes_within_100ms_and_survives_a_killed_listener() {
 
 #[tokio::test]
 async fn concurrent_writers_with_random_commit_delays_give_an_exact_read_model() {
-    let env = env().await;
+    // Its open transactions hold the cluster-wide watermark: a server of its own.
+    let (_server, env) = crate::common::private_env().await;
     let tally = Arc::new(Tally::new("racy"));
     tally.create_table(&env).await;
     let cfg = RunnerConfig::default()
