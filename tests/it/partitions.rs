@@ -140,7 +140,7 @@ async fn four_partitions_together_read_the_log_about_once() {
 async fn partitions_starting_together_build_their_index_without_a_deadlock() {
     const EVENTS: i64 = 20_000;
     const TOTAL: i32 = 6;
-    let env = env().await;
+    let env = crate::common::env().await;
     let c = env.client().await;
     c.batch_execute(&format!(
         "INSERT INTO events (aggregate_type, aggregate_id, aggregate_version, event_type, payload) \
