@@ -141,9 +141,9 @@
 //! plans), `projections` (the projections under test), `raw` (the raw-SQL
 //! baselines), `stats` (medians, percentiles, formatting), `report` (the
 //! table and the JSON), and one module per case group: `append`, `catchup`,
-//! `upcast`, `wakeup`, `parallel`, `partitions`, `workers` (worker-mode failover and
-//! rebalance with real processes), `rss` (peak memory of a child) and
-//! `scale` (`--scale`).
+//! `upcast`, `wakeup`, `parallel`, `partitions`, `workers` (worker-mode
+//! failover and rebalance with real processes), `rss` (peak memory of a
+//! child) and `scale` (`--scale`).
 
 mod append;
 mod catchup;

@@ -6,20 +6,23 @@
 //!    processes (default 4) share the 16 slots of
 //!    `PROJECTION_PARTITIONS=account_balances=16` (`PROJECTIONS=
 //!    account_balances`), each with an admin server. Once they are
-//!    balanced, a bench session opens a transaction with a transaction id
-//!    and keeps it open: the watermark stays below every event seeded
-//!    after it, so the workers read nothing and the whole log is lag.
+//!    balanced, `bank pause account_balances` stops the 16 slots (state
+//!    `stopped`), so that the workers read nothing and the whole log
+//!    is lag. (Holding a transaction id open would do it too, but the
+//!    watermark is cluster-wide: on a shared server that would stall
+//!    every other database's projections for the whole seeding.)
 //! 2. The events are seeded in chunks of `INSERT … SELECT … FROM
 //!    generate_series` (`Account` streams over `--scale-accounts`
 //!    accounts, `MoneyDeposited`, time-ordered UUIDs like the library's
-//!    v7 ids), then `ANALYZE events`.
+//!    v7 ids), then `VACUUM (ANALYZE) events`.
 //! 3. With the whole log as lag and 16 slots: `bank status --json` (the
 //!    process's wall time: start, connect, queries, print), `bank status
 //!    --exact --json` once when the build has it, `GET /metrics` (each
 //!    request more than a second after the last, so the admin server's
 //!    one-second cache is cold; the body must have a
 //!    `projectionist_lag_events` series for every slot) and `GET /readyz`.
-//! 4. The transaction ends; the workers catch up. The sum of the 16
+//! 4. `bank resume account_balances`; the workers catch up (the time
+//!    includes picking the resume up, within a second). The sum of the 16
 //!    checkpoints' `events_handled` is sampled every 250 ms; the figure per
 //!    tenth of the log is events/s over that tenth. Peak RSS (VmHWM) of
 //!    every worker is sampled alongside.
@@ -342,6 +345,28 @@ impl Bench {
         }
     }
 
+    /// Runs `bank ARGS…` to completion.
+    async fn bank_command(&self, bank: &Path, url: &str, args: &[&str]) -> Res<()> {
+        let o = tokio::process::Command::new(bank)
+            .env("DATABASE_URL", url)
+            .env("LOG_LEVEL", "warn")
+            .env_remove("RUST_LOG")
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .await
+            .map_err(|e| format!("cannot run bank {args:?}: {e}"))?;
+        if !o.status.success() {
+            return Err(format!(
+                "bank {args:?} failed ({}): {}",
+                o.status,
+                String::from_utf8_lossy(&o.stderr)
+            ));
+        }
+        self.progress(format!("bank {}", args.join(" ")));
+        Ok(())
+    }
+
     /// `--scale`: the whole scale benchmark, then the report.
     pub async fn run_scale(mut self) {
         let n = self.args.scale_events;
@@ -437,11 +462,20 @@ impl Bench {
         r.map_err(|e| with_logs(e, &mut workers))?;
         self.progress(format!("{w} workers balanced over {SLOTS} slots"));
 
-        // 2. Hold the watermark, then seed.
-        let gate = db.connect().await.map_err(|e| e.to_string())?;
-        gate.batch_execute("BEGIN; SELECT pg_current_xact_id();")
+        // 2. Pause the projection, then seed. (Not by holding a transaction
+        // id open: the watermark is cluster-wide, so that would stall every
+        // other database's projections on a shared server.)
+        self.bank_command(bank, &url, &["pause", PROJECTION])
+            .await?;
+        poll_until(Duration::from_secs(30), "every slot paused", || async {
+            c.query_one(
+                "SELECT count(*) FROM projection_checkpoints WHERE projection_name = $1 AND status = 'stopped'",
+                &[&PROJECTION],
+            )
             .await
-            .map_err(err("opening the watermark-holding transaction"))?;
+            .is_ok_and(|r| r.get::<_, i64>(0) == SLOTS as i64)
+        })
+        .await?;
         let seed_s = self.seed(c, n as u64).await?;
         out.insert("seed_s".into(), round(seed_s, 1));
         self.row(
@@ -471,10 +505,8 @@ impl Bench {
         r.map_err(|e| with_logs(e, &mut workers))?;
 
         // 4. Catch-up by the workers.
-        gate.batch_execute("COMMIT")
-            .await
-            .map_err(err("ending the watermark-holding transaction"))?;
-        drop(gate);
+        self.bank_command(bank, &url, &["resume", PROJECTION])
+            .await?;
         let pids: Vec<i32> = workers.iter().map(|w| w.pid()).collect();
         let r = self
             .follow_catchup(c, n, &pids, Duration::from_secs(3600))
@@ -559,11 +591,11 @@ impl Bench {
                 ev_s(done as f64 / s)
             ));
         }
-        c.batch_execute("ANALYZE events")
+        c.batch_execute("VACUUM (ANALYZE) events")
             .await
-            .map_err(err("ANALYZE events"))?;
+            .map_err(err("VACUUM (ANALYZE) events"))?;
         let s = started.elapsed().as_secs_f64();
-        self.progress(format!("seeded and analysed in {s:.1}s"));
+        self.progress(format!("seeded and vacuumed in {s:.1}s"));
         Ok(s)
     }
 
