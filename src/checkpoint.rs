@@ -12,6 +12,13 @@ use crate::error::{Error, Result};
 use crate::event::{Cursor, Xid8};
 use tokio_postgres::GenericClient;
 
+/// The channel every checkpoint advance NOTIFYs, in the batch transaction
+/// that moves the cursor, with the projection's name as the payload:
+/// `projectionist_checkpoints`. [`crate::Waiter`] listens on it; the
+/// notification carries no cursor, so listeners re-read the rows (of their
+/// own schema: deployments in several schemas of one database share it).
+pub const CHECKPOINTS_CHANNEL: &str = "projectionist_checkpoints";
+
 /// A checkpoint row.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Checkpoint {
@@ -69,14 +76,17 @@ impl Checkpoints {
              WHERE projection_name = $1 AND partition_key = $2 \
                AND last_transaction_id = $3 AND last_global_position = $4 AND status = 'running'"
         );
+        // Every advance tells waiters (`Waiter`) in the same transaction,
+        // so the notification arrives exactly when the cursor committed.
+        let notify = format!(" RETURNING pg_notify('{CHECKPOINTS_CHANNEL}', $1)");
         Checkpoints {
             table: table.to_owned(),
             assignments: assignments.to_owned(),
             advance_fenced: format!(
-                "{}{update} AND EXISTS (SELECT 1 FROM fence)",
+                "{}{update} AND EXISTS (SELECT 1 FROM fence){notify}",
                 fence_cte(assignments, 11, 12)
             ),
-            advance: update,
+            advance: format!("{update}{notify}"),
         }
     }
 
@@ -184,6 +194,15 @@ impl Checkpoints {
     /// Creates the row for `(name, partition)` if missing and returns its
     /// cursor, after checking that every existing row of the projection was
     /// made with `total` partitions.
+    ///
+    /// The check and the insert are atomic: they run in one transaction
+    /// that first takes a transaction-scoped advisory lock keyed by this
+    /// checkpoint table (so by schema) and the projection's name, so two
+    /// processes starting the projection with different partition counts
+    /// cannot both pass (each sees the other's committed row, or waits for
+    /// it). `client` must be a plain client, not inside a transaction (nor
+    /// a `Transaction`): this opens and ends its own with `BEGIN`/`COMMIT`
+    /// (rolled back if the future is dropped half-way).
     pub(crate) async fn ensure<C: GenericClient>(
         &self,
         client: &C,
@@ -191,6 +210,35 @@ impl Checkpoints {
         partition: i32,
         total: i32,
     ) -> Result<Cursor> {
+        client.batch_execute("BEGIN").await?;
+        let open = RollbackOnDrop(client);
+        let ensured = self.ensure_locked(client, name, partition, total).await;
+        let end = if ensured.is_ok() {
+            "COMMIT"
+        } else {
+            "ROLLBACK"
+        };
+        let ended = client.batch_execute(end).await;
+        std::mem::forget(open);
+        let cursor = ensured?;
+        ended?;
+        Ok(cursor)
+    }
+
+    /// [`Checkpoints::ensure`]'s body, inside its transaction.
+    async fn ensure_locked<C: GenericClient>(
+        &self,
+        client: &C,
+        name: &str,
+        partition: i32,
+        total: i32,
+    ) -> Result<Cursor> {
+        client
+            .execute(
+                "SELECT pg_advisory_xact_lock($1)",
+                &[&self.partitions_lock_key(name)],
+            )
+            .await?;
         self.check_total(client, name, total).await?;
         client
             .execute(
@@ -214,6 +262,22 @@ impl Checkpoints {
             )
             .await?;
         Ok(Cursor::new(row.try_get::<_, Xid8>(0)?.0, row.try_get(1)?))
+    }
+
+    /// The advisory lock key that serialises the partition-count check of
+    /// projection `name` in this schema (FNV-1a, stable across builds).
+    fn partitions_lock_key(&self, name: &str) -> i64 {
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        let bytes = b"projectionist:partitions:"
+            .iter()
+            .chain(self.table.as_bytes())
+            .chain(b"\0")
+            .chain(name.as_bytes());
+        for b in bytes {
+            h ^= u64::from(*b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+        h as i64
     }
 
     /// Refuses to run on checkpoints made on another PostgreSQL cluster (a
@@ -299,5 +363,75 @@ impl Checkpoints {
                 &[&name, &partition],
             )
             .await?)
+    }
+
+    /// Pauses `name` (one partition, or all): sets `status = 'stopped'` on
+    /// its rows that are not stopped yet (a failed row keeps its error, so
+    /// `status` still shows why it had failed). Returns how many rows
+    /// exist for the selection and how many were paused now.
+    pub(crate) async fn pause<C: GenericClient>(
+        &self,
+        client: &C,
+        name: &str,
+        partition: Option<i32>,
+    ) -> Result<(u64, u64)> {
+        let paused = client
+            .execute(
+                &format!(
+                    "UPDATE {} SET status = 'stopped', updated_at = now() \
+                     WHERE projection_name = $1 AND ($2::int4 IS NULL OR partition_key = $2) \
+                       AND status <> 'stopped'",
+                    self.table
+                ),
+                &[&name, &partition],
+            )
+            .await?;
+        let rows: i64 = client
+            .query_one(
+                &format!(
+                    "SELECT count(*) FROM {} WHERE projection_name = $1 AND ($2::int4 IS NULL OR partition_key = $2)",
+                    self.table
+                ),
+                &[&name, &partition],
+            )
+            .await?
+            .try_get(0)?;
+        Ok((rows.max(0) as u64, paused))
+    }
+
+    /// Puts the failed or paused rows of `name` (one partition, or all) back
+    /// to `running`, clearing the failure. Returns the rows changed.
+    pub(crate) async fn resume<C: GenericClient>(
+        &self,
+        client: &C,
+        name: &str,
+        partition: Option<i32>,
+    ) -> Result<u64> {
+        Ok(client
+            .execute(
+                &format!(
+                    "UPDATE {} SET status = 'running', last_error = NULL, failed_position = NULL, \
+                     updated_at = now() \
+                     WHERE projection_name = $1 AND ($2::int4 IS NULL OR partition_key = $2) \
+                       AND status IN ('failed', 'stopped')",
+                    self.table
+                ),
+                &[&name, &partition],
+            )
+            .await?)
+    }
+}
+
+/// Rolls back the transaction a plain client opened with `BEGIN` when the
+/// future using it is dropped before it ended the transaction (as
+/// `tokio_postgres::Transaction` does on drop): the `ROLLBACK` is queued on
+/// the connection at once, so the pooled connection never goes back to the
+/// pool inside a transaction that holds locks.
+struct RollbackOnDrop<'a, C: GenericClient>(&'a C);
+
+impl<C: GenericClient> Drop for RollbackOnDrop<'_, C> {
+    fn drop(&mut self) {
+        // The request is sent on the first poll; the reply is not awaited.
+        let _ = futures_util::FutureExt::now_or_never(self.0.batch_execute("ROLLBACK"));
     }
 }

@@ -1,6 +1,7 @@
 //! The command line of the user's binary: `migrate`, `run-projections`,
-//! `status`, `reset`. Every option has a flag and an environment variable;
-//! the database URL's value is never shown in `--help` or logs.
+//! `status`, `reset`, `dlq`, `pause`/`resume`, `rebase-cursors`. Every
+//! option has a flag and an environment variable; the database URL's value
+//! is never shown in `--help` or logs.
 //!
 //! A user's `main` is a few lines:
 //!
@@ -23,8 +24,9 @@ use crate::projection::Projection;
 use crate::runner::{Runner, RunnerConfig, DEFAULT_BATCH_SIZE};
 use crate::store::{EventStore, StoreConfig, DEFAULT_NOTIFY_CHANNEL};
 use clap::{Args, Parser, Subcommand};
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -63,8 +65,10 @@ pub struct GlobalArgs {
     pub notify_channel: String,
 }
 
-/// The engine's subcommands.
+/// The engine's subcommands. New subcommands may be added in minor
+/// releases: match with a wildcard arm.
 #[derive(Subcommand, Debug, Clone)]
+#[non_exhaustive]
 pub enum Command {
     /// Create or upgrade the projectionist tables (safe to run from many replicas at once).
     Migrate,
@@ -93,7 +97,7 @@ pub enum Command {
     /// Dead letters: events projections gave up on (failure policy DeadLetter).
     #[command(subcommand)]
     Dlq(DlqCommand),
-    /// Put a failed projection back to running (processes pick it up within a second).
+    /// Put a failed or paused projection back to running (processes pick it up within a second).
     Resume {
         /// The projection's name.
         name: String,
@@ -101,6 +105,16 @@ pub enum Command {
         #[arg(long)]
         partition: Option<i32>,
     },
+    /// Pause a projection (state stopped): processes stop running it until `resume`.
+    Pause {
+        /// The projection's name.
+        name: String,
+        /// Only this partition.
+        #[arg(long)]
+        partition: Option<i32>,
+    },
+    /// Wait until a projection has handled an append (read-your-writes); exit 1 on timeout.
+    Wait(WaitArgs),
     /// After restoring the database into another PostgreSQL cluster: re-derive every cursor from
     /// global positions (stop all projection processes first).
     RebaseCursors {
@@ -119,6 +133,26 @@ pub enum Command {
         #[arg(long)]
         yes: bool,
     },
+}
+
+/// Options of `wait`.
+#[derive(Args, Debug, Clone)]
+pub struct WaitArgs {
+    /// The projection's name.
+    pub name: String,
+    /// The appending transaction's id (an append returns it).
+    #[arg(long)]
+    pub transaction_id: u64,
+    /// The global position of the event to wait for. Unset: the transaction's last event (the
+    /// whole transaction).
+    #[arg(long)]
+    pub position: Option<i64>,
+    /// Wait for this partition only. Unset: the partitions that hold the events waited for.
+    #[arg(long)]
+    pub partition: Option<i32>,
+    /// How long to wait (e.g. 500ms, 5s).
+    #[arg(long, env = "WAIT_TIMEOUT", default_value = "5s")]
+    pub timeout: String,
 }
 
 /// `dlq` subcommands.
@@ -241,6 +275,44 @@ pub fn parse_duration(what: &str, value: &str) -> Result<Duration> {
     })
 }
 
+/// Set once a write to stdout failed with `BrokenPipe`: the reader is gone
+/// (`status --json | head -1`), so the rest of the output is dropped.
+static STDOUT_CLOSED: AtomicBool = AtomicBool::new(false);
+
+/// Writes one line of command output to stdout. When the reader has gone
+/// (`BrokenPipe`), the line and every later one are dropped silently and
+/// the command finishes with its own exit code, as if the output had been
+/// read; any other write error ends the command with that error.
+fn out(line: std::fmt::Arguments<'_>) -> Result<()> {
+    if STDOUT_CLOSED.load(Ordering::Relaxed) {
+        return Ok(());
+    }
+    let mut stdout = std::io::stdout().lock();
+    match stdout
+        .write_fmt(line)
+        .and_then(|()| stdout.write_all(b"\n"))
+        .and_then(|()| stdout.flush())
+    {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {
+            STDOUT_CLOSED.store(true, Ordering::Relaxed);
+            Ok(())
+        }
+        Err(e) => Err(Error::new(
+            crate::error::Kind::Other,
+            format!("cannot write the output to stdout ({e}): check where stdout is redirected"),
+        )
+        .with_source(e)),
+    }
+}
+
+/// `println!` through [`out`]: `outln!(...)` is `out(format_args!(...))?`.
+macro_rules! outln {
+    ($($arg:tt)*) => {
+        out(format_args!($($arg)*))?
+    };
+}
+
 /// The partition a StatefulSet pod should run: the numeric suffix of a
 /// hostname like `projections-3`.
 pub fn ordinal_from_hostname(hostname: &str) -> Option<i32> {
@@ -341,7 +413,8 @@ impl App {
         match self.execute_inner(global, command).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
-                eprintln!("error: {e}");
+                // A closed stderr is no reason to panic either.
+                let _ = writeln!(std::io::stderr(), "error: {e}");
                 ExitCode::from(if e.is_config() && !e.is_not_migrated() {
                     2
                 } else {
@@ -410,9 +483,9 @@ impl App {
                     crate::migrate::migrate_with(store.pg_config(), store.tls(), &global.schema)
                         .await?;
                 if report.applied.is_empty() {
-                    println!("schema {} is up to date", global.schema);
+                    outln!("schema {} is up to date", global.schema);
                 } else {
-                    println!(
+                    outln!(
                         "applied {} to schema {}",
                         report.applied.join(", "),
                         global.schema
@@ -428,7 +501,7 @@ impl App {
                         "rebase every cursor to a global position (all projection processes must be stopped)?",
                     )?
                 {
-                    println!("rebase cancelled");
+                    outln!("rebase cancelled");
                     return Ok(());
                 }
                 let store = self.connect(global).await?;
@@ -436,25 +509,51 @@ impl App {
                 let mut again = 0;
                 for r in &rebased {
                     again += r.handled_again;
-                    println!(
+                    outln!(
                         "{} partition {}: resumes after global position {}; {} event(s) at the boundary will be handled again",
                         r.projection, r.partition, r.resume_after_position, r.handled_again
                     );
                 }
-                println!(
+                outln!(
                     "rebased {} checkpoint(s); {again} event(s) in all will be handled again (make their side effects idempotent)",
                     rebased.len()
                 );
                 Ok(())
+            }
+            Command::Wait(args) => {
+                self.find(&args.name)?;
+                let timeout = parse_duration("--timeout", &args.timeout)?;
+                let store = self.connect(global).await?;
+                crate::wait::run_cli(&store, &args, timeout).await
             }
             Command::Resume { name, partition } => {
                 self.find(&name)?;
                 let store = self.connect(global).await?;
                 let n = crate::dead_letter::resume(&store, &name, partition).await?;
                 if n == 0 {
-                    println!("{name} has no failed partition: nothing to resume");
+                    outln!("{name} has no failed or paused partition: nothing to resume");
                 } else {
-                    println!("resumed {n} failed partition(s) of {name}");
+                    outln!("resumed {n} failed or paused partition(s) of {name}");
+                }
+                Ok(())
+            }
+            Command::Pause { name, partition } => {
+                self.find(&name)?;
+                let store = self.connect(global).await?;
+                let n = crate::dead_letter::pause(&store, &name, partition).await?;
+                let what = partition
+                    .map(|p| format!("partition {p} of {name}"))
+                    .unwrap_or_else(|| name.clone());
+                if n == 0 {
+                    outln!("{what} is already paused: nothing to do");
+                } else {
+                    outln!(
+                        "paused {n} partition(s) of {name}: processes stop running it after their current \
+                         batch; `resume {name}{}` continues it",
+                        partition
+                            .map(|p| format!(" --partition {p}"))
+                            .unwrap_or_default()
+                    );
                 }
                 Ok(())
             }
@@ -476,13 +575,13 @@ impl App {
                 let store = self.connect(global).await?;
                 let report = crate::admin::report_with(&store, &self.projections, &options).await?;
                 if json {
-                    println!("{}", serde_json::to_string_pretty(&report)?);
+                    outln!("{}", serde_json::to_string_pretty(&report)?);
                 } else {
-                    print_status_table(&report.projections);
-                    print_workers_table(&report.workers);
+                    print_status_table(&report.projections)?;
+                    print_workers_table(&report.workers)?;
                     if let Some(h) = &report.watermark_held_by {
                         if h.open_seconds >= 1.0 {
-                            println!(
+                            outln!(
                                 "watermark held back by pid {} ({} on database {}, {}) open for {:.0}s: {}",
                                 h.pid,
                                 h.user.as_deref().unwrap_or("?"),
@@ -494,7 +593,7 @@ impl App {
                         }
                     }
                     for (p, n) in &report.dead_letters {
-                        println!("{p}: {n} dead letter(s): see `dlq list --projection {p}`");
+                        outln!("{p}: {n} dead letter(s): see `dlq list --projection {p}`");
                     }
                 }
                 Ok(())
@@ -512,12 +611,12 @@ impl App {
                         .unwrap_or_default()
                 );
                 if !yes && !confirm(&what)? {
-                    println!("reset cancelled");
+                    outln!("reset cancelled");
                     return Ok(());
                 }
                 let store = self.connect(global).await?;
                 let n = crate::admin::reset(&store, projection.as_ref(), partition).await?;
-                println!("reset {name}: {n} checkpoint(s) cleared; the next run rebuilds it");
+                outln!("reset {name}: {n} checkpoint(s) cleared; the next run rebuilds it");
                 Ok(())
             }
         }
@@ -532,9 +631,9 @@ impl App {
                 }
                 let rows = crate::dead_letter::list(&store, projection.as_deref()).await?;
                 if json {
-                    println!("{}", serde_json::to_string_pretty(&rows)?);
+                    outln!("{}", serde_json::to_string_pretty(&rows)?);
                 } else if rows.is_empty() {
-                    println!("no dead letters");
+                    outln!("no dead letters");
                 } else {
                     let mut table = comfy_table::Table::new();
                     table.load_preset(comfy_table::presets::UTF8_FULL_CONDENSED);
@@ -564,7 +663,7 @@ impl App {
                             error,
                         ]);
                     }
-                    println!("{table}");
+                    outln!("{table}");
                 }
                 Ok(())
             }
@@ -585,7 +684,7 @@ impl App {
                         "metadata": serde_json::from_str::<serde_json::Value>(e.metadata_json()).unwrap_or_default(),
                     })
                 });
-                println!(
+                outln!(
                     "{}",
                     serde_json::to_string_pretty(
                         &serde_json::json!({ "dead_letter": dl, "event": event })
@@ -616,16 +715,16 @@ impl App {
                     let r = crate::dead_letter::retry(&store, &self.projections, id).await?;
                     if r.succeeded {
                         ok += 1;
-                        println!("dead letter {id}: handled; removed");
+                        outln!("dead letter {id}: handled; removed");
                     } else {
                         failed += 1;
-                        println!(
+                        outln!(
                             "dead letter {id}: failed again: {}",
                             r.error.unwrap_or_default()
                         );
                     }
                 }
-                println!(
+                outln!(
                     "retried {}: {ok} succeeded, {failed} still failing",
                     ok + failed
                 );
@@ -646,11 +745,11 @@ impl App {
                     .map(|p| format!("the dead letters of {p}"))
                     .unwrap_or_else(|| "every dead letter".to_owned());
                 if !yes && !confirm(&format!("delete {what}?"))? {
-                    println!("purge cancelled");
+                    outln!("purge cancelled");
                     return Ok(());
                 }
                 let n = crate::dead_letter::purge(&store, projection.as_deref()).await?;
-                println!("purged {n} dead letter(s)");
+                outln!("purged {n} dead letter(s)");
                 Ok(())
             }
         }
@@ -794,7 +893,7 @@ async fn run_once_with_progress(store: &EventStore, runner: &Runner) -> Result<(
         bar.finish();
     }
     result?;
-    println!(
+    outln!(
         "caught up: {} events handled in {} batches",
         progress.events_handled(),
         progress.batches()
@@ -810,7 +909,7 @@ fn confirm(question: &str) -> Result<bool> {
             "{question} This needs confirmation and stdin is not a terminal: pass --yes to confirm"
         )));
     }
-    eprint!("{question} [y/N] ");
+    let _ = write!(std::io::stderr(), "{question} [y/N] ");
     let mut answer = String::new();
     std::io::stdin()
         .read_line(&mut answer)
@@ -853,14 +952,17 @@ async fn wait_for_signals(
             _ = term.recv() => {}
             _ = int.recv() => {}
         }
-        eprintln!("second signal: exiting without waiting for in-flight batches (they roll back)");
+        let _ = writeln!(
+            std::io::stderr(),
+            "second signal: exiting without waiting for in-flight batches (they roll back)"
+        );
         std::process::exit(130);
     });
 }
 
-fn print_workers_table(workers: &[crate::admin::WorkerStatus]) {
+fn print_workers_table(workers: &[crate::admin::WorkerStatus]) -> Result<()> {
     if workers.is_empty() {
-        return;
+        return Ok(());
     }
     let mut table = comfy_table::Table::new();
     table.load_preset(comfy_table::presets::UTF8_FULL_CONDENSED);
@@ -886,10 +988,11 @@ fn print_workers_table(workers: &[crate::admin::WorkerStatus]) {
             w.slots.to_string(),
         ]);
     }
-    println!("{table}");
+    outln!("{table}");
+    Ok(())
 }
 
-fn print_status_table(rows: &[crate::admin::SlotStatus]) {
+fn print_status_table(rows: &[crate::admin::SlotStatus]) -> Result<()> {
     let mut table = comfy_table::Table::new();
     table.load_preset(comfy_table::presets::UTF8_FULL_CONDENSED);
     table.set_header([
@@ -931,22 +1034,22 @@ fn print_status_table(rows: &[crate::admin::SlotStatus]) {
         ]);
     }
     if rows.is_empty() {
-        println!("no checkpoints yet: run `run-projections` first");
-        return;
+        outln!("no checkpoints yet: run `run-projections` first");
+        return Ok(());
     }
-    println!("{table}");
+    outln!("{table}");
     if rows.iter().any(|r| !r.lag_exact && !r.lag_capped) {
-        println!(
+        outln!(
             "~ estimated: the first {} events after each cursor are counted, the rest extrapolated from \
              global positions; `status --exact` counts",
             crate::admin::LAG_SAMPLE_EVENTS
         );
     }
     if rows.iter().any(|r| r.lag_capped) {
-        println!("> the exact count stopped at --exact-limit (STATUS_EXACT_LIMIT)");
+        outln!("> the exact count stopped at --exact-limit (STATUS_EXACT_LIMIT)");
     }
     for r in rows.iter().filter(|r| r.skipped_events > 0) {
-        println!(
+        outln!(
             "SKIPPED: projection {} partition {} has {} event(s) below its cursor that it never handled (written \
              after the cursor passed them: transaction ids reused after lost commits). Fix: with its processes \
              running, UPDATE projection_checkpoints SET epoch = NULL WHERE projection_name = '{}' — the engine \
@@ -955,18 +1058,19 @@ fn print_status_table(rows: &[crate::admin::SlotStatus]) {
         );
     }
     if rows.iter().any(|r| !r.registered) {
-        println!(
+        outln!(
             "not in this binary: no projection of that name is registered here, so nothing started from \
              this binary runs it and its lag ignores its filter; `reset NAME` from a binary that has it \
              removes it"
         );
     }
     if rows.iter().any(|r| r.stale_worker_id.is_some()) {
-        println!(
+        outln!(
             "stale: assigned to a worker without a heartbeat for HEARTBEAT_TIMEOUT; no worker runs the slot \
              (a static-mode process may)"
         );
     }
+    Ok(())
 }
 
 /// The lag column: exact, `~` estimated, or `>` over the exact limit.

@@ -1,6 +1,7 @@
 //! The dead-letter table: events a projection gave up on under the
 //! `DeadLetter` failure policy. Listed, shown, retried (the handler runs
 //! again in a transaction; on success the entry goes away) and purged.
+//! Also the slot states operators set: `pause` and `resume`.
 
 use crate::error::{Error, Kind, Result};
 use crate::event::StoredEvent;
@@ -139,6 +140,9 @@ pub struct RetryOutcome {
 /// store's registry) in a transaction:
 /// on success the read model change and the entry's removal commit
 /// together; on failure the entry's attempt count and error are updated.
+/// A concurrency-mode projection ([`Projection::concurrency`]) gets its
+/// [`Projection::handle_concurrent`], as in the engine: at-least-once (if
+/// the removal fails to commit, a later retry handles the event again).
 pub async fn retry(
     store: &EventStore,
     projections: &[Arc<dyn Projection>],
@@ -205,7 +209,14 @@ pub async fn retry(
             )),
         },
     };
+    // The handler the engine runs for this projection: a concurrency-mode
+    // projection's handle_concurrent (no transaction, at-least-once: it
+    // runs before the entry's removal commits), else handle_batch in the
+    // transaction that also removes the entry.
     let handled = match prepared {
+        Ok(true) if projection.concurrency().is_some() => {
+            projection.handle_concurrent(&event).await
+        }
         Ok(true) => {
             projection
                 .handle_batch(std::slice::from_ref(&event), &tx)
@@ -264,18 +275,39 @@ pub async fn purge(store: &EventStore, projection: Option<&str>) -> Result<u64> 
         .await?)
 }
 
-/// Puts a failed projection (all partitions, or one) back to `running`:
-/// running processes pick it up within a second; returns the rows changed.
+/// Puts a failed or paused projection (all partitions, or one) back to
+/// `running`: running processes pick it up within a second; returns the
+/// rows changed.
 pub async fn resume(store: &EventStore, projection: &str, partition: Option<i32>) -> Result<u64> {
     let client = store.pool().get().await?;
-    Ok(client
-        .execute(
-            &format!(
-                "UPDATE {} SET status = 'running', last_error = NULL, failed_position = NULL, updated_at = now() \
-                 WHERE projection_name = $1 AND ($2::int4 IS NULL OR partition_key = $2) AND status = 'failed'",
-                store.statements().checkpoints
+    crate::checkpoint::Checkpoints::new(&store.statements().checkpoints)
+        .resume(&**client, projection, partition)
+        .await
+}
+
+/// Pauses a projection (all partitions, or one): its checkpoint rows get
+/// status `stopped`, and processes stop running those slots until
+/// [`resume`]. Returns how many partitions were paused now (0 when all of
+/// them already were).
+///
+/// Fails with a configuration error naming the fix when the projection
+/// (or that partition) has no checkpoint yet.
+pub async fn pause(store: &EventStore, projection: &str, partition: Option<i32>) -> Result<u64> {
+    let client = store.pool().get().await?;
+    let (rows, paused) = crate::checkpoint::Checkpoints::new(&store.statements().checkpoints)
+        .pause(&**client, projection, partition)
+        .await?;
+    if rows == 0 {
+        return Err(Error::config(match partition {
+            Some(p) => format!(
+                "projection {projection} has no checkpoint for partition {p}: run `status` to see its partitions"
             ),
-            &[&projection, &partition],
-        )
-        .await?)
+            None => format!(
+                "projection {projection} has no checkpoints yet (it has never run here), so there is nothing to \
+                 pause: start it once with `run-projections`, or run only the projections you want with \
+                 --projection"
+            ),
+        }));
+    }
+    Ok(paused)
 }

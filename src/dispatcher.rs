@@ -9,7 +9,8 @@
 //!   sent while the listener was away is missed.
 //!
 //! Architecture invariant: the LISTEN connection is the only long-lived
-//! non-pooled connection of a processor runner.
+//! non-pooled connection of a processor runner. [`crate::Waiter`] drives
+//! its own LISTEN connection through [`listen_loop`] too.
 
 use crate::db;
 use crate::error::{Error, Result};
@@ -90,8 +91,34 @@ pub(crate) async fn chase_watermark(
     pool: Pool,
     marks: Arc<Watermarks>,
     wake: Wake,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) {
+    chase(marks, wake, shutdown, || async {
+        let client = pool.get().await?;
+        let row = client
+            .query_one("SELECT pg_snapshot_xmin(pg_current_snapshot())", &[])
+            .await?;
+        Ok::<_, Error>(row.try_get::<_, Xid8>(0)?.0)
+    })
+    .await
+}
+
+/// [`chase_watermark`] with the watermark query as `xmin`.
+///
+/// Once the watermark has passed an announced transaction and the
+/// processors were woken, that watermark counts as seen: the chase of that
+/// transaction is over whether or not a processor reads (a standby worker
+/// with no slots, failed slots, a full concurrency window never do), so an
+/// idle process does not query on and on.
+async fn chase<F, Fut>(
+    marks: Arc<Watermarks>,
+    wake: Wake,
+    mut shutdown: watch::Receiver<bool>,
+    mut xmin: F,
+) where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<u64>>,
+{
     loop {
         let Some(pending) = marks.pending() else {
             tokio::select! {
@@ -108,16 +135,9 @@ pub(crate) async fn chase_watermark(
             if marks.pending().is_none() {
                 break;
             }
-            let xmin = async {
-                let client = pool.get().await?;
-                let row = client
-                    .query_one("SELECT pg_snapshot_xmin(pg_current_snapshot())", &[])
-                    .await?;
-                Ok::<_, Error>(row.try_get::<_, Xid8>(0)?.0)
-            }
-            .await;
-            match xmin {
+            match xmin().await {
                 Ok(xmin) if xmin > pending => {
+                    marks.saw(xmin);
                     bump(&wake);
                     break;
                 }
@@ -184,6 +204,9 @@ pub(crate) enum Route {
     /// Worker-mode membership and assignment changes: wake the worker's
     /// leader and follower loops.
     Workers { wake: Wake },
+    /// Checkpoint advances (the payload is the projection's name): wake
+    /// the [`crate::Waiter`]s of that projection; a (re)connect wakes all.
+    Checkpoints(Arc<crate::wait::Hub>),
 }
 
 impl Route {
@@ -199,6 +222,10 @@ impl Route {
                 bump(wake);
             }
             Route::Workers { wake } => bump(wake),
+            Route::Checkpoints(hub) => match payload {
+                Some(name) => hub.advanced(name),
+                None => hub.listening(),
+            },
         }
     }
 }
@@ -295,6 +322,39 @@ async fn listen_once(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::AtomicUsize;
+
+    /// Runs the chaser with a watermark query answering `answers` in turn
+    /// (then the last one for ever) and counting its calls, announces
+    /// transaction 100, and returns the call count once the processors
+    /// were woken and after `idle` more.
+    async fn chase_queries(answers: &'static [u64], idle: Duration) -> usize {
+        let marks = Arc::new(Watermarks::default());
+        let (wake, mut woken) = watch::channel(0u64);
+        let (stop, shutdown) = watch::channel(false);
+        let calls = Arc::new(AtomicUsize::new(0));
+        let counted = calls.clone();
+        let chaser = tokio::spawn(chase(marks.clone(), wake, shutdown, move || {
+            let n = counted.fetch_add(1, Ordering::SeqCst);
+            async move { Ok(answers[n.min(answers.len() - 1)]) }
+        }));
+        marks.announce(100);
+        woken.changed().await.unwrap();
+        // Nobody reads (no processor calls `saw`): the chaser must go quiet.
+        tokio::time::sleep(idle).await;
+        let n = calls.load(Ordering::SeqCst);
+        stop.send(true).unwrap();
+        chaser.await.unwrap();
+        n
+    }
+
+    #[tokio::test]
+    async fn the_chaser_stops_once_the_watermark_passed_even_if_nobody_reads() {
+        let idle = Duration::from_millis(300);
+        assert_eq!(chase_queries(&[200], idle).await, 1);
+        // Behind the watermark three times, then past it: four queries.
+        assert_eq!(chase_queries(&[50, 60, 70, 200], idle).await, 4);
+    }
 
     #[test]
     fn parses_dispatcher_names() {

@@ -38,6 +38,8 @@ pub(crate) enum Kind {
     Database,
     /// The database could not be reached (connection refused, closed, pool).
     Connection,
+    /// A wait (read-your-writes) ran out of time.
+    Timeout,
     /// Anything else (I/O, signals).
     Other,
 }
@@ -137,6 +139,12 @@ impl Error {
         self.kind == Kind::Connection
     }
 
+    /// A [`crate::Waiter`] wait ran out of time before the projection
+    /// handled the target (the message names its cursor and the target).
+    pub fn is_timeout(&self) -> bool {
+        self.kind == Kind::Timeout
+    }
+
     /// Retrying the same operation later may succeed (conflicts,
     /// serialization failures, deadlocks, lost connections).
     pub fn is_retryable(&self) -> bool {
@@ -228,6 +236,59 @@ fn describe_db(e: &tokio_postgres::Error) -> String {
     }
 }
 
+/// Whether a tokio-postgres error without a server error is about the
+/// connection itself: closed, an I/O error (refused, reset, EOF; parse and
+/// encode errors of the protocol stream carry one too), or a failed
+/// connection set-up (timeout, TLS handshake, a protocol violation). Client
+/// mistakes (row count, type conversions, parameter count) are not.
+fn is_transport(e: &tokio_postgres::Error) -> bool {
+    if e.is_closed() {
+        return true;
+    }
+    let mut cur: Option<&(dyn StdError + 'static)> = e.source();
+    while let Some(s) = cur {
+        if s.is::<std::io::Error>() {
+            return true;
+        }
+        cur = s.source();
+    }
+    // tokio-postgres exposes no predicate for these set-up failures, which
+    // carry no I/O source; its messages for them are fixed strings.
+    let text = e.to_string();
+    [
+        "timeout waiting for server",
+        "error performing TLS handshake",
+        "error connecting to server",
+        "unexpected message from server",
+        "error communicating with the server",
+    ]
+    .iter()
+    .any(|m| text.starts_with(m))
+}
+
+/// Describes a client-side tokio-postgres error with its likely fix.
+fn describe_client(e: &tokio_postgres::Error) -> String {
+    let base = describe_db(e);
+    let text = e.to_string();
+    let fix = if text.starts_with("query returned an unexpected number of rows") {
+        "a query run with query_one returned no row or more than one; use query_opt when the row may be \
+         missing, or fix the query or the data"
+    } else if text.starts_with("error deserializing column") {
+        "a column was read as a Rust type that does not match its SQL type; read it as the matching type \
+         (e.g. i64 for int8, i32 for int4) or cast it in the query"
+    } else if text.starts_with("error serializing parameter") {
+        "a parameter's Rust value does not match the SQL type of its placeholder; bind the matching type \
+         or cast the placeholder"
+    } else if text.starts_with("expected ") && text.contains(" parameters but got ") {
+        "the statement's placeholders ($1, $2, ...) and the parameters passed differ in number"
+    } else if text.starts_with("invalid column") {
+        "the row has no column of that name; check the query's column list"
+    } else {
+        "check the statement and the Rust types it is used with"
+    };
+    format!("{base}: {fix}")
+}
+
 impl From<tokio_postgres::Error> for Error {
     fn from(e: tokio_postgres::Error) -> Error {
         let code = e.code().map(|c| c.code().to_owned());
@@ -249,9 +310,18 @@ impl From<tokio_postgres::Error> for Error {
             Some(c) if c.starts_with("08") || c.starts_with("57P") => {
                 (Kind::Connection, format!("database connection lost: {}", describe_db(&e)))
             }
-            None if e.is_closed() || e.as_db_error().is_none() => (
+            None if is_transport(&e) => (
                 Kind::Connection,
                 format!("database connection failed: {}", describe_db(&e)),
+            ),
+            // Not a server error and not the connection: the caller's use of
+            // the client (`query_one` without exactly one row, a column read
+            // as the wrong Rust type, a parameter that cannot be encoded).
+            // Retrying the same statement cannot fix it, so it is a plain
+            // failure (in a handler: the failure policy's business).
+            None => (
+                Kind::Database,
+                format!("database client error: {}", describe_client(&e)),
             ),
             _ => (Kind::Database, format!("database error: {}", describe_db(&e))),
         };
@@ -262,6 +332,14 @@ impl From<tokio_postgres::Error> for Error {
 impl From<deadpool_postgres::PoolError> for Error {
     fn from(e: deadpool_postgres::PoolError) -> Error {
         match e {
+            // Getting a connection failed without a server error: whatever
+            // the client says (a set-up timeout, an authentication step it
+            // could not do), no connection was made.
+            deadpool_postgres::PoolError::Backend(pg) if pg.as_db_error().is_none() => Error::new(
+                Kind::Connection,
+                format!("database connection failed: {}", describe_db(&pg)),
+            )
+            .with_source(pg),
             deadpool_postgres::PoolError::Backend(pg) => Error::from(pg),
             other => Error::new(
                 Kind::Connection,

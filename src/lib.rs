@@ -34,6 +34,7 @@ mod slot;
 mod store;
 mod tls;
 mod typed;
+mod wait;
 mod worker;
 
 #[cfg(feature = "testing")]
@@ -44,7 +45,7 @@ pub use admin::{
     SlotStatus, StatusOptions, StatusReport, WatermarkHolder, WorkerStatus,
     DEFAULT_EXACT_LAG_LIMIT, DEFAULT_STATUS_TIMEOUT, LAG_SAMPLE_EVENTS,
 };
-pub use checkpoint::Checkpoint;
+pub use checkpoint::{Checkpoint, CHECKPOINTS_CHANNEL};
 pub use cli::App;
 pub use db::{describe as describe_database, parse_url, DEFAULT_POOL_SIZE};
 pub use dispatcher::DispatcherKind;
@@ -62,6 +63,7 @@ pub use store::{
     AppendResult, EventStore, ExpectedVersion, ReadBatch, StoreConfig, DEFAULT_NOTIFY_CHANNEL,
 };
 pub use typed::{Event, EventType};
+pub use wait::{WaitTarget, Waiter};
 pub use worker::{
     WorkerConfig, DEFAULT_HEARTBEAT_INTERVAL, DEFAULT_HEARTBEAT_TIMEOUT,
     DEFAULT_MAX_CONSECUTIVE_FAILURES, DEFAULT_REBALANCE_INTERVAL, WORKERS_CHANNEL,

@@ -147,8 +147,6 @@ pub(crate) async fn run(
     let mut tasks: JoinSet<(String, Cursor, Done)> = JoinSet::new();
     let mut fetch_cursor = p.cursor();
     let mut caught_up = false;
-    let mut head_at_commit = 0i64;
-    let mut head = 0i64;
     let mut uncommitted: Option<Uncommitted> = None;
     let mut last_commit = Instant::now();
     let mut failed: Option<(Error, u32, Box<StoredEvent>)> = None;
@@ -218,7 +216,7 @@ pub(crate) async fn run(
         {
             wake.borrow_and_update();
             let limit = (max - in_flight) as i64;
-            let Some(page) = p.fetch(fetch_cursor, limit).await? else {
+            let Some((page, passed)) = p.fetch(fetch_cursor, limit).await? else {
                 // The slot resynchronised (lost commits, a reset, a moved
                 // checkpoint): wait for running handlers, then start over
                 // from the stored checkpoint.
@@ -229,7 +227,6 @@ pub(crate) async fn run(
                 continue;
             };
             marks.saw(page.watermark);
-            head = page.head;
             caught_up = (page.events.len() as i64) < limit;
             let prepared = p.prepare(page.events);
             let mut broken = prepared.broken.into_iter().peekable();
@@ -268,8 +265,11 @@ pub(crate) async fn run(
                 });
             }
             let committing = uncommitted.map(|u| u.to).unwrap_or(p.cursor());
-            if w.order.is_empty() && fetch_cursor > committing && head > head_at_commit {
-                // Nothing in flight: the cursor may pass skipped events.
+            if w.order.is_empty() && fetch_cursor > committing && passed {
+                // Nothing in flight, and the page passed over events its
+                // filter excluded: the cursor moves past them (so waiters
+                // for them see it pass). A page that passed over nothing
+                // needs no write.
                 uncommitted = Some(Uncommitted {
                     to: fetch_cursor,
                     handled: uncommitted.map(|u| u.handled).unwrap_or(0),
@@ -297,7 +297,6 @@ pub(crate) async fn run(
                     Ok(()) => {
                         uncommitted = None;
                         last_commit = Instant::now();
-                        head_at_commit = head;
                     }
                     Err(e) if e.is_fenced() => {
                         while tasks.join_next().await.is_some() {}

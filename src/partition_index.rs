@@ -43,9 +43,27 @@ pub(crate) async fn ensure(store: &EventStore, total: i32) -> Result<()> {
         return Ok(());
     }
     let key = lock_key(schema.as_str(), total);
-    client
-        .execute("SELECT pg_advisory_lock($1)", &[&key])
-        .await?;
+    // Try, never wait inside a statement: CREATE INDEX CONCURRENTLY waits
+    // for every transaction with an older snapshot, so a process blocked
+    // in pg_advisory_lock behind the builder would deadlock with it.
+    let mut waited = false;
+    loop {
+        let got: bool = client
+            .query_one("SELECT pg_try_advisory_lock($1)", &[&key])
+            .await?
+            .try_get(0)?;
+        if got {
+            break;
+        }
+        if !waited {
+            waited = true;
+            tracing::info!(
+                partitions = total,
+                "waiting for another process to build the partition index"
+            );
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
     let built = build(&client, store, total, &qualified).await;
     let _ = client
         .execute("SELECT pg_advisory_unlock($1)", &[&key])

@@ -237,8 +237,6 @@ pub(crate) struct Processor {
     last_event: Cursor,
     /// The crash epoch the cursors belong to (`None`: not known yet).
     epoch: Option<Uuid>,
-    /// The log head at the last checkpoint write.
-    persisted_head: i64,
     /// The server's start time when this processor last read.
     server_started: Option<chrono::DateTime<chrono::Utc>>,
     /// The highest watermark read below; one lower than this means the
@@ -302,7 +300,6 @@ impl Processor {
             read_cursor: cursor,
             last_event: cursor,
             epoch: None,
-            persisted_head: 0,
             server_started: None,
             last_watermark: 0,
         };
@@ -559,28 +556,8 @@ impl Processor {
     /// whether this call moved it.
     async fn rewind(&self, client: &deadpool_postgres::Object, epoch: Uuid) -> Result<bool> {
         let sql = self.checkpoints.rewind_sql(self.fence.is_some());
-        let sql = sql.as_str();
-        let n = match &self.fence {
-            Some(f) => {
-                client
-                    .execute(
-                        sql,
-                        &[
-                            &self.name,
-                            &self.slot.partition,
-                            &epoch,
-                            &f.worker_id,
-                            &f.generation,
-                        ],
-                    )
-                    .await?
-            }
-            None => {
-                client
-                    .execute(sql, &[&self.name, &self.slot.partition, &epoch])
-                    .await?
-            }
-        };
+        let params = self.fenced_params(vec![&self.name, &self.slot.partition, &epoch]);
+        let n = client.execute(sql.as_str(), &params).await?;
         Ok(n == 1)
     }
 
@@ -646,10 +623,14 @@ impl Processor {
                 }
             }
         }
-        if dealt_with.is_none() && (next <= self.cursor || page.head <= self.persisted_head) {
-            // Nothing handled and no new event was skipped since the last
-            // write: move on in memory only (a write here would move the
-            // watermark and wake every processor again).
+        if dealt_with.is_none() && (next <= self.cursor || !control.passed) {
+            // Nothing handled or passed over by the registry, and no event
+            // passed over by the filter or the partition: move on in memory
+            // only (a write here would move the watermark and wake every
+            // processor again). Earlier pages skipped this way passed over
+            // nothing either, so the stored cursor is behind no event; once
+            // a page passes over one, the cursor is written past it, so that
+            // waiters for it (`Waiter`) see the slot pass it.
             drop(tx);
             self.read_cursor = next;
             return Ok(BatchOutcome {
@@ -683,7 +664,6 @@ impl Processor {
         self.advance(&tx, next, handled, last_event).await?;
         tx.commit().await?;
         self.moved_to(next, last_event);
-        self.persisted_head = page.head;
         Ok(BatchOutcome {
             handled,
             caught_up,
@@ -728,10 +708,7 @@ impl Processor {
             &last_event.global_position,
             &self.epoch,
         ];
-        if let Some(f) = &self.fence {
-            params.push(&f.worker_id);
-            params.push(&f.generation);
-        }
+        params = self.fenced_params(params);
         let moved = tx.execute(&advance, &params).await?;
         if moved != 1 {
             let why = match &self.fence {
@@ -894,8 +871,14 @@ impl Processor {
     /// Reads up to `limit` events after `after` (no transaction), checking
     /// the slot first: `Ok(None)` means the processor resynchronised with
     /// its slot (lost commits, a reset, a moved checkpoint) and every
-    /// in-memory position after [`Processor::cursor`] is void.
-    pub(crate) async fn fetch(&mut self, after: Cursor, limit: i64) -> Result<Option<ReadBatch>> {
+    /// in-memory position after [`Processor::cursor`] is void. The flag
+    /// says whether the range read holds any event, matching or not (see
+    /// `Control::passed`).
+    pub(crate) async fn fetch(
+        &mut self,
+        after: Cursor,
+        limit: i64,
+    ) -> Result<Option<(ReadBatch, bool)>> {
         let client = self.pool.get().await?;
         let read = client.prepare_cached(&self.read_sql).await?;
         let (page, control) = read_page(
@@ -913,7 +896,7 @@ impl Processor {
             return Ok(None);
         }
         self.last_watermark = page.watermark;
-        Ok(Some(page))
+        Ok(Some((page, control.passed)))
     }
 
     /// Moves the checkpoint to `next` in a transaction of its own (the
@@ -992,37 +975,13 @@ impl Processor {
         let marked = async {
             let client = self.pool.get().await?;
             let sql = self.checkpoints.mark_failed_sql(self.fence.is_some());
-            let sql = sql.as_str();
-            let n = match &self.fence {
-                Some(f) => {
-                    client
-                        .execute(
-                            sql,
-                            &[
-                                &self.name,
-                                &self.slot.partition,
-                                &message,
-                                &event.global_position,
-                                &f.worker_id,
-                                &f.generation,
-                            ],
-                        )
-                        .await?
-                }
-                None => {
-                    client
-                        .execute(
-                            sql,
-                            &[
-                                &self.name,
-                                &self.slot.partition,
-                                &message,
-                                &event.global_position,
-                            ],
-                        )
-                        .await?
-                }
-            };
+            let params = self.fenced_params(vec![
+                &self.name,
+                &self.slot.partition,
+                &message,
+                &event.global_position,
+            ]);
+            let n = client.execute(sql.as_str(), &params).await?;
             if n == 0 && self.fence.is_some() {
                 return Err(Error::fenced(format!(
                     "projection {} partition {}: the slot moved to another worker before it could be marked \
@@ -1071,9 +1030,21 @@ impl Processor {
         self.read_cursor = row.cursor;
         self.last_event = row.last_event;
         self.epoch = row.epoch;
-        self.persisted_head = 0;
         self.last_watermark = 0;
         Ok(())
+    }
+
+    /// `params` followed, in worker mode, by the fence's worker id and
+    /// generation (the last two parameters of every fenced statement).
+    fn fenced_params<'a>(
+        &'a self,
+        mut params: Vec<&'a (dyn tokio_postgres::types::ToSql + Sync)>,
+    ) -> Vec<&'a (dyn tokio_postgres::types::ToSql + Sync)> {
+        if let Some(f) = &self.fence {
+            params.push(&f.worker_id);
+            params.push(&f.generation);
+        }
+        params
     }
 
     /// Whether this processor runs under worker-mode fencing.
@@ -1121,29 +1092,9 @@ impl Processor {
     pub(crate) async fn record_error(&self, error: &Error) {
         if let Ok(client) = self.pool.get().await {
             let sql = self.checkpoints.record_error_sql(self.fence.is_some());
-            let sql = sql.as_str();
             let message = error.to_string();
-            let _ = match &self.fence {
-                Some(f) => {
-                    client
-                        .execute(
-                            sql,
-                            &[
-                                &self.name,
-                                &self.slot.partition,
-                                &message,
-                                &f.worker_id,
-                                &f.generation,
-                            ],
-                        )
-                        .await
-                }
-                None => {
-                    client
-                        .execute(sql, &[&self.name, &self.slot.partition, &message])
-                        .await
-                }
-            };
+            let params = self.fenced_params(vec![&self.name, &self.slot.partition, &message]);
+            let _ = client.execute(sql.as_str(), &params).await;
         }
     }
 }

@@ -7,7 +7,7 @@
 //! else a handler does (HTTP calls, e-mail) may be repeated after a crash and
 //! must be idempotent, keyed by [`StoredEvent::event_id`].
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::event::StoredEvent;
 use crate::policy::FailurePolicy;
 use async_trait::async_trait;
@@ -209,25 +209,40 @@ pub trait Projection: Send + Sync + 'static {
     async fn handle(&self, event: &StoredEvent, tx: &Transaction<'_>) -> Result<()>;
 
     /// Whether the default [`Projection::handle_batch`] may pipeline
-    /// [`Projection::handle`]: start every event's handler without waiting
-    /// for the previous one's round trip, all in the same transaction, so
-    /// their statements travel to the server back to back. Statements reach
-    /// the server in event order only up to each handler's first `await`
-    /// on the database: opt in when each event's work is one statement (an
-    /// upsert, an insert), or when the statements of different events
-    /// commute. Default: `false` (one event after the other).
+    /// [`Projection::handle`] across streams, all in the batch transaction,
+    /// so that statements travel to the server back to back instead of one
+    /// round trip at a time. The batch runs in rounds: the first event of
+    /// every stream (`aggregate_type`, `aggregate_id`) in the batch, all
+    /// started together; once they are all done, every stream's second
+    /// event; and so on.
+    ///
+    /// Per-stream order always holds: a stream's event starts only after its
+    /// previous one finished. Events of *different* streams may reach the
+    /// server in any order (a handler whose statement is already prepared
+    /// overtakes one that must prepare first), so opt in when the work of
+    /// different streams commutes: each event writes only rows of its own
+    /// stream (an upsert keyed by the aggregate id, an insert), or adds to
+    /// shared counters. Default: `false` (one event after the other, in
+    /// batch order).
     fn pipelined(&self) -> bool {
         false
     }
 
     /// Handles a whole batch (in `(transaction_id, global_position)` order)
     /// inside `tx`. Default: [`Projection::handle`] for each event, in order
-    /// (pipelined when [`Projection::pipelined`] says so).
+    /// (pipelined across streams when [`Projection::pipelined`] says so).
+    ///
+    /// An override must keep each stream's events in order: per-stream
+    /// order is part of the engine's contract.
     async fn handle_batch(&self, events: &[StoredEvent], tx: &Transaction<'_>) -> Result<()> {
-        if self.pipelined() {
-            let handlers = events.iter().map(|event| self.handle(event, tx));
-            for outcome in futures_util::future::join_all(handlers).await {
-                outcome?;
+        if self.pipelined() && events.len() > 1 {
+            for round in stream_rounds(events) {
+                if let [event] = round.as_slice() {
+                    self.handle(event, tx).await?;
+                    continue;
+                }
+                let handlers = round.iter().map(|event| self.handle(event, tx));
+                first_cause(futures_util::future::join_all(handlers).await)?;
             }
             return Ok(());
         }
@@ -245,5 +260,79 @@ pub trait Projection: Send + Sync + 'static {
     async fn reset(&self, tx: &Transaction<'_>, partition: Option<Partition>) -> Result<()> {
         let _ = (tx, partition);
         Ok(())
+    }
+}
+
+/// The events of a batch in rounds: round `n` holds the `n`-th event of
+/// every stream (`aggregate_type`, `aggregate_id`) that has one, in batch
+/// order. Running the rounds one after the other keeps every stream's
+/// order while each round's events, of distinct streams, run together.
+fn stream_rounds(events: &[StoredEvent]) -> Vec<Vec<&StoredEvent>> {
+    let mut seen: std::collections::HashMap<(&str, &str), usize> =
+        std::collections::HashMap::with_capacity(events.len());
+    let mut rounds: Vec<Vec<&StoredEvent>> = Vec::new();
+    for event in events {
+        let key = (event.aggregate_type.as_str(), event.aggregate_id.as_str());
+        let n = seen.entry(key).or_insert(0);
+        if rounds.len() <= *n {
+            rounds.push(Vec::new());
+        }
+        rounds[*n].push(event);
+        *n += 1;
+    }
+    rounds
+}
+
+/// The outcome of events handled together: the first error that is not
+/// merely "the transaction is already aborted" (SQLSTATE 25P02, the echo
+/// of another event's failure), else the first error, else `Ok`.
+fn first_cause(outcomes: Vec<Result<()>>) -> Result<()> {
+    let mut first: Option<Error> = None;
+    for outcome in outcomes {
+        if let Err(e) = outcome {
+            if e.db_code() != Some("25P02") {
+                return Err(e);
+            }
+            first.get_or_insert(e);
+        }
+    }
+    first.map_or(Ok(()), Err)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(position: i64, aggregate_type: &str, aggregate_id: &str) -> StoredEvent {
+        StoredEvent {
+            global_position: position,
+            transaction_id: 1,
+            event_id: uuid::Uuid::nil(),
+            aggregate_type: aggregate_type.to_owned(),
+            aggregate_id: aggregate_id.to_owned(),
+            aggregate_version: position,
+            event_type: "Happened".to_owned(),
+            event_version: 1,
+            created_at: chrono::Utc::now(),
+            payload: "{}".to_owned(),
+            metadata: "{}".to_owned(),
+        }
+    }
+
+    #[test]
+    fn batches_run_in_rounds_that_keep_each_streams_order() {
+        let events = [
+            event(1, "Order", "a"),
+            event(2, "Order", "b"),
+            event(3, "Order", "a"),
+            event(4, "Invoice", "a"),
+            event(5, "Order", "b"),
+            event(6, "Order", "a"),
+        ];
+        let positions: Vec<Vec<i64>> = stream_rounds(&events)
+            .iter()
+            .map(|s| s.iter().map(|e| e.global_position).collect())
+            .collect();
+        assert_eq!(positions, vec![vec![1, 2, 4], vec![3, 5], vec![6]]);
     }
 }

@@ -1,7 +1,8 @@
 //! The admin HTTP server (hyper 1), read-only: `/metrics` (Prometheus text
 //! format), `/healthz` (liveness: the process's loops are ticking),
 //! `/readyz` (database reachable, no failed projection, lag under
-//! `READY_MAX_LAG` if set) and `/status` (JSON, as `status --json`).
+//! `READY_MAX_LAG` if set), `/status` (JSON, as `status --json`) and
+//! `/wait` (read-your-writes, see `wait.rs`).
 //!
 //! Database-backed answers are cached for a second and refreshed by one
 //! request at a time, so thousands of concurrent requests cost one query
@@ -99,6 +100,8 @@ pub(crate) struct AdminState {
     readiness: Cached<Readiness>,
     /// The labels the database gauges were last set for.
     gauge_labels: std::sync::Mutex<GaugeLabels>,
+    /// `/wait`: one LISTEN connection for every request, opened on the first.
+    waiter: crate::wait::Waiter,
 }
 
 impl AdminState {
@@ -110,6 +113,7 @@ impl AdminState {
     ) -> AdminState {
         tick();
         AdminState {
+            waiter: crate::wait::Waiter::new(&store),
             store,
             projections,
             ready_max_lag,
@@ -389,6 +393,11 @@ async fn route(state: &AdminState, req: Request<hyper::body::Incoming>) -> Respo
                 serde_json::json!({ "error": e }).to_string(),
             ),
         },
+        "/wait" => {
+            let (code, body) = crate::wait::http(&state.waiter, req.uri().query()).await;
+            let code = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+            respond(code, "application/json", body)
+        }
         _ => respond(
             StatusCode::NOT_FOUND,
             TEXT,

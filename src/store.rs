@@ -278,8 +278,9 @@ impl ReadFilter {
 /// The gap-safe page query: `$1` cursor transaction id, `$2` cursor
 /// position, `$3` limit; with `slot` also `$4` projection name and `$5`
 /// partition; then the filter's parameters. Returns the watermark, head,
-/// server start time, crash epoch and (with `slot`) the slot's stored
-/// checkpoint (cursor, status, epoch) in columns 0 to
+/// server start time, crash epoch, (with `slot`) the slot's stored
+/// checkpoint (cursor, status, epoch) and whether the range holds any
+/// event at all (see [`Control::passed`]) in columns 0 to
 /// [`CONTROL_COLUMNS`]` - 1` of every row (one row with null event columns
 /// when no event qualifies), the event columns after them.
 pub(crate) fn gap_safe_query(
@@ -294,6 +295,20 @@ pub(crate) fn gap_safe_query(
         .map(|c| format!("e.{c}"))
         .collect::<Vec<_>>()
         .join(", ");
+    // Whether the read range holds any event at all, matching or not: a
+    // filtered slot whose page is empty moves its stored cursor only when
+    // it passed over events (so a waiter for one of them sees the cursor
+    // pass), never merely because the watermark moved. Uncorrelated, so
+    // PostgreSQL evaluates it once per page (an InitPlan), one index probe.
+    let passed = if conds.is_empty() {
+        "false".to_owned()
+    } else {
+        format!(
+            "EXISTS (SELECT 1 FROM {events} x \
+             WHERE (x.transaction_id, x.global_position) > ($1::xid8, $2::int8) \
+               AND x.transaction_id < pg_snapshot_xmin(pg_current_snapshot()))"
+        )
+    };
     let (epoch, checkpoint, join) = match slot {
         Some(t) => (
             format!("(SELECT epoch FROM {} WHERE id = 1)", t.epoch),
@@ -316,7 +331,8 @@ pub(crate) fn gap_safe_query(
         "SELECT w.*, {cols} \
          FROM (SELECT pg_snapshot_xmin(pg_current_snapshot()) AS xmin, \
                       coalesce((SELECT max(global_position) FROM {events}), 0) AS head, \
-                      pg_postmaster_start_time() AS started, {epoch} AS epoch, {checkpoint} \
+                      pg_postmaster_start_time() AS started, {epoch} AS epoch, {checkpoint}, \
+                      {passed} AS passed \
                FROM (SELECT) AS one{join}) w \
          LEFT JOIN LATERAL ( \
             SELECT * FROM {events} e \
@@ -336,7 +352,7 @@ pub(crate) struct SlotTables {
 }
 
 /// Columns before the event columns in a [`gap_safe_query`] row.
-pub(crate) const CONTROL_COLUMNS: usize = 8;
+pub(crate) const CONTROL_COLUMNS: usize = 9;
 
 /// What a page query says besides the events: the crash epoch and the
 /// slot's stored checkpoint as of the page's snapshot.
@@ -346,6 +362,10 @@ pub(crate) struct Control {
     pub(crate) epoch: Option<uuid::Uuid>,
     /// The slot's checkpoint row; `None` when it does not exist (reset).
     pub(crate) checkpoint: Option<StoredCheckpoint>,
+    /// The read range (after the cursor, below the watermark) holds an
+    /// event, whether the slot's filter matches it or not. Always `false`
+    /// for unfiltered reads (their page holds every such event).
+    pub(crate) passed: bool,
 }
 
 /// A checkpoint row's cursor, state and epoch, as a page query saw it.
@@ -403,6 +423,7 @@ pub(crate) fn decode_page(
         }),
         None => None,
     };
+    let passed: bool = first.try_get(8)?;
     let mut events = Vec::with_capacity(rows.len());
     for row in rows {
         if row.try_get::<_, Option<i64>>(CONTROL_COLUMNS)?.is_none() {
@@ -424,7 +445,11 @@ pub(crate) fn decode_page(
             head,
             server_started,
         },
-        Control { epoch, checkpoint },
+        Control {
+            epoch,
+            checkpoint,
+            passed,
+        },
     ))
 }
 

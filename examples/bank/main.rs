@@ -6,7 +6,7 @@
 //! declared once as a typed enum with a registry that upcasts their older
 //! shapes (`{"amount"}`, the old name `FundsDeposited`). It shows
 //!
-//! - a binary that adds its own subcommand (`simulate`) to the engine's
+//! - a binary that adds its own subcommands (`simulate`, `deposit`) to the engine's
 //!   `migrate`, `run-projections`, `status` and `reset`, by flattening
 //!   [`projectionist::cli::Command`] into its clap enum and calling
 //!   [`App::execute`];
@@ -15,7 +15,10 @@
 //!   set-based statement per batch (`handle_batch` over `unnest` arrays);
 //! - a non-transactional consumer, `large_withdrawal_notifier`, with
 //!   at-least-once side effects keyed by `event_id`;
-//! - writers that append with expected versions and retry on conflicts.
+//! - writers that append with expected versions and retry on conflicts;
+//! - read-your-writes: `deposit --account A --cents N --wait` appends, waits
+//!   until `account_balances` has handled the deposit (a [`projectionist::Waiter`],
+//!   woken by the checkpoint's NOTIFY), and prints the balance read from it.
 //!
 //! ## Running it
 //!
@@ -44,15 +47,18 @@
 //!
 //! Exit codes: 0 success, 1 runtime error, 2 usage or configuration error.
 
+mod deposit;
 mod events;
 mod projections;
 mod simulate;
 
 use clap::{Parser, Subcommand};
+use deposit::DepositArgs;
 use projectionist::cli::{Command, GlobalArgs};
 use projectionist::{App, Error};
 use projections::{AccountBalances, LargeWithdrawalNotifier, LARGE_WITHDRAWAL_CENTS};
 use simulate::SimulateArgs;
+use std::io::Write;
 use std::process::ExitCode;
 use std::sync::Arc;
 
@@ -72,6 +78,8 @@ enum BankCommand {
     Engine(Command),
     /// Open accounts and append random deposits and withdrawals from concurrent writers.
     Simulate(SimulateArgs),
+    /// Deposit cents to an account; with --wait, print its balance once account_balances has it.
+    Deposit(DepositArgs),
 }
 
 /// Reads a boolean switch from the environment (unset: `false`).
@@ -125,7 +133,7 @@ fn build_app() -> Result<(App, bool), String> {
 
 /// Prints `e` and maps it to an exit code, as [`App::execute`] does.
 fn fail(e: &Error) -> ExitCode {
-    eprintln!("error: {e}");
+    let _ = writeln!(std::io::stderr(), "error: {e}");
     ExitCode::from(if e.is_config() && !e.is_not_migrated() {
         2
     } else {
@@ -147,7 +155,7 @@ async fn migrate(app: &App, global: &GlobalArgs) -> ExitCode {
     .await;
     match created {
         Ok(()) => {
-            println!("read model account_balances is ready");
+            let _ = writeln!(std::io::stdout(), "read model account_balances is ready");
             ExitCode::SUCCESS
         }
         Err(e) => fail(&e),
@@ -167,7 +175,7 @@ async fn main() -> ExitCode {
     let (app, batch) = match build_app() {
         Ok(built) => built,
         Err(message) => {
-            eprintln!("error: {message}");
+            let _ = writeln!(std::io::stderr(), "error: {message}");
             return ExitCode::from(2);
         }
     };
@@ -187,6 +195,17 @@ async fn main() -> ExitCode {
                 );
             }
             app.execute(&global, command).await
+        }
+        BankCommand::Deposit(args) => {
+            projectionist::cli::init_logging(&global.log_format, &global.log_level);
+            let result = match app.store(&global) {
+                Ok(store) => deposit::run(&store, &args).await,
+                Err(e) => Err(e),
+            };
+            match result {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => fail(&e),
+            }
         }
         BankCommand::Simulate(args) => {
             projectionist::cli::init_logging(&global.log_format, &global.log_level);

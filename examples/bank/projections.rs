@@ -254,10 +254,13 @@ impl Projection for AccountBalances {
     }
 
     async fn reset(&self, tx: &Transaction<'_>, partition: Option<Partition>) -> Result<()> {
-        // The engine runs this hook with search_path set to the
-        // projectionist schema alone (so that `projectionist_partition`
-        // resolves); append `public`, where the read model lives, for the
-        // case PROJECTIONIST_SCHEMA is not `public`.
+        // `reset` runs this hook in its transaction with the projectionist
+        // schema put in front of the connection's own search_path (for this
+        // transaction only), so `projectionist_partition` resolves and
+        // `account_balances` is still found where `migrate` created it: on
+        // the connection's search_path, `public` by default. Appending
+        // `public` only matters for a role or DATABASE_URL whose search_path
+        // leaves it out.
         tx.batch_execute(
             "SELECT set_config('search_path', current_setting('search_path') || ', public', true)",
         )

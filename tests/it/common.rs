@@ -25,6 +25,29 @@ pub async fn env() -> Env {
     Env { db, store }
 }
 
+/// Like [`env`], on a PostgreSQL server of its own: for tests that hold
+/// the cluster-wide watermark back (long seeding transactions, held
+/// transactions) or whose timing others' transactions would disturb. Keep
+/// the server alive as long as the database.
+pub async fn private_env() -> (projectionist::testing::TestServer, Env) {
+    let _ = tracing_subscriber::fmt()
+        .with_test_writer()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .try_init();
+    let server = projectionist::testing::TestServer::start_private()
+        .await
+        .expect("start a private server");
+    let db = server
+        .create_database()
+        .await
+        .expect("create test database");
+    projectionist::migrate(&db.config(), "public")
+        .await
+        .expect("migrate");
+    let store = EventStore::connect_config(db.config(), StoreConfig::default()).expect("store");
+    (server, Env { db, store })
+}
+
 impl Env {
     pub async fn client(&self) -> tokio_postgres::Client {
         self.db.connect().await.expect("connect")

@@ -399,7 +399,8 @@ async fn a_filter_that_matches_nothing_still_advances_the_cursor() {
 
 #[tokio::test]
 async fn notify_wakes_within_100ms_and_survives_a_killed_listener() {
-    let env = env().await;
+    // A server of its own: see common::private_env.
+    let (_server, env) = crate::common::private_env().await;
     let (seen_tx, mut seen_rx) = mpsc::unbounded_channel();
     let mut tally = Tally::new("notified");
     tally.seen = Some(seen_tx);
@@ -488,7 +489,8 @@ async fn notify_wakes_within_100ms_and_survives_a_killed_listener() {
 
 #[tokio::test]
 async fn concurrent_writers_with_random_commit_delays_give_an_exact_read_model() {
-    let env = env().await;
+    // Its open transactions hold the cluster-wide watermark: a server of its own.
+    let (_server, env) = crate::common::private_env().await;
     let tally = Arc::new(Tally::new("racy"));
     tally.create_table(&env).await;
     let cfg = RunnerConfig::default()
@@ -588,4 +590,280 @@ async fn pipelined_per_event_handlers_build_the_exact_read_model() {
         expected(&env).await
     );
     assert_eq!(tally.calls.load(Ordering::Relaxed), 5_000);
+}
+
+/// Orders read model: each event type is its own prepared statement
+/// (`prepare_cached`), so with pipelining an event whose statement is
+/// already cached can overtake an earlier one still preparing.
+struct Orders;
+
+#[async_trait]
+impl Projection for Orders {
+    fn name(&self) -> &str {
+        "orders"
+    }
+
+    fn pipelined(&self) -> bool {
+        true
+    }
+
+    async fn handle(&self, event: &StoredEvent, tx: &Transaction<'_>) -> projectionist::Result<()> {
+        let sql = match event.event_type.as_str() {
+            "OrderPlaced" => {
+                "INSERT INTO orders (order_id, status, version) VALUES ($1, 'placed', $2)"
+            }
+            "OrderPaid" => "UPDATE orders SET status = 'paid', version = $2 WHERE order_id = $1",
+            "OrderCancelled" => {
+                "UPDATE orders SET status = 'cancelled', version = $2 WHERE order_id = $1"
+            }
+            other => {
+                return Err(projectionist::Error::handler_msg(format!(
+                    "unknown {other}"
+                )))
+            }
+        };
+        let stmt = tx.prepare_cached(sql).await?;
+        tx.execute(&stmt, &[&event.aggregate_id, &event.aggregate_version])
+            .await?;
+        Ok(())
+    }
+
+    async fn reset(
+        &self,
+        tx: &Transaction<'_>,
+        _: Option<projectionist::Partition>,
+    ) -> projectionist::Result<()> {
+        tx.batch_execute("TRUNCATE orders").await?;
+        Ok(())
+    }
+}
+
+/// Orders whose read-model row is not in the state of their last event.
+async fn orders_out_of_state(env: &Env) -> Vec<(String, String, String)> {
+    env.client()
+        .await
+        .query(
+            "SELECT e.aggregate_id, \
+                    CASE e.event_type WHEN 'OrderPlaced' THEN 'placed' WHEN 'OrderPaid' THEN 'paid' ELSE 'cancelled' END, \
+                    coalesce(o.status, 'missing') \
+             FROM (SELECT DISTINCT ON (aggregate_id) aggregate_id, event_type FROM events \
+                   WHERE aggregate_type = 'Order' ORDER BY aggregate_id, aggregate_version DESC) e \
+             LEFT JOIN orders o ON o.order_id = e.aggregate_id \
+             WHERE o.status IS DISTINCT FROM \
+                   CASE e.event_type WHEN 'OrderPlaced' THEN 'placed' WHEN 'OrderPaid' THEN 'paid' ELSE 'cancelled' END \
+             ORDER BY 1",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect()
+}
+
+/// Per-stream order holds with `pipelined() = true`: orders placed, paid
+/// and cancelled, each event type its own prepared statement, rebuilt
+/// several times from scratch with batch sizes that make a later batch
+/// meet a statement for the first time while the others are cached. Every
+/// order must end in the state of its last event.
+#[tokio::test]
+async fn pipelined_handlers_keep_each_streams_order_across_rebuilds() {
+    let env = env().await;
+    env.client()
+        .await
+        .batch_execute(
+            "CREATE TABLE orders (order_id text PRIMARY KEY, status text NOT NULL, version bigint NOT NULL)",
+        )
+        .await
+        .unwrap();
+    // The log: 50 orders placed and cancelled at once (so the first batch
+    // caches those two statements), then 550 orders whose events
+    // interleave at random, a few orders at a time: placed, then paid,
+    // paid and cancelled, or cancelled.
+    let mut rng = rand::thread_rng();
+    let mut log: Vec<(String, i64, &str)> = Vec::new();
+    for o in 0..50 {
+        log.push((format!("order-{o:04}"), 1, "OrderPlaced"));
+    }
+    for o in 0..50 {
+        log.push((format!("order-{o:04}"), 2, "OrderCancelled"));
+    }
+    let mut pending: Vec<(String, Vec<&str>)> = (50..600)
+        .map(|o| {
+            let tail: &[&str] = match rng.gen_range(0..3) {
+                0 => &["OrderPaid"],
+                1 => &["OrderPaid", "OrderCancelled"],
+                _ => &["OrderCancelled"],
+            };
+            let mut seq = vec!["OrderPlaced"];
+            seq.extend_from_slice(tail);
+            seq.reverse();
+            (format!("order-{o:04}"), seq)
+        })
+        .collect();
+    let mut version = std::collections::HashMap::<String, i64>::new();
+    while !pending.is_empty() {
+        // A few orders in progress at a time, as in a shop: an order's
+        // events lie close together in the log.
+        let i = rng.gen_range(0..pending.len().min(8));
+        let (id, seq) = &mut pending[i];
+        let v = version.entry(id.clone()).or_insert(0);
+        *v += 1;
+        log.push((id.clone(), *v, seq.pop().unwrap()));
+        if seq.is_empty() {
+            pending.remove(i);
+        }
+    }
+    let c = env.client().await;
+    let ids: Vec<&str> = log.iter().map(|(id, _, _)| id.as_str()).collect();
+    let versions: Vec<i64> = log.iter().map(|(_, v, _)| *v).collect();
+    let types: Vec<&str> = log.iter().map(|(_, _, t)| *t).collect();
+    c.execute(
+        "INSERT INTO events (aggregate_type, aggregate_id, aggregate_version, event_type, payload) \
+         SELECT 'Order', id, v, t, '{}' FROM unnest($1::text[], $2::int8[], $3::text[]) WITH ORDINALITY AS u(id, v, t, n) \
+         ORDER BY n",
+        &[&ids, &versions, &types],
+    )
+    .await
+    .unwrap();
+    let total = log.len() as i64;
+    let orders = Arc::new(Orders);
+    let mut failures = Vec::new();
+    for (run, batch_size) in [100i64, 64, 100, 30].into_iter().enumerate() {
+        if run > 0 {
+            projectionist::reset(&env.store, orders.as_ref(), None)
+                .await
+                .unwrap();
+        }
+        // A new runner each time: new connections, empty statement caches.
+        let runner = Runner::new(
+            env.store.clone(),
+            RunnerConfig::default().batch_size(batch_size).unwrap(),
+        )
+        .with_projection(orders.clone())
+        .unwrap();
+        wait_until(
+            Duration::from_secs(30),
+            "every order event handled",
+            || async {
+                runner.run_once().await.unwrap();
+                env.scalar_i64(
+                    "SELECT coalesce(sum(events_handled), 0)::int8 FROM projection_checkpoints",
+                )
+                .await
+                    == total
+            },
+        )
+        .await;
+        let wrong = orders_out_of_state(&env).await;
+        if !wrong.is_empty() {
+            failures.push(format!(
+                "run {run} (batch size {batch_size}): {} order(s) not in their last event's state, e.g. {:?}",
+                wrong.len(),
+                &wrong[..wrong.len().min(3)]
+            ));
+        }
+    }
+    assert!(failures.is_empty(), "{failures:#?}");
+}
+
+/// Two processes starting one projection with different partition counts
+/// at the same moment: at most one may pass the partition-count check.
+/// The race is widened deterministically: an open transaction has inserted
+/// (uncommitted) rows with every key the processes will insert, so each
+/// process's check runs and its insert then waits; the transaction rolls
+/// back once every process is waiting. A check-then-insert lets both pass.
+/// (On a server of its own: the open transaction holds the cluster-wide
+/// watermark back while it waits.)
+#[tokio::test]
+async fn concurrent_starts_with_different_partition_counts_never_both_succeed() {
+    let server = projectionist::testing::TestServer::start_private()
+        .await
+        .unwrap();
+    let db = server.create_database().await.unwrap();
+    projectionist::migrate(&db.config(), "public")
+        .await
+        .unwrap();
+    let env = Env {
+        store: projectionist::EventStore::connect_config(
+            db.config(),
+            projectionist::StoreConfig::default(),
+        )
+        .unwrap(),
+        db,
+    };
+    const PAIRS: usize = 10;
+    let mut holder = env.client().await;
+    let hold = holder.transaction().await.unwrap();
+    for i in 0..PAIRS {
+        hold.execute(
+            "INSERT INTO projection_checkpoints (projection_name, partition_key, total_partitions) \
+             VALUES ($1, 0, 99), ($1, 1, 99)",
+            &[&format!("race_{i}")],
+        )
+        .await
+        .unwrap();
+    }
+    let start = |i: usize, key: i32, total: i32| {
+        let store = env.store.clone();
+        tokio::spawn(async move {
+            Runner::new(
+                store,
+                RunnerConfig::default().partition(key, total).unwrap(),
+            )
+            .with_projection(Arc::new(Tally::new(&format!("race_{i}"))))
+            .unwrap()
+            .run_once()
+            .await
+        })
+    };
+    let pairs: Vec<_> = (0..PAIRS)
+        .map(|i| (start(i, 0, 2), start(i, 1, 3)))
+        .collect();
+    let watcher = env.client().await;
+    wait_until(
+        Duration::from_secs(30),
+        "every start to be waiting",
+        || async {
+            let waiting: i64 = watcher
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+                 AND wait_event_type = 'Lock' AND pid <> pg_backend_pid()",
+                    &[],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            waiting == 2 * PAIRS as i64
+        },
+    )
+    .await;
+    hold.rollback().await.unwrap();
+    let (mut both, mut mixed) = (Vec::new(), Vec::new());
+    for (i, (a, b)) in pairs.into_iter().enumerate() {
+        let (a, b) = (a.await.unwrap(), b.await.unwrap());
+        if let Some(e) = [&a, &b].into_iter().find_map(|r| r.as_ref().err()) {
+            assert!(
+                e.is_config() && e.to_string().contains("partition(s)"),
+                "race_{i}: {e}"
+            );
+        }
+        if a.is_ok() && b.is_ok() {
+            both.push(i);
+        }
+        let totals = env
+            .scalar_i64(&format!(
+                "SELECT count(DISTINCT total_partitions) FROM projection_checkpoints WHERE projection_name = 'race_{i}'"
+            ))
+            .await;
+        if totals > 1 {
+            mixed.push(i);
+        }
+    }
+    assert!(
+        both.is_empty() && mixed.is_empty(),
+        "both starts with different partition counts succeeded for {} of {PAIRS} pairs ({both:?}); \
+         checkpoints with two partition counts for {mixed:?}",
+        both.len()
+    );
 }

@@ -456,3 +456,189 @@ async fn restore_into_another_cluster_is_refused_until_rebased() {
     crate::cli::catch_up(&db, &[], &[]).await;
     crate::cli::assert_read_model_exact(&db).await;
 }
+
+/// Counts events per aggregate; on a `Lookup` event it reads a row that
+/// does not exist (`query_one` finds none), on a `Mistyped` event it reads
+/// an int8 column as `i32`. Neither is a lost connection: the failure
+/// policy must handle them like any other handler error.
+struct ClientMistakes;
+
+#[async_trait]
+impl Projection for ClientMistakes {
+    fn name(&self) -> &str {
+        "client_mistakes"
+    }
+
+    fn failure_policy(&self) -> FailurePolicy {
+        FailurePolicy::dead_letter()
+            .attempts(2)
+            .backoff(Duration::from_millis(5), Duration::from_millis(20))
+    }
+
+    async fn handle(&self, event: &StoredEvent, tx: &Transaction<'_>) -> projectionist::Result<()> {
+        match event.event_type.as_str() {
+            "Lookup" => {
+                tx.query_one(
+                    "SELECT n FROM client_mistakes WHERE aggregate_id = 'no such row'",
+                    &[],
+                )
+                .await?;
+            }
+            "Mistyped" => {
+                let row = tx.query_one("SELECT 1::int8", &[]).await?;
+                row.try_get::<_, i32>(0)?;
+            }
+            _ => {}
+        }
+        tx.execute(
+            "INSERT INTO client_mistakes (aggregate_id, n, total) VALUES ($1, 1, 0) \
+             ON CONFLICT (aggregate_id) DO UPDATE SET n = client_mistakes.n + 1",
+            &[&event.aggregate_id],
+        )
+        .await?;
+        Ok(())
+    }
+}
+
+/// Client-side errors of tokio-postgres (no row for `query_one`, a column
+/// read with the wrong type) are handler failures, not lost connections:
+/// the poison events are dead-lettered and the events after them applied.
+#[tokio::test]
+async fn query_one_without_a_row_and_a_type_mismatch_are_dead_lettered() {
+    let env = env().await;
+    env.client()
+        .await
+        .batch_execute(
+            "CREATE TABLE client_mistakes (aggregate_id text PRIMARY KEY, n bigint NOT NULL, total bigint NOT NULL)",
+        )
+        .await
+        .unwrap();
+    let mut events: Vec<NewEvent> = (1..=5).map(good).collect();
+    events.push(NewEvent::new("Lookup", &serde_json::json!({})).unwrap());
+    events.extend((6..=10).map(good));
+    events.push(NewEvent::new("Mistyped", &serde_json::json!({})).unwrap());
+    events.extend((11..=15).map(good));
+    env.store
+        .append("Account", "m", ExpectedVersion::NoStream, &events)
+        .await
+        .unwrap();
+    let runner = Runner::new(env.store.clone(), RunnerConfig::default())
+        .with_projection(Arc::new(ClientMistakes))
+        .unwrap();
+    wait_until(Duration::from_secs(30), "the 15 good events", || async {
+        runner
+            .run_once()
+            .await
+            .expect("a handler's client-side error must go to the failure policy");
+        tally(&env, "client_mistakes").await.0 == 15
+    })
+    .await;
+    let letters = dead_letter::list(&env.store, Some("client_mistakes"))
+        .await
+        .unwrap();
+    let types: Vec<&str> = letters.iter().map(|l| l.event_type.as_str()).collect();
+    assert_eq!(types, ["Lookup", "Mistyped"], "{letters:?}");
+    assert!(
+        letters.iter().all(|l| l.attempts == 2),
+        "retried per the policy, then dead-lettered: {letters:?}"
+    );
+    assert!(
+        letters[0].error.contains("query_one") && letters[1].error.contains("i32"),
+        "the errors name the cause: {letters:?}"
+    );
+}
+
+/// A concurrency-mode projection: `handle_concurrent` records the events it
+/// handled and fails on `Poison` until fixed; `handle` must never be called.
+struct Notifier {
+    fixed: AtomicBool,
+    handled: std::sync::Mutex<Vec<i64>>,
+}
+
+#[async_trait]
+impl Projection for Notifier {
+    fn name(&self) -> &str {
+        "notifier"
+    }
+
+    fn concurrency(&self) -> Option<projectionist::Concurrency> {
+        Some(projectionist::Concurrency::new(4))
+    }
+
+    fn failure_policy(&self) -> FailurePolicy {
+        FailurePolicy::dead_letter()
+            .attempts(2)
+            .backoff(Duration::from_millis(5), Duration::from_millis(20))
+    }
+
+    async fn handle_concurrent(&self, event: &StoredEvent) -> projectionist::Result<()> {
+        if event.event_type == "Poison" && !self.fixed.load(Ordering::SeqCst) {
+            return Err(projectionist::Error::handler_msg("the mail server said no"));
+        }
+        self.handled.lock().unwrap().push(event.global_position);
+        Ok(())
+    }
+
+    async fn handle(&self, _: &StoredEvent, _: &Transaction<'_>) -> projectionist::Result<()> {
+        Err(projectionist::Error::handler_msg(
+            "handle() called on a concurrency-mode projection",
+        ))
+    }
+}
+
+/// `dlq retry` of a concurrency-mode projection runs `handle_concurrent`
+/// (the handler the engine ran), not the transactional `handle`.
+#[tokio::test]
+async fn dead_letter_retry_of_a_concurrent_projection_calls_handle_concurrent() {
+    let env = env().await;
+    let mut events: Vec<NewEvent> = (1..=3).map(good).collect();
+    events.push(NewEvent::new("Poison", &serde_json::json!({})).unwrap());
+    events.extend((4..=6).map(good));
+    let r = env
+        .store
+        .append("Account", "n", ExpectedVersion::NoStream, &events)
+        .await
+        .unwrap();
+    let notifier = Arc::new(Notifier {
+        fixed: AtomicBool::new(false),
+        handled: std::sync::Mutex::new(Vec::new()),
+    });
+    let runner = Runner::new(env.store.clone(), RunnerConfig::default())
+        .with_projection(notifier.clone())
+        .unwrap();
+    wait_until(Duration::from_secs(30), "the 6 good events", || async {
+        runner.run_once().await.unwrap();
+        notifier.handled.lock().unwrap().len() == 6
+    })
+    .await;
+    let letters = dead_letter::list(&env.store, Some("notifier"))
+        .await
+        .unwrap();
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    let poison = letters[0].global_position;
+    assert_eq!(poison, r.last_position - 3);
+
+    let projections: Vec<Arc<dyn Projection>> = vec![notifier.clone()];
+    let again = dead_letter::retry(&env.store, &projections, letters[0].id)
+        .await
+        .unwrap();
+    assert!(!again.succeeded);
+    assert!(
+        again
+            .error
+            .as_deref()
+            .is_some_and(|e| e.contains("the mail server said no")),
+        "the retry ran handle_concurrent: {again:?}"
+    );
+
+    notifier.fixed.store(true, Ordering::SeqCst);
+    let ok = dead_letter::retry(&env.store, &projections, letters[0].id)
+        .await
+        .unwrap();
+    assert!(ok.succeeded, "{ok:?}");
+    assert_eq!(notifier.handled.lock().unwrap().last(), Some(&poison));
+    assert!(dead_letter::list(&env.store, None)
+        .await
+        .unwrap()
+        .is_empty());
+}

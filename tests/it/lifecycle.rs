@@ -171,6 +171,32 @@ fn spawn(
     (tx, h)
 }
 
+/// Runs `runner` in worker mode (fast heartbeats) until the returned
+/// sender fires.
+fn spawn_worker(
+    runner: Runner,
+) -> (
+    oneshot::Sender<()>,
+    tokio::task::JoinHandle<projectionist::Result<()>>,
+) {
+    let wc = WorkerConfig::default()
+        .heartbeat_interval(Duration::from_millis(100))
+        .unwrap()
+        .heartbeat_timeout(Duration::from_secs(2))
+        .unwrap()
+        .rebalance_interval(Duration::from_millis(100))
+        .unwrap();
+    let (stop_tx, stop_rx) = oneshot::channel::<()>();
+    let h = tokio::spawn(async move {
+        runner
+            .run_workers_until(wc, async {
+                let _ = stop_rx.await;
+            })
+            .await
+    });
+    (stop_tx, h)
+}
+
 async fn dead_letters(env: &Env, name: &str) -> i64 {
     env.scalar_i64(&format!(
         "SELECT count(*) FROM dead_letters WHERE projection_name = '{name}'"
@@ -334,21 +360,7 @@ async fn worker_shutdown_does_not_leave_a_hung_handler_running() {
     )
     .with_projection(hung.clone())
     .unwrap();
-    let wc = WorkerConfig::default()
-        .heartbeat_interval(Duration::from_millis(100))
-        .unwrap()
-        .heartbeat_timeout(Duration::from_secs(2))
-        .unwrap()
-        .rebalance_interval(Duration::from_millis(100))
-        .unwrap();
-    let (stop_tx, stop_rx) = oneshot::channel::<()>();
-    let h = tokio::spawn(async move {
-        runner
-            .run_workers_until(wc, async {
-                let _ = stop_rx.await;
-            })
-            .await
-    });
+    let (stop_tx, h) = spawn_worker(runner);
     wait_until(Duration::from_secs(30), "the handler to hang", || async {
         hung.calls.load(Ordering::SeqCst) >= 1
     })
@@ -381,21 +393,7 @@ async fn a_failed_mark_is_never_overwritten_by_a_later_batch_in_worker_mode() {
     let runner = Runner::new(env.store.clone(), config())
         .with_projection(counter.clone())
         .unwrap();
-    let wc = WorkerConfig::default()
-        .heartbeat_interval(Duration::from_millis(100))
-        .unwrap()
-        .heartbeat_timeout(Duration::from_secs(2))
-        .unwrap()
-        .rebalance_interval(Duration::from_millis(100))
-        .unwrap();
-    let (stop_tx, stop_rx) = oneshot::channel::<()>();
-    let h = tokio::spawn(async move {
-        runner
-            .run_workers_until(wc, async {
-                let _ = stop_rx.await;
-            })
-            .await
-    });
+    let (stop_tx, h) = spawn_worker(runner);
     wait_until(Duration::from_secs(30), "the first events", || async {
         counter.rows(&env).await == 2
     })

@@ -4,6 +4,7 @@
 
 mod catalogue;
 mod cli;
+mod commands;
 mod common;
 mod crash;
 mod engine;
@@ -19,4 +20,5 @@ mod status;
 mod store;
 mod tls;
 mod two_schemas;
+mod wait;
 mod worker;

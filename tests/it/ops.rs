@@ -9,7 +9,7 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// A minimal HTTP/1.1 GET: `(status, body)`.
-async fn http(port: u16, method: &str, path: &str) -> std::io::Result<(u16, String)> {
+pub(crate) async fn http(port: u16, method: &str, path: &str) -> std::io::Result<(u16, String)> {
     let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
     s.write_all(
         format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
@@ -31,7 +31,7 @@ async fn http(port: u16, method: &str, path: &str) -> std::io::Result<(u16, Stri
     Ok((status, body))
 }
 
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())

@@ -1,7 +1,7 @@
 //! Static partitions read only their own events: n partitions together
 //! fetch about one log's worth of index rows, not n logs.
 
-use crate::common::{env, wait_until};
+use crate::common::wait_until;
 use projectionist::{async_trait, Projection, Runner, RunnerConfig, StoredEvent, Transaction};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -55,10 +55,24 @@ async fn index_rows_read(c: &tokio_postgres::Client) -> i64 {
     .get(0)
 }
 
+/// Catches up partitions 0 to 3 of 4, one after the other.
+async fn run_four_partitions(store: &projectionist::EventStore, noop: &Arc<Noop>) {
+    for partition in 0..4 {
+        let runner = Runner::new(
+            store.clone(),
+            RunnerConfig::default().partition(partition, 4).unwrap(),
+        )
+        .with_projection(noop.clone())
+        .unwrap();
+        runner.run_once().await.unwrap();
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn four_partitions_together_read_the_log_about_once() {
     const EVENTS: i64 = 100_000;
-    let env = env().await;
+    // A server of its own: see common::private_env.
+    let (_server, env) = crate::common::private_env().await;
     let c = env.client().await;
     c.batch_execute(&format!(
         "INSERT INTO events (aggregate_type, aggregate_id, aggregate_version, event_type, payload) \
@@ -77,15 +91,7 @@ async fn four_partitions_together_read_the_log_about_once() {
     )
     .unwrap();
     // The index is built once, before the partitions read.
-    for partition in 0..4 {
-        let runner = Runner::new(
-            store.clone(),
-            RunnerConfig::default().partition(partition, 4).unwrap(),
-        )
-        .with_projection(noop.clone())
-        .unwrap();
-        runner.run_once().await.unwrap();
-    }
+    run_four_partitions(&store, &noop).await;
     assert_eq!(noop.calls.load(Ordering::Relaxed) as i64, EVENTS);
     let built: bool = c
         .query_one(
@@ -111,15 +117,7 @@ async fn four_partitions_together_read_the_log_about_once() {
         projectionist::StoreConfig::default(),
     )
     .unwrap();
-    for partition in 0..4 {
-        let runner = Runner::new(
-            store.clone(),
-            RunnerConfig::default().partition(partition, 4).unwrap(),
-        )
-        .with_projection(noop.clone())
-        .unwrap();
-        runner.run_once().await.unwrap();
-    }
+    run_four_partitions(&store, &noop).await;
     drop(store);
     let read = index_rows_read(&c).await - before;
     assert_eq!(noop.calls.load(Ordering::Relaxed) as i64, 2 * EVENTS);

@@ -137,7 +137,8 @@ async fn seed_million(client: &tokio_postgres::Client) {
 /// slots: /readyz and /status timed out after 3 s.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_costs_the_same_at_any_log_size() {
-    let env = env().await;
+    // A server of its own: see common::private_env.
+    let (_server, env) = crate::common::private_env().await;
     let client = env.client().await;
     let started = Instant::now();
     seed_million(&client).await;
