@@ -193,7 +193,11 @@ pub async fn retry(
     tx.batch_execute("SAVEPOINT projectionist_retry").await?;
     // The handler sees the event in its current shape; an event the
     // registry does not know is not handed over (unless the projection
-    // ignores such events: then the entry simply goes).
+    // ignores such events: then the entry simply goes). The handler is the
+    // one the engine runs for this projection: a concurrency-mode
+    // projection's handle_concurrent (no transaction, at-least-once: it
+    // runs before the entry's removal commits), else handle_batch in the
+    // transaction that also removes the entry.
     let prepared = match store.upcast(&mut event) {
         Err(e) => Err(e),
         Ok(()) => match store.registry().and_then(|r| {

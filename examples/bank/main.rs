@@ -27,6 +27,7 @@
 //! cargo run --example bank -- migrate        # engine tables + the account_balances table
 //! cargo run --example bank -- run-projections &   # DISPATCHER=notify for instant wake-ups
 //! cargo run --example bank -- simulate --accounts 100 --events 20000 --writers 4
+//! cargo run --example bank -- deposit --account acct-1 --cents 500 --wait   # prints the new balance
 //! cargo run --example bank -- status         # until the lag is 0
 //! psql "$DATABASE_URL" -c 'SELECT sum(balance), sum(event_count) FROM account_balances'
 //! cargo run --example bank -- run-projections --once   # catch up, then exit

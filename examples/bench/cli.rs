@@ -62,6 +62,22 @@ pub struct Args {
     /// notification costs an append.
     #[arg(long)]
     pub no_append_notify: bool,
+    /// Run the scale benchmark instead of the cases (issue 12; not in CI):
+    /// seeds `--scale-events` events with SQL, then measures status,
+    /// /metrics and /readyz with the whole log as lag over 16 slots,
+    /// catch-up per tenth of the log, RSS, index rows fetched by 1, 4 and 8
+    /// static partitions, and the slots a rebalance moves after a SIGKILL.
+    #[arg(long)]
+    pub scale: bool,
+    /// Events the scale benchmark seeds.
+    #[arg(long, default_value_t = 10_000_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub scale_events: u64,
+    /// Accounts (streams) the scale benchmark's events are spread over.
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..))]
+    pub scale_accounts: u32,
+    /// Worker processes sharing the scale benchmark's 16 slots.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(2..=16))]
+    pub scale_workers: u32,
     /// Internal: run the RSS child against this database and print VmHWM.
     #[arg(long, hide = true, value_name = "DATABASE_URL")]
     pub child_rss: Option<String>,

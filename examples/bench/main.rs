@@ -108,6 +108,14 @@
 //!   reported from its registration, `worker_mode.rebalance_from_join_s`).
 //!   Each repetition of both cases runs on a fresh database migrated with
 //!   `bank migrate`; the workers are idle (no events).
+//! * `--scale` (a mode of its own, not a case; not run in CI): the engine
+//!   on a large log, `--scale-events` (default 10,000,000) seeded with SQL.
+//!   Status, `/metrics` and `/readyz` latency with the whole log as lag
+//!   over 16 slots, catch-up events/s per tenth of the log, peak RSS,
+//!   index rows fetched by 1, 4 and 8 static partitions and their wall
+//!   times, and the slots a rebalance moves after a SIGKILL. The method is
+//!   described at the top of `scale.rs`; the figures are in
+//!   docs/performance.md ("Scale").
 //! * `worker_rss_mb`: peak RSS (VmHWM) of a child process (this binary,
 //!   re-executed with a hidden `--child-rss`) running eight light
 //!   projections through a catch-up of the seeded events.
@@ -134,7 +142,8 @@
 //! baselines), `stats` (medians, percentiles, formatting), `report` (the
 //! table and the JSON), and one module per case group: `append`, `catchup`,
 //! `upcast`, `wakeup`, `parallel`, `partitions`, `workers` (worker-mode failover and
-//! rebalance with real processes) and `rss` (peak memory of a child).
+//! rebalance with real processes), `rss` (peak memory of a child) and
+//! `scale` (`--scale`).
 
 mod append;
 mod catchup;
@@ -146,6 +155,7 @@ mod projections;
 mod raw;
 mod report;
 mod rss;
+mod scale;
 mod setup;
 mod stats;
 mod upcast;
@@ -173,6 +183,10 @@ fn main() -> ExitCode {
         .expect("cannot start the Tokio runtime");
     if let Some(url) = args.child_rss.clone() {
         return runtime.block_on(rss::child_rss(&url));
+    }
+    if args.scale {
+        runtime.block_on(Bench::new(args).run_scale());
+        return ExitCode::SUCCESS;
     }
     for entry in &args.only {
         if matching(entry).is_empty() {

@@ -20,33 +20,61 @@ const WORKER_REBALANCE_INTERVAL: Duration = Duration::from_millis(250);
 const WORKER_PARTITIONS: &str = "account_balances=6";
 const WORKER_SLOTS: usize = 7;
 
-/// A bank worker process; SIGKILLed on drop. Its stderr is kept (bounded)
-/// for error messages.
-struct BankWorker {
+/// A bank example process (a worker, or a static `run-projections`);
+/// SIGKILLed on drop. Its stderr is kept (bounded) for error messages.
+pub struct BankWorker {
     child: std::process::Child,
     log: Arc<Mutex<String>>,
 }
 
 impl BankWorker {
+    /// A worker-mode process with this module's short timers and slots.
     fn spawn(bank: &Path, url: &str) -> Result<BankWorker, String> {
         let ms = |d: Duration| format!("{}ms", d.as_millis());
-        let mut child = std::process::Command::new(bank)
-            .env_remove("PARTITION_KEY")
-            .env_remove("TOTAL_PARTITIONS")
-            .env_remove("DISPATCHER")
-            .env_remove("BATCH_SIZE")
-            .env_remove("PROJECTIONS")
-            .env_remove("RUST_LOG")
-            .env("DATABASE_URL", url)
-            .env("RUN_MODE", "worker")
-            .env("HEARTBEAT_INTERVAL", ms(WORKER_HEARTBEAT_INTERVAL))
-            .env("HEARTBEAT_TIMEOUT", ms(WORKER_HEARTBEAT_TIMEOUT))
-            .env("REBALANCE_INTERVAL", ms(WORKER_REBALANCE_INTERVAL))
-            .env("PROJECTION_PARTITIONS", WORKER_PARTITIONS)
-            .env("ADMIN_ADDR", "off")
-            .env("POOL_SIZE", "8")
-            .env("LOG_LEVEL", "warn")
-            .arg("run-projections")
+        BankWorker::spawn_with(
+            bank,
+            url,
+            &["run-projections"],
+            &[
+                ("RUN_MODE", "worker".into()),
+                ("HEARTBEAT_INTERVAL", ms(WORKER_HEARTBEAT_INTERVAL)),
+                ("HEARTBEAT_TIMEOUT", ms(WORKER_HEARTBEAT_TIMEOUT)),
+                ("REBALANCE_INTERVAL", ms(WORKER_REBALANCE_INTERVAL)),
+                ("PROJECTION_PARTITIONS", WORKER_PARTITIONS.into()),
+                ("ADMIN_ADDR", "off".into()),
+                ("POOL_SIZE", "8".into()),
+            ],
+        )
+    }
+
+    /// `bank ARGS…` on `url` with `env` (over a clean slate of the engine's
+    /// variables, at log level warn unless `env` says otherwise).
+    pub fn spawn_with(
+        bank: &Path,
+        url: &str,
+        args: &[&str],
+        env: &[(&str, String)],
+    ) -> Result<BankWorker, String> {
+        let mut cmd = std::process::Command::new(bank);
+        for var in [
+            "PARTITION_KEY",
+            "TOTAL_PARTITIONS",
+            "DISPATCHER",
+            "BATCH_SIZE",
+            "PROJECTIONS",
+            "PROJECTION_PARTITIONS",
+            "RUN_MODE",
+            "ADMIN_ADDR",
+            "RUST_LOG",
+        ] {
+            cmd.env_remove(var);
+        }
+        cmd.env("DATABASE_URL", url).env("LOG_LEVEL", "warn");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd
+            .args(args)
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::piped())
@@ -72,15 +100,20 @@ impl BankWorker {
         Ok(BankWorker { child, log })
     }
 
-    fn pid(&self) -> i32 {
+    /// The exit status, once the process has ended.
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+
+    pub fn pid(&self) -> i32 {
         self.child.id() as i32
     }
 
-    fn kill(&mut self) {
+    pub fn kill(&mut self) {
         let _ = self.child.kill();
     }
 
-    fn describe(&mut self) -> String {
+    pub fn describe(&mut self) -> String {
         let status = match self.child.try_wait() {
             Ok(Some(s)) => format!("exited ({s})"),
             Ok(None) => "running".to_owned(),
@@ -145,7 +178,7 @@ async fn balanced(c: &Client, workers: usize) -> bool {
 
 /// The leader's (worker id, pid): the worker whose leader connection holds
 /// the advisory lock.
-async fn leader(c: &Client) -> Option<(String, i32)> {
+pub async fn leader(c: &Client) -> Option<(String, i32)> {
     c.query_opt(
         "SELECT w.worker_id, w.pid FROM worker_nodes w WHERE EXISTS ( \
             SELECT 1 FROM pg_locks l JOIN pg_stat_activity s ON s.pid = l.pid \
@@ -160,7 +193,11 @@ async fn leader(c: &Client) -> Option<(String, i32)> {
 }
 
 /// Polls `check` every 5 ms until it holds; the time it took.
-async fn poll_until<F, Fut>(timeout: Duration, what: &str, mut check: F) -> Result<Duration, String>
+pub async fn poll_until<F, Fut>(
+    timeout: Duration,
+    what: &str,
+    mut check: F,
+) -> Result<Duration, String>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
@@ -178,7 +215,7 @@ where
 }
 
 /// Appends the workers' state and logs to an error.
-fn with_logs(e: String, workers: &mut [BankWorker]) -> String {
+pub fn with_logs(e: String, workers: &mut [BankWorker]) -> String {
     let logs: Vec<String> = workers.iter_mut().map(|w| w.describe()).collect();
     format!("{e}\n{}", logs.join("\n"))
 }
@@ -321,7 +358,7 @@ async fn rebalance_rep(
 impl Bench {
     /// The bank example binary next to this one; (re)built with cargo when
     /// run under `cargo run`, so that it matches the library.
-    async fn bank_exe(&self) -> Result<PathBuf, String> {
+    pub async fn bank_exe(&self) -> Result<PathBuf, String> {
         let exe = std::env::current_exe().map_err(|e| format!("cannot locate this binary: {e}"))?;
         let dir = exe
             .parent()
@@ -363,7 +400,7 @@ impl Bench {
     }
 
     /// A fresh database migrated by `bank migrate`.
-    async fn bank_db(&self, bank: &Path) -> Result<TestDatabase, String> {
+    pub async fn bank_db(&self, bank: &Path) -> Result<TestDatabase, String> {
         let server = TestServer::shared().map_err(|e| format!("no PostgreSQL server: {e}"))?;
         let db = server
             .create_database()

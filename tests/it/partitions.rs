@@ -131,3 +131,54 @@ async fn four_partitions_together_read_the_log_about_once() {
         read as f64 / EVENTS as f64
     );
 }
+
+/// Partitions starting together build their index once and all run: the
+/// ones that wait for the builder must not hold a snapshot meanwhile, since
+/// `CREATE INDEX CONCURRENTLY` waits for every older snapshot before it
+/// finishes (a waiter blocked in `pg_advisory_lock` deadlocked with it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partitions_starting_together_build_their_index_without_a_deadlock() {
+    const EVENTS: i64 = 20_000;
+    const TOTAL: i32 = 6;
+    let (_server, env) = crate::common::private_env().await;
+    let c = env.client().await;
+    c.batch_execute(&format!(
+        "INSERT INTO events (aggregate_type, aggregate_id, aggregate_version, event_type, payload) \
+         SELECT 'Thing', 't' || (i % 500), i / 500 + 1, 'Counted', '{{}}' \
+         FROM generate_series(0, {EVENTS} - 1) i"
+    ))
+    .await
+    .unwrap();
+    let noop = Arc::new(Noop {
+        calls: AtomicU64::new(0),
+    });
+    let runners: Vec<Runner> = (0..TOTAL)
+        .map(|k| {
+            Runner::new(
+                env.store.clone(),
+                RunnerConfig::default().partition(k, TOTAL).unwrap(),
+            )
+            .with_projection(noop.clone())
+            .unwrap()
+        })
+        .collect();
+    let results = futures_util::future::join_all(runners.iter().map(|r| r.run_once())).await;
+    for (k, r) in results.into_iter().enumerate() {
+        if let Err(e) = r {
+            panic!("partition {k} of {TOTAL} failed to start: {e}");
+        }
+    }
+    assert_eq!(noop.calls.load(Ordering::Relaxed) as i64, EVENTS);
+    let valid: i64 = c
+        .query_one(
+            &format!(
+                "SELECT count(*) FROM pg_index WHERE indisvalid \
+                 AND indexrelid = to_regclass('public.events_partitions_{TOTAL}_idx')"
+            ),
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(valid, 1, "the partition index exists and is valid");
+}
