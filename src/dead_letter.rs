@@ -213,6 +213,10 @@ pub async fn retry(
             )),
         },
     };
+    // The handler the engine runs for this projection: a concurrency-mode
+    // projection's handle_concurrent (no transaction, at-least-once: it
+    // runs before the entry's removal commits), else handle_batch in the
+    // transaction that also removes the entry.
     let handled = match prepared {
         Ok(true) if projection.concurrency().is_some() => {
             projection.handle_concurrent(&event).await

@@ -624,12 +624,12 @@ impl Processor {
             }
         }
         if dealt_with.is_none() && (next <= self.cursor || !control.passed) {
-            // Nothing handled and no event passed over (the filter or the
-            // partition excluded none): move on in memory only (a write
-            // here would move the watermark and wake every processor
-            // again). Earlier pages skipped this way passed over nothing
-            // either, so the stored cursor is behind no event; once a page
-            // passes over one, the cursor is written past it, so that
+            // Nothing handled or passed over by the registry, and no event
+            // passed over by the filter or the partition: move on in memory
+            // only (a write here would move the watermark and wake every
+            // processor again). Earlier pages skipped this way passed over
+            // nothing either, so the stored cursor is behind no event; once
+            // a page passes over one, the cursor is written past it, so that
             // waiters for it (`Waiter`) see the slot pass it.
             drop(tx);
             self.read_cursor = next;

@@ -42,7 +42,8 @@ impl EventType {
 ///
 /// impl Event for Bank {
 ///     fn types() -> &'static [EventType] {
-///         &[EventType::new("MoneyDeposited", 2)]
+///         const TYPES: &[EventType] = &[EventType::new("MoneyDeposited", 2)];
+///         TYPES
 ///     }
 ///     fn event_type(&self) -> &'static str { "MoneyDeposited" }
 ///     fn to_payload(&self) -> serde_json::Result<String> {

@@ -3,7 +3,7 @@
 //! balance read from it (read-your-writes: what a web handler does after
 //! placing an order, before showing it).
 
-use crate::events::{BankEvent, MoneyDeposited, ACCOUNT};
+use crate::events::{BankEvent, MoneyDeposited, ACCOUNT, EUR};
 use crate::projections::ACCOUNT_BALANCES;
 use clap::Args;
 use projectionist::{Error, EventStore, ExpectedVersion, NewEvent, Result, Waiter};
@@ -37,7 +37,7 @@ pub async fn run(store: &EventStore, args: &DepositArgs) -> Result<()> {
     let timeout = projectionist::cli::parse_duration("--timeout", &args.timeout)?;
     let event = NewEvent::typed(&BankEvent::Deposited(MoneyDeposited {
         cents: args.cents,
-        currency: "EUR".to_owned(),
+        currency: EUR.to_owned(),
     }))?;
     let mut attempt = 1;
     let appended = loop {
