@@ -72,7 +72,7 @@ impl Checkpoints {
         let update = format!(
             "UPDATE {table} SET last_transaction_id = $5, last_global_position = $6, \
              events_handled = events_handled + $7, last_event_transaction_id = $8, \
-             last_event_position = $9, epoch = $10, last_error = NULL, updated_at = now() \
+             last_event_position = $9, epoch = coalesce($10, epoch), last_error = NULL, updated_at = now() \
              WHERE projection_name = $1 AND partition_key = $2 \
                AND last_transaction_id = $3 AND last_global_position = $4 AND status = 'running'"
         );

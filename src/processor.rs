@@ -587,6 +587,11 @@ impl Processor {
         }
         self.server_started = Some(page.server_started);
         self.last_watermark = page.watermark;
+        // The row is of the current epoch and at this processor's cursor:
+        // its epoch is this processor's too (never write a NULL epoch).
+        if self.epoch.is_none() {
+            self.epoch = control.epoch;
+        }
         let mut caught_up = (page.events.len() as i64) < self.batch_size;
         let mut next = page.next_cursor;
         let prepared = self.prepare(std::mem::take(&mut page.events));
@@ -896,6 +901,9 @@ impl Processor {
             return Ok(None);
         }
         self.last_watermark = page.watermark;
+        if self.epoch.is_none() {
+            self.epoch = control.epoch;
+        }
         Ok(Some((page, control.passed)))
     }
 
