@@ -156,12 +156,14 @@ impl Runner {
                 .check_cluster(&**client)
                 .await?;
         }
-        crate::partition_index::ensure(&self.engine.store, self.engine.config.total_partitions)
-            .await?;
         let mut processors = Vec::new();
         for p in &self.engine.projections {
             processors.push(self.start_processor(p).await?);
         }
+        // After the checkpoints accepted the partition count: never build
+        // an index for a count that is refused.
+        crate::partition_index::ensure(&self.engine.store, self.engine.config.total_partitions)
+            .await?;
         Ok(processors)
     }
 
