@@ -4,13 +4,13 @@
 
 use crate::cli::{bank, run, text};
 use crate::common::{env, wait_until};
+use crate::ops::{free_port, http};
 use projectionist::{
     async_trait, Filter, Projection, StatusOptions, StoredEvent, Transaction, LAG_SAMPLE_EVENTS,
 };
 use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// A projection that is only a name and a filter (status needs no more).
 struct Named(&'static str, Filter);
@@ -36,35 +36,6 @@ fn account_balances() -> Vec<Arc<dyn Projection>> {
         "account_balances",
         Filter::all().aggregate_types(["Account"]),
     ))]
-}
-
-/// A minimal HTTP/1.1 GET: `(status, body)`.
-async fn http(port: u16, path: &str) -> std::io::Result<(u16, String)> {
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
-    s.write_all(
-        format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").as_bytes(),
-    )
-    .await?;
-    let mut buf = Vec::new();
-    s.read_to_end(&mut buf).await?;
-    let text = String::from_utf8_lossy(&buf).into_owned();
-    let status = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    Ok((status, body))
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
 }
 
 /// Every plan node with its parent's node type (depth first).
@@ -226,11 +197,11 @@ async fn status_costs_the_same_at_any_log_size() {
         .spawn()
         .unwrap();
     wait_until(Duration::from_secs(60), "/readyz 200", || async {
-        matches!(http(port, "/readyz").await, Ok((200, _)))
+        matches!(http(port, "GET", "/readyz").await, Ok((200, _)))
     })
     .await;
     let t = Instant::now();
-    let (code, metrics) = http(port, "/metrics").await.unwrap();
+    let (code, metrics) = http(port, "GET", "/metrics").await.unwrap();
     let took = t.elapsed();
     eprintln!("/metrics with 16 lagging slots at 1M events: {took:?}");
     assert_eq!(code, 200);
@@ -253,8 +224,8 @@ async fn status_costs_the_same_at_any_log_size() {
     );
     assert!(took < Duration::from_secs(3), "/metrics took {took:?}");
     let t = Instant::now();
-    assert_eq!(http(port, "/readyz").await.unwrap().0, 200);
-    let (code, status) = http(port, "/status").await.unwrap();
+    assert_eq!(http(port, "GET", "/readyz").await.unwrap().0, 200);
+    let (code, status) = http(port, "GET", "/status").await.unwrap();
     eprintln!("/readyz + /status: {:?}", t.elapsed());
     assert_eq!(code, 200, "{status}");
     let status: serde_json::Value = serde_json::from_str(&status).unwrap();
