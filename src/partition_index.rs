@@ -10,6 +10,12 @@
 //! session advisory lock on a dedicated connection so that the partitions'
 //! processes starting together build it once; an index left invalid by an
 //! interrupted build is dropped and built again.
+//!
+//! The lock is one per events table, not one per partition count: two
+//! concurrent builds on one table wait for each other's transactions (an
+//! expression index is never exempt from that wait) and PostgreSQL aborts
+//! one of them with "deadlock detected". A build that still meets a
+//! deadlock (an operator's own concurrent index build) is retried.
 
 use crate::error::Result;
 use crate::store::EventStore;
@@ -19,11 +25,15 @@ pub(crate) fn index_name(total: i32) -> String {
     format!("events_partitions_{total}_idx")
 }
 
-/// Advisory-lock key for building the index of `total` partitions in
-/// `schema` (its own key space: FNV-1a of a prefixed name).
-fn lock_key(schema: &str, total: i32) -> i64 {
+/// How many times a build aborted by a deadlock is tried again.
+const DEADLOCK_RETRIES: u32 = 3;
+
+/// Advisory-lock key for building partition indexes on the events table of
+/// `schema` (its own key space: FNV-1a of a prefixed name). One key for
+/// every partition count: builds on one table must take turns.
+fn lock_key(schema: &str) -> i64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in format!("projectionist:partition-index:{schema}:{total}").bytes() {
+    for b in format!("projectionist:partition-index:{schema}").bytes() {
         h ^= u64::from(b);
         h = h.wrapping_mul(0x0100_0000_01b3);
     }
@@ -42,7 +52,7 @@ pub(crate) async fn ensure(store: &EventStore, total: i32) -> Result<()> {
     if index_state(&client, &qualified).await? == Some(true) {
         return Ok(());
     }
-    let key = lock_key(schema.as_str(), total);
+    let key = lock_key(schema.as_str());
     // Try, never wait inside a statement: CREATE INDEX CONCURRENTLY waits
     // for every transaction with an older snapshot, so a process blocked
     // in pg_advisory_lock behind the builder would deadlock with it.
@@ -64,11 +74,31 @@ pub(crate) async fn ensure(store: &EventStore, total: i32) -> Result<()> {
         }
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     }
-    let built = build(&client, store, total, &qualified).await;
+    let mut attempt = 0;
+    let built = loop {
+        match build(&client, store, total, &qualified).await {
+            Err(e) if attempt < DEADLOCK_RETRIES && is_deadlock(&e) => {
+                attempt += 1;
+                tracing::warn!(
+                    partitions = total,
+                    attempt,
+                    "building the partition index met a deadlock with another index build \
+                     on the events table; trying again"
+                );
+                tokio::time::sleep(std::time::Duration::from_millis(500 * u64::from(attempt)))
+                    .await;
+            }
+            other => break other,
+        }
+    };
     let _ = client
         .execute("SELECT pg_advisory_unlock($1)", &[&key])
         .await;
     built
+}
+
+fn is_deadlock(e: &crate::error::Error) -> bool {
+    e.db_code() == Some("40P01")
 }
 
 /// `Some(valid)` when the index exists.

@@ -9,12 +9,26 @@ use std::time::Duration;
 
 struct Noop {
     calls: AtomicU64,
+    name: &'static str,
+}
+
+impl Noop {
+    fn new() -> Self {
+        Self::named("noop")
+    }
+
+    fn named(name: &'static str) -> Self {
+        Noop {
+            calls: AtomicU64::new(0),
+            name,
+        }
+    }
 }
 
 #[async_trait]
 impl Projection for Noop {
     fn name(&self) -> &str {
-        "noop"
+        self.name
     }
 
     async fn handle(&self, _: &StoredEvent, _: &Transaction<'_>) -> projectionist::Result<()> {
@@ -82,9 +96,7 @@ async fn four_partitions_together_read_the_log_about_once() {
     .await
     .unwrap();
     c.batch_execute("ANALYZE events").await.unwrap();
-    let noop = Arc::new(Noop {
-        calls: AtomicU64::new(0),
-    });
+    let noop = Arc::new(Noop::new());
     let store = projectionist::EventStore::connect_config(
         env.db.config(),
         projectionist::StoreConfig::default(),
@@ -149,9 +161,7 @@ async fn partitions_starting_together_build_their_index_without_a_deadlock() {
     ))
     .await
     .unwrap();
-    let noop = Arc::new(Noop {
-        calls: AtomicU64::new(0),
-    });
+    let noop = Arc::new(Noop::new());
     let runners: Vec<Runner> = (0..TOTAL)
         .map(|k| {
             Runner::new(
@@ -181,4 +191,63 @@ async fn partitions_starting_together_build_their_index_without_a_deadlock() {
         .unwrap()
         .get(0);
     assert_eq!(valid, 1, "the partition index exists and is valid");
+}
+
+/// Processes starting together with *different* partition counts build
+/// different indexes on the same table. Two `CREATE INDEX CONCURRENTLY` on
+/// one table wait for each other's transactions (an expression index is
+/// never skipped in that wait) and PostgreSQL aborts one with "deadlock
+/// detected"; the builds must take turns, whatever the partition count.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn different_partition_counts_starting_together_build_their_indexes_in_turn() {
+    const EVENTS: i64 = 20_000;
+    const NAMES: [&str; 5] = ["by_2", "by_3", "by_4", "by_5", "by_6"];
+    let (_server, env) = crate::common::private_env().await;
+    let c = env.client().await;
+    c.batch_execute(&format!(
+        "INSERT INTO events (aggregate_type, aggregate_id, aggregate_version, event_type, payload) \
+         SELECT 'Thing', 't' || (i % 500), i / 500 + 1, 'Counted', '{{}}' \
+         FROM generate_series(0, {EVENTS} - 1) i"
+    ))
+    .await
+    .unwrap();
+    let runners: Vec<(i32, Arc<Noop>, Runner)> = NAMES
+        .iter()
+        .zip(2..)
+        .map(|(name, total)| {
+            let noop = Arc::new(Noop::named(name));
+            let runner = Runner::new(
+                env.store.clone(),
+                RunnerConfig::default().partition(0, total).unwrap(),
+            )
+            .with_projection(noop.clone())
+            .unwrap();
+            (total, noop, runner)
+        })
+        .collect();
+    let results =
+        futures_util::future::join_all(runners.iter().map(|(_, _, r)| r.run_once())).await;
+    for ((total, noop, _), r) in runners.iter().zip(results) {
+        if let Err(e) = r {
+            panic!("partition 0 of {total} failed to start: {e}");
+        }
+        assert!(
+            noop.calls.load(Ordering::Relaxed) > 0,
+            "partition 0 of {total} handled nothing"
+        );
+    }
+    let valid: i64 = c
+        .query_one(
+            "SELECT count(*) FROM pg_index WHERE indisvalid \
+             AND indexrelid::regclass::text LIKE 'events_partitions_%_idx'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        valid,
+        NAMES.len() as i64,
+        "one valid index per partition count"
+    );
 }
