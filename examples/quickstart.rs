@@ -8,8 +8,9 @@
 
 use projectionist::testing::TestDatabase;
 use projectionist::{
-    async_trait, Cursor, EventStore, ExpectedVersion, Filter, Metadata, NewEvent, Projection,
-    Runner, RunnerConfig, StoreConfig, StoredEvent, Transaction,
+    async_trait, Context, Cursor, EventStore, ExpectedVersion, Filter, Metadata, NewEvent,
+    Partition, Projection, ProjectionOptions, Registered, Runner, RunnerConfig, StoreConfig,
+    StoredEvent,
 };
 use serde::{Deserialize, Serialize};
 use std::process::ExitCode;
@@ -30,15 +31,12 @@ struct Balances;
 
 #[async_trait]
 impl Projection for Balances {
-    fn name(&self) -> &str {
-        "quickstart_balances"
+    fn options(&self) -> ProjectionOptions {
+        ProjectionOptions::new("quickstart_balances")
+            .filter(Filter::all().aggregate_types(["Account"]))
     }
 
-    fn filter(&self) -> Filter {
-        Filter::all().aggregate_types(["Account"])
-    }
-
-    async fn handle(&self, event: &StoredEvent, tx: &Transaction<'_>) -> projectionist::Result<()> {
+    async fn handle(&self, event: &StoredEvent, tx: &Context<'_>) -> projectionist::Result<()> {
         let (owner, delta): (Option<String>, i64) = match event.event_type.as_str() {
             "AccountOpened" => (Some(event.decode::<AccountOpened>()?.owner), 0),
             "MoneyDeposited" => (None, event.decode::<MoneyDeposited>()?.amount),
@@ -58,11 +56,7 @@ impl Projection for Balances {
         Ok(())
     }
 
-    async fn reset(
-        &self,
-        tx: &Transaction<'_>,
-        _partition: Option<projectionist::Partition>,
-    ) -> projectionist::Result<()> {
+    async fn reset(&self, tx: &Context<'_>, _: Option<Partition>) -> projectionist::Result<()> {
         tx.execute("DELETE FROM quickstart_balances", &[]).await?;
         Ok(())
     }
@@ -188,12 +182,12 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
     );
 
     // 5. Run the projection until it has caught up, and print the read model.
+    let balances = Registered::new(Arc::new(Balances))?;
     let runner =
-        Runner::new(store.clone(), RunnerConfig::default()).with_projection(Arc::new(Balances))?;
+        Runner::new(store.clone(), RunnerConfig::default()).with_registered(balances.clone())?;
     loop {
         runner.run_once().await?;
-        let status =
-            projectionist::status(&store, &[Arc::new(Balances) as Arc<dyn Projection>]).await?;
+        let status = projectionist::status(&store, std::slice::from_ref(&balances)).await?;
         if status.iter().all(|s| s.lag_events == 0) {
             break;
         }

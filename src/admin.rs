@@ -13,10 +13,10 @@
 use crate::checkpoint::Checkpoints;
 use crate::error::{Error, Kind, Result};
 use crate::event::Xid8;
-use crate::projection::{Partition, Projection};
+use crate::projection::Partition;
+use crate::registered::Registered;
 use crate::store::{filter_conditions, EventStore, ReadFilter};
 use serde::Serialize;
-use std::sync::Arc;
 use std::time::Duration;
 
 /// Events after a slot's cursor that `status` reads to measure its lag:
@@ -357,11 +357,11 @@ async fn workers_in<C: tokio_postgres::GenericClient>(
 
 /// The registered projections' filters as the JSON that the status
 /// statement's `$1` takes (first projection of a name wins).
-fn filters_json(store: &EventStore, projections: &[Arc<dyn Projection>]) -> serde_json::Value {
+fn filters_json(store: &EventStore, projections: &[Registered]) -> serde_json::Value {
     let mut seen = std::collections::HashSet::new();
     let mut out = Vec::new();
     for p in projections {
-        if !seen.insert(p.name().to_owned()) {
+        if !seen.insert(p.key().to_owned()) {
             continue;
         }
         let f = p.filter();
@@ -373,7 +373,7 @@ fn filters_json(store: &EventStore, projections: &[Arc<dyn Projection>]) -> serd
             }
         };
         out.push(serde_json::json!({
-            "projection": p.name(),
+            "projection": p.key(),
             "aggregate_types": list(f.aggregate_types),
             // With the old names the registry knows, as the processor reads.
             "event_types": list(match store.registry() {
@@ -444,7 +444,7 @@ fn status_sql(store: &EventStore) -> String {
 async fn status_in<C: tokio_postgres::GenericClient>(
     client: &C,
     store: &EventStore,
-    projections: &[Arc<dyn Projection>],
+    projections: &[Registered],
     options: &StatusOptions,
     deadline: tokio::time::Instant,
 ) -> Result<Vec<SlotStatus>> {
@@ -526,13 +526,13 @@ async fn status_in<C: tokio_postgres::GenericClient>(
 async fn count_exactly<C: tokio_postgres::GenericClient>(
     client: &C,
     store: &EventStore,
-    projections: &[Arc<dyn Projection>],
+    projections: &[Registered],
     slot: &mut SlotStatus,
     limit: i64,
 ) -> Result<()> {
     let f = projections
         .iter()
-        .find(|p| p.name() == slot.projection)
+        .find(|p| p.key() == slot.projection)
         .map(|p| p.filter())
         .unwrap_or_default();
     let filter = ReadFilter {
@@ -564,10 +564,7 @@ async fn count_exactly<C: tokio_postgres::GenericClient>(
 
 /// Every checkpoint with its estimated lag (see [`status_with`]), using the
 /// registered projections' filters where known.
-pub async fn status(
-    store: &EventStore,
-    projections: &[Arc<dyn Projection>],
-) -> Result<Vec<SlotStatus>> {
+pub async fn status(store: &EventStore, projections: &[Registered]) -> Result<Vec<SlotStatus>> {
     status_with(store, projections, &StatusOptions::default()).await
 }
 
@@ -576,7 +573,7 @@ pub async fn status(
 /// see [`SlotStatus::lag_exact`].
 pub async fn status_with(
     store: &EventStore,
-    projections: &[Arc<dyn Projection>],
+    projections: &[Registered],
     options: &StatusOptions,
 ) -> Result<Vec<SlotStatus>> {
     within(store, options.timeout, "status", |mut session| async move {
@@ -596,7 +593,7 @@ pub async fn status_with(
 /// (`StatusOptions::exact` adds a bounded count per slot on top.)
 pub async fn explain_status(
     store: &EventStore,
-    projections: &[Arc<dyn Projection>],
+    projections: &[Registered],
 ) -> Result<serde_json::Value> {
     let filters = filters_json(store, projections);
     let heartbeat = StatusOptions::default().heartbeat_timeout.as_secs_f64();
@@ -645,7 +642,7 @@ pub(crate) async fn failed_slots(store: &EventStore, timeout: Duration) -> Resul
 /// Returns the number of checkpoint rows deleted.
 pub async fn reset(
     store: &EventStore,
-    projection: &dyn Projection,
+    projection: &Registered,
     partition: Option<i32>,
 ) -> Result<u64> {
     let sql = store.statements();
@@ -660,7 +657,7 @@ pub async fn reset(
                         "SELECT total_partitions FROM {} WHERE projection_name = $1 AND partition_key = $2",
                         sql.checkpoints
                     ),
-                    &[&projection.name(), &key],
+                    &[&projection.key(), &key],
                 )
                 .await?;
             let total: i32 = match row {
@@ -668,7 +665,7 @@ pub async fn reset(
                 None => {
                     return Err(Error::config(format!(
                         "projection {} has no checkpoint for partition {key}: run `status` to see its partitions",
-                        projection.name()
+                        projection.key()
                     )))
                 }
             };
@@ -685,9 +682,9 @@ pub async fn reset(
     projection
         .reset(&tx, scope)
         .await
-        .map_err(|e| e.context(format!("reset hook of projection {}", projection.name())))?;
+        .map_err(|e| e.context(format!("reset hook of projection {}", projection.key())))?;
     let deleted = Checkpoints::new(&sql.checkpoints)
-        .delete(&*tx, projection.name(), partition)
+        .delete(&*tx, projection.key(), partition)
         .await?;
     // Dead letters of a rebuilt read model would be applied twice by
     // `dlq retry`; assignments of a removed partition count would linger.
@@ -696,13 +693,13 @@ pub async fn reset(
             "DELETE FROM {} WHERE projection_name = $1 AND ($2::int4 IS NULL OR partition_key = $2)",
             sql.dead_letters
         ),
-        &[&projection.name(), &partition],
+        &[&projection.key(), &partition],
     )
     .await?;
     if partition.is_none() {
         tx.execute(
             &format!("DELETE FROM {} WHERE projection_name = $1", sql.assignments),
-            &[&projection.name()],
+            &[&projection.key()],
         )
         .await?;
     }
@@ -784,10 +781,7 @@ pub struct StatusReport {
 
 /// Collects a [`StatusReport`] with the default [`StatusOptions`]
 /// (estimated lag, 30 s).
-pub async fn report(
-    store: &EventStore,
-    projections: &[Arc<dyn Projection>],
-) -> Result<StatusReport> {
+pub async fn report(store: &EventStore, projections: &[Registered]) -> Result<StatusReport> {
     report_with(store, projections, &StatusOptions::default()).await
 }
 
@@ -795,7 +789,7 @@ pub async fn report(
 /// transaction (one snapshot), within `options`' timeout.
 pub async fn report_with(
     store: &EventStore,
-    projections: &[Arc<dyn Projection>],
+    projections: &[Registered],
     options: &StatusOptions,
 ) -> Result<StatusReport> {
     within(store, options.timeout, "status", |mut session| async move {
@@ -863,7 +857,7 @@ pub struct Rebased {
 /// cluster. Returns, per slot, how many events will be handled again.
 pub async fn rebase_cursors(
     store: &EventStore,
-    projections: &[Arc<dyn Projection>],
+    projections: &[Registered],
 ) -> Result<Vec<Rebased>> {
     let sql = store.statements();
     let mut client = store.pool().get().await?;
@@ -878,7 +872,7 @@ pub async fn rebase_cursors(
     for c in &checkpoints {
         let f = projections
             .iter()
-            .find(|p| p.name() == c.projection)
+            .find(|p| p.key() == c.projection)
             .map(|p| p.filter())
             .unwrap_or_default();
         let filter = ReadFilter {

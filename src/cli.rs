@@ -20,7 +20,8 @@
 
 use crate::dispatcher::DispatcherKind;
 use crate::error::{Error, Result};
-use crate::projection::Projection;
+use crate::projection::{ConcurrentProjection, Projection};
+use crate::registered::Registered;
 use crate::runner::{Runner, RunnerConfig, DEFAULT_BATCH_SIZE};
 use crate::store::{EventStore, StoreConfig, DEFAULT_NOTIFY_CHANNEL};
 use clap::{Args, Parser, Subcommand};
@@ -351,8 +352,10 @@ pub fn init_logging(format: &str, level: &str) {
 /// The user's binary: its name and projections.
 pub struct App {
     name: String,
-    projections: Vec<Arc<dyn Projection>>,
+    projections: Vec<Registered>,
     registry: Option<crate::Registry>,
+    /// Projections refused at registration, reported by [`App::run`].
+    refused: Vec<Error>,
 }
 
 impl App {
@@ -362,6 +365,7 @@ impl App {
             name: name.into(),
             projections: Vec::new(),
             registry: None,
+            refused: Vec::new(),
         }
     }
 
@@ -372,14 +376,28 @@ impl App {
         self
     }
 
-    /// Registers a projection.
-    pub fn projection(mut self, projection: Arc<dyn Projection>) -> App {
-        self.projections.push(projection);
+    /// Registers a transactional projection. Invalid options are reported
+    /// when the app runs (exit code 2).
+    pub fn projection(self, projection: Arc<dyn Projection>) -> App {
+        self.registered(Registered::new(projection))
+    }
+
+    /// Registers a concurrent projection (see [`ConcurrentProjection`]).
+    /// Invalid options are reported when the app runs (exit code 2).
+    pub fn concurrent_projection(self, projection: Arc<dyn ConcurrentProjection>) -> App {
+        self.registered(Registered::concurrent(projection))
+    }
+
+    fn registered(mut self, projection: Result<Registered>) -> App {
+        match projection {
+            Ok(p) => self.projections.push(p),
+            Err(e) => self.refused.push(e),
+        }
         self
     }
 
     /// The registered projections.
-    pub fn projections(&self) -> &[Arc<dyn Projection>] {
+    pub fn projections(&self) -> &[Registered] {
         &self.projections
     }
 
@@ -450,17 +468,17 @@ impl App {
         Ok(store)
     }
 
-    fn selected(&self, names: &[String]) -> Result<Vec<Arc<dyn Projection>>> {
+    fn selected(&self, names: &[String]) -> Result<Vec<Registered>> {
         if names.is_empty() {
             return Ok(self.projections.clone());
         }
         names.iter().map(|n| self.find(n)).collect()
     }
 
-    fn find(&self, name: &str) -> Result<Arc<dyn Projection>> {
+    fn find(&self, name: &str) -> Result<Registered> {
         self.projections
             .iter()
-            .find(|p| p.name() == name)
+            .find(|p| p.name() == name || p.key() == name)
             .cloned()
             .ok_or_else(|| {
                 let known: Vec<&str> = self.projections.iter().map(|p| p.name()).collect();
@@ -476,6 +494,9 @@ impl App {
     }
 
     async fn execute_inner(&self, global: &GlobalArgs, command: Command) -> Result<()> {
+        if let Some(e) = self.refused.first() {
+            return Err(Error::config(e.to_string()));
+        }
         match command {
             Command::Migrate => {
                 let store = self.connect(global).await?;
@@ -615,7 +636,7 @@ impl App {
                     return Ok(());
                 }
                 let store = self.connect(global).await?;
-                let n = crate::admin::reset(&store, projection.as_ref(), partition).await?;
+                let n = crate::admin::reset(&store, &projection, partition).await?;
                 outln!("reset {name}: {n} checkpoint(s) cleared; the next run rebuilds it");
                 Ok(())
             }

@@ -5,11 +5,10 @@
 
 use crate::error::{Error, Kind, Result};
 use crate::event::StoredEvent;
-use crate::projection::Projection;
 use crate::projection::UnknownEvents;
+use crate::registered::Registered;
 use crate::store::EventStore;
 use serde::Serialize;
-use std::sync::Arc;
 
 /// One dead letter.
 #[derive(Clone, Debug, Serialize, PartialEq)]
@@ -145,7 +144,7 @@ pub struct RetryOutcome {
 /// the removal fails to commit, a later retry handles the event again).
 pub async fn retry(
     store: &EventStore,
-    projections: &[Arc<dyn Projection>],
+    projections: &[Registered],
     id: i64,
 ) -> Result<RetryOutcome> {
     let sql = store.statements();
@@ -164,7 +163,7 @@ pub async fn retry(
     let dl = from_row(&row)?;
     let projection = projections
         .iter()
-        .find(|p| p.name() == dl.projection)
+        .find(|p| p.key() == dl.projection)
         .ok_or_else(|| {
             Error::config(format!(
                 "dead letter {id} belongs to projection {:?}, which this binary does not register",
@@ -209,7 +208,7 @@ pub async fn retry(
             Some((_, UnknownEvents::Ignore)) => Ok(false),
             Some((u, _)) => Err(Error::new(
                 Kind::Failed,
-                u.describe(&event, projection.name()),
+                u.describe(&event, projection.key()),
             )),
         },
     };

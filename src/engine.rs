@@ -9,7 +9,7 @@ use crate::dispatcher::{self, DispatcherKind, Route, Watermarks};
 use crate::error::{Error, Result};
 use crate::ident::Ident;
 use crate::progress::Progress;
-use crate::projection::Projection;
+use crate::registered::Registered;
 use crate::store::EventStore;
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -20,7 +20,7 @@ use tokio::sync::watch;
 pub(crate) struct Engine {
     pub(crate) store: EventStore,
     pub(crate) config: RunnerConfig,
-    pub(crate) projections: Vec<Arc<dyn Projection>>,
+    pub(crate) projections: Vec<Registered>,
     pub(crate) progress: Arc<Progress>,
 }
 
@@ -93,9 +93,7 @@ impl Engine {
 }
 
 /// Refuses empty and duplicate projection names.
-pub(crate) fn check_unique<'a>(
-    projections: impl Iterator<Item = &'a Arc<dyn Projection>>,
-) -> Result<()> {
+pub(crate) fn check_unique<'a>(projections: impl Iterator<Item = &'a Registered>) -> Result<()> {
     let mut seen = HashSet::new();
     for p in projections {
         let name = p.name();

@@ -12,6 +12,7 @@ mod assign;
 mod checkpoint;
 pub mod cli;
 mod config;
+mod context;
 mod db;
 pub mod dead_letter;
 mod dispatcher;
@@ -27,6 +28,7 @@ mod policy;
 mod processor;
 mod progress;
 mod projection;
+mod registered;
 mod registry;
 mod runner;
 mod server;
@@ -47,13 +49,18 @@ pub use admin::{
 };
 pub use checkpoint::{Checkpoint, CHECKPOINTS_CHANNEL};
 pub use cli::App;
+pub use context::{Context, Scope};
 pub use db::{describe as describe_database, parse_url, DEFAULT_POOL_SIZE};
 pub use dispatcher::DispatcherKind;
 pub use error::{Error, Result};
 pub use event::{Cursor, Metadata, NewEvent, StoredEvent};
 pub use migrate::{embedded_migrations, migrate, MigrationReport, HISTORY_TABLE};
 pub use policy::{FailurePolicy, OnFailure};
-pub use projection::{Concurrency, Filter, Partition, Projection, Transaction, UnknownEvents};
+pub use projection::{
+    Concurrency, ConcurrentProjection, Filter, Partition, Projection, ProjectionOptions,
+    Transaction, UnknownEvents,
+};
+pub use registered::Registered;
 pub use registry::{Registry, UpcastResult};
 pub use runner::{
     Progress, Runner, RunnerConfig, DEFAULT_BATCH_SIZE, DEFAULT_MAX_BACKOFF, DEFAULT_POLL_INTERVAL,

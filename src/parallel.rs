@@ -141,7 +141,7 @@ pub(crate) async fn run(
     let policy = projection.failure_policy();
     let sink = p.sink();
     let pool = p.pool().clone();
-    let name = projection.name().to_owned();
+    let name = projection.key().to_owned();
     let partition = p.slot().partition;
     let mut w = Window::default();
     let mut tasks: JoinSet<(String, Cursor, Done)> = JoinSet::new();

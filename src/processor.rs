@@ -19,7 +19,8 @@ use crate::checkpoint::Checkpoints;
 use crate::error::{Error, Kind, Result};
 use crate::event::{Cursor, StoredEvent, Xid8};
 use crate::policy::OnFailure;
-use crate::projection::{Projection, UnknownEvents};
+use crate::projection::UnknownEvents;
+use crate::registered::Registered;
 use crate::registry::Registry;
 use crate::store::{
     gap_safe_query, read_page, Control, ReadBatch, ReadFilter, SlotTables, Statements,
@@ -210,7 +211,7 @@ pub(crate) struct Prepared {
 
 /// Processes one slot.
 pub(crate) struct Processor {
-    projection: Arc<dyn Projection>,
+    projection: Registered,
     /// The store's event registry (upcasting, unknown events).
     registry: Option<Arc<Registry>>,
     /// What the projection does with unknown events.
@@ -248,14 +249,14 @@ impl Processor {
     /// Loads (or creates) the slot's checkpoint, refusing a partition count
     /// that differs from the stored one.
     pub(crate) async fn start(
-        projection: Arc<dyn Projection>,
+        projection: Registered,
         pool: Pool,
         sql: &Statements,
         slot: Slot,
         batch_size: i64,
         fence: Option<Fence>,
     ) -> Result<Processor> {
-        let name = projection.name().to_owned();
+        let name = projection.key().to_owned();
         let f = projection.filter();
         let registry = sql.registry.clone();
         // A filter written with current type names also reads the events
@@ -865,7 +866,7 @@ impl Processor {
         }
     }
 
-    pub(crate) fn projection(&self) -> &Arc<dyn Projection> {
+    pub(crate) fn projection(&self) -> &Registered {
         &self.projection
     }
 

@@ -1,8 +1,11 @@
-//! The [`Projection`] trait users implement, and its [`Filter`].
+//! The traits users implement — [`Projection`] (transactional) and
+//! [`ConcurrentProjection`] (key-ordered concurrency, at-least-once) — and
+//! their declarations: [`ProjectionOptions`], [`Filter`], [`Concurrency`],
+//! [`UnknownEvents`].
 //!
-//! A projection is a stable name, an optional filter (applied in SQL), and
-//! handlers that receive events together with the open transaction in which
-//! the projection's checkpoint advances. Writes made through that
+//! A projection is a stable name and version, an optional filter (applied
+//! in SQL), and handlers that receive events together with the open
+//! transaction in which the projection's checkpoint advances. Writes made through that
 //! transaction commit atomically with the checkpoint: exactly once. Anything
 //! else a handler does (HTTP calls, e-mail) may be repeated after a crash and
 //! must be idempotent, keyed by [`StoredEvent::event_id`].
@@ -11,6 +14,8 @@ use crate::error::{Error, Result};
 use crate::event::StoredEvent;
 use crate::policy::FailurePolicy;
 use async_trait::async_trait;
+
+pub use crate::context::{Context, Scope};
 
 /// The open batch transaction handed to handlers. It is a
 /// `deadpool_postgres::Transaction`: it derefs to
@@ -69,9 +74,7 @@ impl Filter {
 /// up to `max_in_flight` at a time. The checkpoint advances to the highest
 /// position below which every event is complete.
 ///
-/// This mode is **at-least-once**: handlers get no transaction, and after a
-/// crash up to `max_in_flight` events are handled again. Key side effects by
-/// [`StoredEvent::event_id`].
+/// Returned by [`ConcurrentProjection::concurrency`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Concurrency {
     pub(crate) max_in_flight: usize,
@@ -153,102 +156,235 @@ impl Partition {
     }
 }
 
-/// A projection: reads events in order and maintains a read model.
+/// A projection's declarations, in one value: its name and version, which
+/// events it reads, how worker mode splits it, what it does on failure and
+/// with unknown events, and the read-model tables it owns.
 ///
-/// Implement [`Projection::handle`] (one event at a time) or override
-/// [`Projection::handle_batch`] for set-based SQL over a whole batch.
-#[async_trait]
-pub trait Projection: Send + Sync + 'static {
-    /// A stable, unique name: the key of the projection's checkpoints.
-    /// Changing it starts the projection from the beginning.
-    fn name(&self) -> &str;
+/// ```
+/// use projectionist::{Filter, FailurePolicy, ProjectionOptions};
+/// let options = ProjectionOptions::new("account_balances")
+///     .version(2)
+///     .filter(Filter::all().aggregate_types(["Account"]))
+///     .tables(["account_balances"])
+///     .failure_policy(FailurePolicy::dead_letter());
+/// assert_eq!(options.name(), "account_balances");
+/// ```
+#[derive(Clone, Debug)]
+pub struct ProjectionOptions {
+    pub(crate) name: String,
+    pub(crate) version: i32,
+    pub(crate) filter: Filter,
+    pub(crate) partitions: i32,
+    pub(crate) failure_policy: FailurePolicy,
+    pub(crate) unknown_events: UnknownEvents,
+    pub(crate) pipelined: bool,
+    pub(crate) tables: Vec<String>,
+    pub(crate) rewindable: bool,
+}
 
-    /// Which events to receive. Default: all of them.
-    fn filter(&self) -> Filter {
-        Filter::all()
+impl ProjectionOptions {
+    /// Options for the projection `name`: a stable, unique name, the key of
+    /// its checkpoints (changing it starts the projection from the
+    /// beginning). Plain identifier characters are safest; `@` is refused.
+    /// Every other option has its default (see each setter).
+    pub fn new(name: impl Into<String>) -> ProjectionOptions {
+        ProjectionOptions {
+            name: name.into(),
+            version: 1,
+            filter: Filter::all(),
+            partitions: 1,
+            failure_policy: FailurePolicy::default(),
+            unknown_events: UnknownEvents::default(),
+            pipelined: false,
+            tables: Vec::new(),
+            rewindable: false,
+        }
     }
 
-    /// Into how many partitions worker mode splits this projection (each
-    /// partition is a slot that one worker runs at a time). Default: 1.
-    /// Overridable per deployment with `PROJECTION_PARTITIONS`. Changing it
-    /// for a projection with checkpoints requires `reset`.
-    fn partitions(&self) -> i32 {
-        1
+    /// The projection's version (default 1). Raising it deploys a new
+    /// version **beside** the running one: it starts from the first event,
+    /// with checkpoints, dead letters and tables of its own, while the
+    /// previous version keeps serving readers until `promote` switches them
+    /// (see docs/changing-a-projection.md).
+    pub fn version(mut self, version: i32) -> ProjectionOptions {
+        self.version = version;
+        self
     }
 
-    /// What to do when the handler keeps failing on an event. Default:
-    /// [`FailurePolicy::stop`] (3 attempts, then the slot stops).
-    fn failure_policy(&self) -> FailurePolicy {
-        FailurePolicy::default()
+    /// Which events to receive (default: all of them).
+    pub fn filter(mut self, filter: Filter) -> ProjectionOptions {
+        self.filter = filter;
+        self
     }
 
-    /// What to do with events the store's registry does not know (see
-    /// [`UnknownEvents`]). Default: [`UnknownEvents::StopOnUnknownVersion`].
-    fn unknown_events(&self) -> UnknownEvents {
-        UnknownEvents::default()
+    /// Into how many partitions worker mode splits this projection, each a
+    /// slot one worker runs at a time (default 1). Overridable per
+    /// deployment with `PROJECTION_PARTITIONS`; changing it for a version
+    /// with checkpoints requires `reset` (or a new version).
+    pub fn partitions(mut self, partitions: i32) -> ProjectionOptions {
+        self.partitions = partitions;
+        self
     }
 
-    /// Opt into key-ordered concurrency (see [`Concurrency`]): the engine
-    /// then calls [`Projection::handle_concurrent`] instead of the
-    /// transactional handlers. Default: `None` (sequential, transactional).
-    fn concurrency(&self) -> Option<Concurrency> {
-        None
+    /// What to do when the handler keeps failing on an event (default
+    /// [`FailurePolicy::stop`]: 3 attempts, then the slot stops).
+    pub fn failure_policy(mut self, policy: FailurePolicy) -> ProjectionOptions {
+        self.failure_policy = policy;
+        self
     }
 
-    /// Handles one event in concurrency mode, without a transaction
-    /// (at-least-once). Required when [`Projection::concurrency`] is set.
-    async fn handle_concurrent(&self, event: &StoredEvent) -> Result<()> {
-        let _ = event;
-        Err(crate::Error::config(format!(
-            "projection {} sets concurrency() but does not implement handle_concurrent()",
-            self.name()
-        )))
+    /// What to do with events the store's registry does not know (default
+    /// [`UnknownEvents::StopOnUnknownVersion`]).
+    pub fn unknown_events(mut self, unknown: UnknownEvents) -> ProjectionOptions {
+        self.unknown_events = unknown;
+        self
     }
-
-    /// Handles one event inside the batch transaction `tx`.
-    async fn handle(&self, event: &StoredEvent, tx: &Transaction<'_>) -> Result<()>;
 
     /// Whether the default [`Projection::handle_batch`] may pipeline
     /// [`Projection::handle`] across streams, all in the batch transaction,
     /// so that statements travel to the server back to back instead of one
-    /// round trip at a time. The batch runs in rounds: the first event of
-    /// every stream (`aggregate_type`, `aggregate_id`) in the batch, all
-    /// started together; once they are all done, every stream's second
-    /// event; and so on.
+    /// round trip at a time (default `false`). The batch runs in rounds:
+    /// the first event of every stream (`aggregate_type`, `aggregate_id`)
+    /// in the batch, all started together; once they are all done, every
+    /// stream's second event; and so on.
     ///
-    /// Per-stream order always holds: a stream's event starts only after its
-    /// previous one finished. Events of *different* streams may reach the
-    /// server in any order (a handler whose statement is already prepared
-    /// overtakes one that must prepare first), so opt in when the work of
-    /// different streams commutes: each event writes only rows of its own
-    /// stream (an upsert keyed by the aggregate id, an insert), or adds to
-    /// shared counters. Default: `false` (one event after the other, in
-    /// batch order).
-    fn pipelined(&self) -> bool {
-        false
+    /// Per-stream order always holds. Events of *different* streams may
+    /// reach the server in any order, so opt in when the work of different
+    /// streams commutes: each event writes only rows of its own stream (an
+    /// upsert keyed by the aggregate id, an insert), or adds to shared
+    /// counters.
+    pub fn pipelined(mut self, pipelined: bool) -> ProjectionOptions {
+        self.pipelined = pipelined;
+        self
     }
 
+    /// The read-model tables this projection owns, by the names readers
+    /// query (default: none). Each version writes tables of its own —
+    /// [`Context::table`] turns `account_balances` into this version's
+    /// physical table — and readers query a view under the stable name that
+    /// `promote` switches to the new version in one transaction. Create the
+    /// tables in [`Projection::migrate`]. Names are plain identifiers of at
+    /// most 59 characters (the version suffix `_v<N>` must fit in 63).
+    pub fn tables<I, S>(mut self, tables: I) -> ProjectionOptions
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.tables = tables.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// Whether `rewind` may move this projection's cursors back so that it
+    /// handles events again (default `false`). Declare it for at-least-once
+    /// consumers that resend to a sink and can take events twice.
+    pub fn rewindable(mut self, rewindable: bool) -> ProjectionOptions {
+        self.rewindable = rewindable;
+        self
+    }
+
+    /// The name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The version.
+    pub fn get_version(&self) -> i32 {
+        self.version
+    }
+
+    /// The declared tables (stable names).
+    pub fn get_tables(&self) -> &[String] {
+        &self.tables
+    }
+
+    /// Refuses options the engine cannot run, naming the fix.
+    pub(crate) fn validate(&self) -> Result<()> {
+        if self.name.is_empty() {
+            return Err(Error::config(
+                "a projection has an empty name: give every projection a stable, unique name",
+            ));
+        }
+        if self.name.contains('@') {
+            return Err(Error::config(format!(
+                "projection name {:?} contains '@', which the engine uses to name versions \
+                 (name@v2): choose a name without it",
+                self.name
+            )));
+        }
+        if self.version < 1 {
+            return Err(Error::config(format!(
+                "projection {} declares version {}: versions start at 1",
+                self.name, self.version
+            )));
+        }
+        if self.partitions < 1 {
+            return Err(Error::config(format!(
+                "projection {} declares {} partitions: use 1 or more",
+                self.name, self.partitions
+            )));
+        }
+        for t in &self.tables {
+            crate::ident::Ident::new("read-model table", t)?;
+            if t.len() > 59 {
+                return Err(Error::config(format!(
+                    "projection {}: table name {t:?} is longer than 59 characters; the version \
+                     suffix (_v<N>) must fit PostgreSQL's 63",
+                    self.name
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A transactional projection: reads events in order and maintains a read
+/// model in the batch transaction, exactly once.
+///
+/// Implement [`Projection::options`] and [`Projection::handle`] (one event
+/// at a time) or override [`Projection::handle_batch`] for set-based SQL
+/// over a whole batch. For handlers that wait on I/O outside the database,
+/// implement [`ConcurrentProjection`] instead.
+#[async_trait]
+pub trait Projection: Send + Sync + 'static {
+    /// The projection's declarations (name, version, filter, …). Called
+    /// once, when the projection is registered.
+    fn options(&self) -> ProjectionOptions;
+
+    /// Handles one event inside the batch transaction (`ctx` derefs to
+    /// it).
+    async fn handle(&self, event: &StoredEvent, ctx: &Context<'_>) -> Result<()>;
+
     /// Handles a whole batch (in `(transaction_id, global_position)` order)
-    /// inside `tx`. Default: [`Projection::handle`] for each event, in order
-    /// (pipelined across streams when [`Projection::pipelined`] says so).
+    /// inside the batch transaction. Default: [`Projection::handle`] for
+    /// each event, in order (pipelined across streams when
+    /// [`ProjectionOptions::pipelined`] says so).
     ///
     /// An override must keep each stream's events in order: per-stream
     /// order is part of the engine's contract.
-    async fn handle_batch(&self, events: &[StoredEvent], tx: &Transaction<'_>) -> Result<()> {
-        if self.pipelined() && events.len() > 1 {
+    async fn handle_batch(&self, events: &[StoredEvent], ctx: &Context<'_>) -> Result<()> {
+        if ctx.scope().pipelined && events.len() > 1 {
             for round in stream_rounds(events) {
                 if let [event] = round.as_slice() {
-                    self.handle(event, tx).await?;
+                    self.handle(event, ctx).await?;
                     continue;
                 }
-                let handlers = round.iter().map(|event| self.handle(event, tx));
+                let handlers = round.iter().map(|event| self.handle(event, ctx));
                 first_cause(futures_util::future::join_all(handlers).await)?;
             }
             return Ok(());
         }
         for event in events {
-            self.handle(event, tx).await?;
+            self.handle(event, ctx).await?;
         }
+        Ok(())
+    }
+
+    /// Creates this version's read-model tables and indexes (use
+    /// [`Context::table`] for their names, and `IF NOT EXISTS`: it runs at
+    /// every start). The engine runs it in a transaction under the
+    /// migration lock, before the version's first batch. Default: nothing.
+    async fn migrate(&self, ctx: &Context<'_>) -> Result<()> {
+        let _ = ctx;
         Ok(())
     }
 
@@ -257,8 +393,46 @@ pub trait Projection: Send + Sync + 'static {
     /// projection, or the one static partition being reset (clear only the
     /// rows of aggregates in it: see [`Partition::sql_condition`]).
     /// Default: nothing to clear.
-    async fn reset(&self, tx: &Transaction<'_>, partition: Option<Partition>) -> Result<()> {
-        let _ = (tx, partition);
+    async fn reset(&self, ctx: &Context<'_>, partition: Option<Partition>) -> Result<()> {
+        let _ = (ctx, partition);
+        Ok(())
+    }
+}
+
+/// A projection whose handler waits on I/O (HTTP calls, e-mail, other
+/// services), run with key-ordered concurrency (see [`Concurrency`]):
+/// events of one aggregate strictly in order, of different aggregates
+/// concurrently.
+///
+/// This mode is **at-least-once**: handlers get no transaction, and after a
+/// crash up to `max_in_flight` events are handled again. Key side effects
+/// by [`StoredEvent::event_id`].
+#[async_trait]
+pub trait ConcurrentProjection: Send + Sync + 'static {
+    /// The projection's declarations (name, version, filter, …). Called
+    /// once, when the projection is registered. `pipelined` does not apply.
+    fn options(&self) -> ProjectionOptions;
+
+    /// The concurrency window. Default: [`Concurrency::default`] (64
+    /// events in flight).
+    fn concurrency(&self) -> Concurrency {
+        Concurrency::default()
+    }
+
+    /// Handles one event, without a transaction (at-least-once).
+    async fn handle(&self, event: &StoredEvent, scope: &Scope) -> Result<()>;
+
+    /// Creates this version's tables, if it keeps any (see
+    /// [`Projection::migrate`]). Default: nothing.
+    async fn migrate(&self, ctx: &Context<'_>) -> Result<()> {
+        let _ = ctx;
+        Ok(())
+    }
+
+    /// Clears what the projection keeps (see [`Projection::reset`]).
+    /// Default: nothing.
+    async fn reset(&self, ctx: &Context<'_>, partition: Option<Partition>) -> Result<()> {
+        let _ = (ctx, partition);
         Ok(())
     }
 }

@@ -7,7 +7,8 @@ use crate::dispatcher::Watermarks;
 use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::processor::{Processor, Slot};
-use crate::projection::Projection;
+use crate::projection::{ConcurrentProjection, Projection};
+use crate::registered::Registered;
 use crate::slot::{LoopExit, LoopLimits, Signals};
 use crate::store::EventStore;
 use std::future::Future;
@@ -24,7 +25,7 @@ pub use crate::progress::Progress;
 
 /// What a static slot needs to start again after its task died.
 struct Restart {
-    projection: Arc<dyn Projection>,
+    projection: Registered,
     pool: deadpool_postgres::Pool,
     statements: Arc<crate::store::Statements>,
     slot: Slot,
@@ -41,7 +42,7 @@ async fn supervise(first: Processor, again: Restart, s: Signals, limits: LoopLim
         let mut run = crate::slot::SlotTask(tokio::spawn(crate::slot::run(p, s.clone(), limits)));
         match (&mut run.0).await {
             Ok(exit) => return exit,
-            Err(e) => tracing::error!(projection = again.projection.name(), error = %e,
+            Err(e) => tracing::error!(projection = again.projection.key(), error = %e,
                 "the slot's task died; starting the slot again from its checkpoint"),
         }
         let mut stop = s.stop.clone();
@@ -64,7 +65,7 @@ async fn supervise(first: Processor, again: Restart, s: Signals, limits: LoopLim
             .await
             {
                 Ok(p) => break p,
-                Err(e) => tracing::error!(projection = again.projection.name(), error = %e,
+                Err(e) => tracing::error!(projection = again.projection.key(), error = %e,
                     "cannot start the slot again; retrying"),
             }
         };
@@ -100,16 +101,33 @@ impl Runner {
         }
     }
 
-    /// Adds projections. Names must be unique.
-    pub fn with_projections(mut self, projections: &[Arc<dyn Projection>]) -> Result<Runner> {
+    /// Adds registered projections (e.g. [`App::projections`](crate::App::projections)).
+    /// Names must be unique.
+    pub fn with_projections(mut self, projections: &[Registered]) -> Result<Runner> {
         for p in projections {
-            self = self.with_projection(p.clone())?;
+            self = self.with_registered(p.clone())?;
         }
         Ok(self)
     }
 
-    /// Adds a projection. Its name must be unique among this runner's.
-    pub fn with_projection(mut self, projection: Arc<dyn Projection>) -> Result<Runner> {
+    /// Adds a transactional projection, refusing invalid options and a
+    /// name this runner already has.
+    pub fn with_projection(self, projection: Arc<dyn Projection>) -> Result<Runner> {
+        self.with_registered(Registered::new(projection)?)
+    }
+
+    /// Adds a concurrent projection (see [`ConcurrentProjection`]),
+    /// refusing invalid options and a name this runner already has.
+    pub fn with_concurrent_projection(
+        self,
+        projection: Arc<dyn ConcurrentProjection>,
+    ) -> Result<Runner> {
+        self.with_registered(Registered::concurrent(projection)?)
+    }
+
+    /// Adds a registered projection. Its name must be unique among this
+    /// runner's.
+    pub fn with_registered(mut self, projection: Registered) -> Result<Runner> {
         check_unique(
             self.engine
                 .projections
@@ -132,7 +150,7 @@ impl Runner {
         }
     }
 
-    async fn start_processor(&self, projection: &Arc<dyn Projection>) -> Result<Processor> {
+    async fn start_processor(&self, projection: &Registered) -> Result<Processor> {
         Processor::start(
             projection.clone(),
             self.pool.clone(),

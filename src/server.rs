@@ -14,7 +14,7 @@
 
 use crate::admin::{failed_slots, report_with, status_with, StatusOptions, StatusReport};
 use crate::error::{Error, Result};
-use crate::projection::Projection;
+use crate::registered::Registered;
 use crate::store::EventStore;
 use http_body_util::Full;
 use hyper::body::Bytes;
@@ -91,7 +91,7 @@ struct GaugeLabels {
 /// What the admin server needs.
 pub(crate) struct AdminState {
     store: EventStore,
-    projections: Vec<Arc<dyn Projection>>,
+    projections: Vec<Registered>,
     ready_max_lag: Option<i64>,
     /// Loops that have not ticked for this long make `/healthz` fail.
     liveness_window: Duration,
@@ -107,7 +107,7 @@ pub(crate) struct AdminState {
 impl AdminState {
     pub(crate) fn new(
         store: EventStore,
-        projections: Vec<Arc<dyn Projection>>,
+        projections: Vec<Registered>,
         ready_max_lag: Option<i64>,
         liveness_window: Duration,
     ) -> AdminState {

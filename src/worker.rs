@@ -24,7 +24,7 @@ use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::ident::Ident;
 use crate::processor::{Fence, Processor, Slot};
-use crate::projection::Projection;
+use crate::registered::Registered;
 use crate::slot::{LoopExit, LoopLimits, Signals};
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
@@ -206,10 +206,10 @@ pub(crate) async fn run(
                     p.name()
                 )));
             }
-            checkpoints.check_total(&**client, p.name(), total).await?;
+            checkpoints.check_total(&**client, p.key(), total).await?;
             for partition in 0..total {
                 slots.push(SlotSpec {
-                    projection: p.name().to_owned(),
+                    projection: p.key().to_owned(),
                     partition,
                     total,
                 });
@@ -762,7 +762,7 @@ impl Follower<'_> {
                 .engine
                 .projections
                 .iter()
-                .find(|p| p.name() == key.0)
+                .find(|p| p.key() == key.0)
                 .cloned()
             else {
                 tracing::warn!(projection = %key.0, "assigned a projection this binary does not have; ignoring it");
@@ -782,7 +782,7 @@ impl Follower<'_> {
 
     async fn start(
         &self,
-        projection: Arc<dyn Projection>,
+        projection: Registered,
         partition: i32,
         total: i32,
         generation: i64,
@@ -814,7 +814,7 @@ impl Follower<'_> {
             progress: self.engine.progress.clone(),
         };
         let store = self.engine.store.clone();
-        let name = projection.name().to_owned();
+        let name = projection.key().to_owned();
         let task = tokio::spawn(async move {
             let exit = crate::slot::run(p, signals, limits).await;
             if let LoopExit::GaveUp(e) = &exit {

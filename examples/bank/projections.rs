@@ -11,8 +11,7 @@
 
 use crate::events::{BankEvent, ACCOUNT, MONEY_WITHDRAWN};
 use projectionist::{
-    async_trait, Error, FailurePolicy, Filter, Partition, Projection, Result, StoredEvent,
-    Transaction, UnknownEvents,
+    Error, FailurePolicy, Filter, Partition, Result, StoredEvent, Transaction, UnknownEvents,
 };
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -204,39 +203,27 @@ impl AccountBalances {
     }
 }
 
-#[async_trait]
-impl Projection for AccountBalances {
-    fn name(&self) -> &str {
-        ACCOUNT_BALANCES
+#[projectionist::async_trait]
+impl projectionist::Projection for AccountBalances {
+    fn options(&self) -> projectionist::ProjectionOptions {
+        projectionist::ProjectionOptions::new(ACCOUNT_BALANCES)
+            .filter(Filter::all().aggregate_types([ACCOUNT]))
+            .failure_policy(FailurePolicy::dead_letter())
+            .unknown_events(UnknownEvents::StopOnUnknownType)
     }
 
-    fn filter(&self) -> Filter {
-        Filter::all().aggregate_types([ACCOUNT])
-    }
-
-    /// Every `Account` event changes the balance or the count: an event
-    /// type or version this binary does not know (a newer release wrote
-    /// it) stops the projection instead of being miscounted.
-    fn unknown_events(&self) -> UnknownEvents {
-        UnknownEvents::StopOnUnknownType
-    }
-
-    /// An event whose payload cannot be decoded (say, a raw-SQL writer put a
-    /// string where the amount goes) would fail for ever: after the retries
-    /// it goes to the dead-letter table and the balances go on. `dlq list`
-    /// shows it; fix the data and `dlq retry` it.
-    fn failure_policy(&self) -> FailurePolicy {
-        FailurePolicy::dead_letter()
-    }
-
-    async fn handle(&self, event: &StoredEvent, tx: &Transaction<'_>) -> Result<()> {
+    async fn handle(&self, event: &StoredEvent, tx: &projectionist::Context<'_>) -> Result<()> {
         self.ensure_table(tx).await?;
         self.upsert_one(event, tx)
             .await
             .map_err(|e| self.note_error(e))
     }
 
-    async fn handle_batch(&self, events: &[StoredEvent], tx: &Transaction<'_>) -> Result<()> {
+    async fn handle_batch(
+        &self,
+        events: &[StoredEvent],
+        tx: &projectionist::Context<'_>,
+    ) -> Result<()> {
         self.ensure_table(tx).await?;
         let result = if self.batch {
             self.upsert_batch(events, tx).await
@@ -253,7 +240,11 @@ impl Projection for AccountBalances {
         result.map_err(|e| self.note_error(e))
     }
 
-    async fn reset(&self, tx: &Transaction<'_>, partition: Option<Partition>) -> Result<()> {
+    async fn reset(
+        &self,
+        tx: &projectionist::Context<'_>,
+        partition: Option<Partition>,
+    ) -> Result<()> {
         // `reset` runs this hook in its transaction with the projectionist
         // schema put in front of the connection's own search_path (for this
         // transaction only), so `projectionist_partition` resolves and
@@ -306,17 +297,14 @@ impl LargeWithdrawalNotifier {
     }
 }
 
-#[async_trait]
-impl Projection for LargeWithdrawalNotifier {
-    fn name(&self) -> &str {
-        LARGE_WITHDRAWAL_NOTIFIER
+#[projectionist::async_trait]
+impl projectionist::Projection for LargeWithdrawalNotifier {
+    fn options(&self) -> projectionist::ProjectionOptions {
+        projectionist::ProjectionOptions::new(LARGE_WITHDRAWAL_NOTIFIER)
+            .filter(Filter::all().event_types([MONEY_WITHDRAWN]))
     }
 
-    fn filter(&self) -> Filter {
-        Filter::all().event_types([MONEY_WITHDRAWN])
-    }
-
-    async fn handle(&self, event: &StoredEvent, _tx: &Transaction<'_>) -> Result<()> {
+    async fn handle(&self, event: &StoredEvent, _tx: &projectionist::Context<'_>) -> Result<()> {
         let BankEvent::Withdrawn(withdrawn) = event.typed::<BankEvent>()? else {
             return Ok(());
         };

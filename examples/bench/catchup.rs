@@ -7,7 +7,7 @@ use crate::projections::{BalancesBatch, BalancesPerEvent, Noop};
 use crate::raw::{self, RAW_CHECKPOINT_NAME};
 use crate::setup::{Bench, Seeded};
 use crate::stats::{ev_s, mark, median, rate, round};
-use projectionist::{EventStore, Projection, Runner, RunnerConfig};
+use projectionist::{EventStore, Projection, Registered, Runner, RunnerConfig};
 use serde_json::json;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -22,6 +22,7 @@ impl Bench {
         projection: Arc<dyn Projection>,
         config: RunnerConfig,
     ) -> Duration {
+        let projection = Registered::new(projection).expect("cannot register the projection");
         self.catchup_count(&s.store, &s.client, s.events, projection, config)
             .await
     }
@@ -34,7 +35,7 @@ impl Bench {
         store: &EventStore,
         client: &Client,
         expected: u64,
-        projection: Arc<dyn Projection>,
+        projection: Registered,
         config: RunnerConfig,
     ) -> Duration {
         client
@@ -46,7 +47,7 @@ impl Bench {
             .expect("cannot reset the checkpoint");
         let name = projection.name().to_owned();
         let runner = Runner::new(store.clone(), config)
-            .with_projection(projection)
+            .with_registered(projection)
             .expect("cannot register the projection");
         let start = Instant::now();
         loop {

@@ -7,7 +7,7 @@ use crate::projections::{SleepConcurrent, SleepSequential, IO_PAR_TYPE, IO_SEQ_T
 use crate::raw::RAW_INSERT;
 use crate::setup::{Bench, SEED_CHUNK};
 use crate::stats::{ev_s, mark, median, rate, round};
-use projectionist::RunnerConfig;
+use projectionist::{Registered, RunnerConfig};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::json;
@@ -104,7 +104,8 @@ impl Bench {
                             &store,
                             &client,
                             SEQ_EVENTS as u64,
-                            Arc::new(SleepSequential),
+                            Registered::new(Arc::new(SleepSequential))
+                                .expect("cannot register the projection"),
                             RunnerConfig::default(),
                         )
                         .await;
@@ -119,7 +120,8 @@ impl Bench {
                             &store,
                             &client,
                             PAR_EVENTS as u64,
-                            p.clone(),
+                            Registered::concurrent(p.clone())
+                                .expect("cannot register the projection"),
                             RunnerConfig::default(),
                         )
                         .await;

@@ -3,7 +3,7 @@
 //! I/O-bound handlers of the concurrency case, and the light projections of
 //! the RSS child.
 
-use projectionist::{async_trait, Concurrency, Filter, Projection, StoredEvent, Transaction};
+use projectionist::{Concurrency, Filter, StoredEvent};
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
 use std::sync::Mutex;
@@ -32,18 +32,24 @@ pub struct Noop {
     pub name: String,
 }
 
-#[async_trait]
-impl Projection for Noop {
-    fn name(&self) -> &str {
-        &self.name
+#[projectionist::async_trait]
+impl projectionist::Projection for Noop {
+    fn options(&self) -> projectionist::ProjectionOptions {
+        projectionist::ProjectionOptions::new(&self.name)
     }
-    async fn handle(&self, _: &StoredEvent, _: &Transaction<'_>) -> projectionist::Result<()> {
+
+    async fn handle(
+        &self,
+        _: &StoredEvent,
+        _: &projectionist::Context<'_>,
+    ) -> projectionist::Result<()> {
         Ok(())
     }
+
     async fn handle_batch(
         &self,
         _: &[StoredEvent],
-        _: &Transaction<'_>,
+        _: &projectionist::Context<'_>,
     ) -> projectionist::Result<()> {
         Ok(())
     }
@@ -55,12 +61,17 @@ pub struct Light {
     pub sum: AtomicI64,
 }
 
-#[async_trait]
-impl Projection for Light {
-    fn name(&self) -> &str {
-        &self.name
+#[projectionist::async_trait]
+impl projectionist::Projection for Light {
+    fn options(&self) -> projectionist::ProjectionOptions {
+        projectionist::ProjectionOptions::new(&self.name)
     }
-    async fn handle(&self, event: &StoredEvent, _: &Transaction<'_>) -> projectionist::Result<()> {
+
+    async fn handle(
+        &self,
+        event: &StoredEvent,
+        _: &projectionist::Context<'_>,
+    ) -> projectionist::Result<()> {
         let a: Amount = event.decode()?;
         self.sum.fetch_add(a.amount, Ordering::Relaxed);
         Ok(())
@@ -70,17 +81,17 @@ impl Projection for Light {
 /// `bench_balances` via one upsert per event.
 pub struct BalancesPerEvent;
 
-#[async_trait]
-impl Projection for BalancesPerEvent {
-    fn name(&self) -> &str {
-        "bench_balances_per_event"
+#[projectionist::async_trait]
+impl projectionist::Projection for BalancesPerEvent {
+    fn options(&self) -> projectionist::ProjectionOptions {
+        projectionist::ProjectionOptions::new("bench_balances_per_event").pipelined(true)
     }
-    /// One upsert per event: the statements commute per account, so the
-    /// engine may pipeline them.
-    fn pipelined(&self) -> bool {
-        true
-    }
-    async fn handle(&self, event: &StoredEvent, tx: &Transaction<'_>) -> projectionist::Result<()> {
+
+    async fn handle(
+        &self,
+        event: &StoredEvent,
+        tx: &projectionist::Context<'_>,
+    ) -> projectionist::Result<()> {
         let a: Amount = event.decode()?;
         let stmt = tx.prepare_cached(UPSERT_ONE).await?;
         tx.execute(&stmt, &[&event.aggregate_id, &a.amount]).await?;
@@ -91,18 +102,24 @@ impl Projection for BalancesPerEvent {
 /// `bench_balances` via one set-based upsert per batch.
 pub struct BalancesBatch;
 
-#[async_trait]
-impl Projection for BalancesBatch {
-    fn name(&self) -> &str {
-        "bench_balances_batch"
+#[projectionist::async_trait]
+impl projectionist::Projection for BalancesBatch {
+    fn options(&self) -> projectionist::ProjectionOptions {
+        projectionist::ProjectionOptions::new("bench_balances_batch")
     }
-    async fn handle(&self, event: &StoredEvent, tx: &Transaction<'_>) -> projectionist::Result<()> {
+
+    async fn handle(
+        &self,
+        event: &StoredEvent,
+        tx: &projectionist::Context<'_>,
+    ) -> projectionist::Result<()> {
         self.handle_batch(std::slice::from_ref(event), tx).await
     }
+
     async fn handle_batch(
         &self,
         events: &[StoredEvent],
-        tx: &Transaction<'_>,
+        tx: &projectionist::Context<'_>,
     ) -> projectionist::Result<()> {
         let mut acc: HashMap<&str, (i64, i64)> = HashMap::with_capacity(events.len());
         for e in events {
@@ -131,12 +148,17 @@ pub struct Stamp {
     pub seen: mpsc::UnboundedSender<(i64, Instant)>,
 }
 
-#[async_trait]
-impl Projection for Stamp {
-    fn name(&self) -> &str {
-        &self.name
+#[projectionist::async_trait]
+impl projectionist::Projection for Stamp {
+    fn options(&self) -> projectionist::ProjectionOptions {
+        projectionist::ProjectionOptions::new(&self.name)
     }
-    async fn handle(&self, event: &StoredEvent, _: &Transaction<'_>) -> projectionist::Result<()> {
+
+    async fn handle(
+        &self,
+        event: &StoredEvent,
+        _: &projectionist::Context<'_>,
+    ) -> projectionist::Result<()> {
         let _ = self.seen.send((event.global_position, Instant::now()));
         Ok(())
     }
@@ -152,15 +174,18 @@ pub const IO_SLEEP: Duration = Duration::from_millis(10);
 /// Waits `IO_SLEEP` per event inside the batch transaction (sequential mode).
 pub struct SleepSequential;
 
-#[async_trait]
-impl Projection for SleepSequential {
-    fn name(&self) -> &str {
-        "bench_io_sequential"
+#[projectionist::async_trait]
+impl projectionist::Projection for SleepSequential {
+    fn options(&self) -> projectionist::ProjectionOptions {
+        projectionist::ProjectionOptions::new("bench_io_sequential")
+            .filter(Filter::all().aggregate_types([IO_SEQ_TYPE]))
     }
-    fn filter(&self) -> Filter {
-        Filter::all().aggregate_types([IO_SEQ_TYPE])
-    }
-    async fn handle(&self, _: &StoredEvent, _: &Transaction<'_>) -> projectionist::Result<()> {
+
+    async fn handle(
+        &self,
+        _: &StoredEvent,
+        _: &projectionist::Context<'_>,
+    ) -> projectionist::Result<()> {
         tokio::time::sleep(IO_SLEEP).await;
         Ok(())
     }
@@ -185,23 +210,22 @@ pub struct SleepConcurrent {
     pub calls: AtomicUsize,
 }
 
-#[async_trait]
-impl Projection for SleepConcurrent {
-    fn name(&self) -> &str {
-        "bench_io_concurrent"
+#[projectionist::async_trait]
+impl projectionist::ConcurrentProjection for SleepConcurrent {
+    fn options(&self) -> projectionist::ProjectionOptions {
+        projectionist::ProjectionOptions::new("bench_io_concurrent")
+            .filter(Filter::all().aggregate_types([IO_PAR_TYPE]))
     }
-    fn filter(&self) -> Filter {
-        Filter::all().aggregate_types([IO_PAR_TYPE])
+
+    fn concurrency(&self) -> projectionist::Concurrency {
+        Concurrency::new(self.max_in_flight)
     }
-    fn concurrency(&self) -> Option<Concurrency> {
-        Some(Concurrency::new(self.max_in_flight))
-    }
-    async fn handle(&self, _: &StoredEvent, _: &Transaction<'_>) -> projectionist::Result<()> {
-        Err(projectionist::Error::handler_msg(
-            "bench_io_concurrent: the engine called handle() in concurrency mode",
-        ))
-    }
-    async fn handle_concurrent(&self, event: &StoredEvent) -> projectionist::Result<()> {
+
+    async fn handle(
+        &self,
+        event: &StoredEvent,
+        _scope: &projectionist::Scope,
+    ) -> projectionist::Result<()> {
         let now = self.running.fetch_add(1, Ordering::SeqCst) + 1;
         self.peak.fetch_max(now, Ordering::SeqCst);
         self.calls.fetch_add(1, Ordering::Relaxed);

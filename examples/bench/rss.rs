@@ -5,7 +5,7 @@
 use crate::projections::Light;
 use crate::setup::{Bench, Seeded};
 use crate::stats::{mark, median, round};
-use projectionist::{EventStore, Projection, Runner, RunnerConfig, StoreConfig};
+use projectionist::{EventStore, Registered, Runner, RunnerConfig, StoreConfig};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::AtomicI64;
@@ -29,12 +29,13 @@ pub async fn child_rss(url: &str) -> ExitCode {
     let config = projectionist::parse_url(url).expect("child: invalid database URL");
     let store = EventStore::connect_config(config, StoreConfig::default())
         .expect("child: cannot build the store");
-    let projections: Vec<Arc<dyn Projection>> = (0..RSS_PROJECTIONS)
+    let projections: Vec<Registered> = (0..RSS_PROJECTIONS)
         .map(|i| {
-            Arc::new(Light {
+            Registered::new(Arc::new(Light {
                 name: format!("bench_rss_{i}"),
                 sum: AtomicI64::new(0),
-            }) as Arc<dyn Projection>
+            }))
+            .expect("child: cannot register a projection")
         })
         .collect();
     let runner = Runner::new(store, RunnerConfig::default())

@@ -81,18 +81,15 @@ struct AccountBalancesShape;
 
 #[projectionist::async_trait]
 impl projectionist::Projection for AccountBalancesShape {
-    fn name(&self) -> &str {
-        PROJECTION
-    }
-
-    fn filter(&self) -> projectionist::Filter {
-        projectionist::Filter::all().aggregate_types(["Account"])
+    fn options(&self) -> projectionist::ProjectionOptions {
+        projectionist::ProjectionOptions::new(PROJECTION)
+            .filter(projectionist::Filter::all().aggregate_types(["Account"]))
     }
 
     async fn handle(
         &self,
         _: &projectionist::StoredEvent,
-        _: &projectionist::Transaction<'_>,
+        _: &projectionist::Context<'_>,
     ) -> projectionist::Result<()> {
         Err(projectionist::Error::config(
             "the bench's account_balances stand-in only feeds status",
@@ -633,8 +630,11 @@ impl Bench {
             projectionist::StoreConfig::default(),
         )
         .map_err(|e| format!("store: {e}"))?;
-        let projections: Vec<std::sync::Arc<dyn projectionist::Projection>> =
-            vec![std::sync::Arc::new(AccountBalancesShape)];
+        let projections =
+            vec![
+                projectionist::Registered::new(std::sync::Arc::new(AccountBalancesShape))
+                    .map_err(|e| format!("register: {e}"))?,
+            ];
         projectionist::status(&store, &projections)
             .await
             .map_err(|e| format!("status: {e}"))?;

@@ -11,9 +11,7 @@
 
 use crate::setup::Bench;
 use crate::stats::{ev_s, mark, median, rate, round};
-use projectionist::{
-    async_trait, EventStore, Projection, Registry, StoredEvent, Transaction, UpcastResult,
-};
+use projectionist::{EventStore, Registered, Registry, StoredEvent, UpcastResult};
 use serde_json::json;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
@@ -48,13 +46,17 @@ struct TypedSum {
     sum: AtomicI64,
 }
 
-#[async_trait]
-impl Projection for TypedSum {
-    fn name(&self) -> &str {
-        "bench_typed_sum"
+#[projectionist::async_trait]
+impl projectionist::Projection for TypedSum {
+    fn options(&self) -> projectionist::ProjectionOptions {
+        projectionist::ProjectionOptions::new("bench_typed_sum")
     }
 
-    async fn handle(&self, event: &StoredEvent, _: &Transaction<'_>) -> projectionist::Result<()> {
+    async fn handle(
+        &self,
+        event: &StoredEvent,
+        _: &projectionist::Context<'_>,
+    ) -> projectionist::Result<()> {
         let BenchEvent::Deposited(d) = event.typed::<BenchEvent>()?;
         self.sum.fetch_add(d.cents, Ordering::Relaxed);
         Ok(())
@@ -63,7 +65,7 @@ impl Projection for TypedSum {
     async fn handle_batch(
         &self,
         events: &[StoredEvent],
-        _: &Transaction<'_>,
+        _: &projectionist::Context<'_>,
     ) -> projectionist::Result<()> {
         let mut sum = 0;
         for event in events {
@@ -114,7 +116,13 @@ impl Bench {
             sum: AtomicI64::new(0),
         });
         let d = self
-            .catchup_count(store, client, n, p.clone(), self.catchup_config())
+            .catchup_count(
+                store,
+                client,
+                n,
+                Registered::new(p.clone()).expect("cannot register the projection"),
+                self.catchup_config(),
+            )
             .await;
         assert_eq!(
             p.sum.load(Ordering::Relaxed),

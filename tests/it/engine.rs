@@ -3,8 +3,8 @@
 
 use crate::common::{env, wait_until, Env};
 use projectionist::{
-    async_trait, DispatcherKind, ExpectedVersion, Filter, NewEvent, Projection, Runner,
-    RunnerConfig, StoredEvent, Transaction,
+    DispatcherKind, ExpectedVersion, Filter, NewEvent, Registered, Runner, RunnerConfig,
+    StoredEvent,
 };
 use rand::Rng;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -49,21 +49,19 @@ impl Tally {
     }
 }
 
-#[async_trait]
-impl Projection for Tally {
-    fn name(&self) -> &str {
-        &self.name
+#[projectionist::async_trait]
+impl projectionist::Projection for Tally {
+    fn options(&self) -> projectionist::ProjectionOptions {
+        projectionist::ProjectionOptions::new(&self.name)
+            .filter(self.filter.clone())
+            .pipelined(self.pipelined)
     }
 
-    fn filter(&self) -> Filter {
-        self.filter.clone()
-    }
-
-    fn pipelined(&self) -> bool {
-        self.pipelined
-    }
-
-    async fn handle(&self, event: &StoredEvent, tx: &Transaction<'_>) -> projectionist::Result<()> {
+    async fn handle(
+        &self,
+        event: &StoredEvent,
+        tx: &projectionist::Context<'_>,
+    ) -> projectionist::Result<()> {
         self.calls.fetch_add(1, Ordering::Relaxed);
         if let Some(seen) = &self.seen {
             let _ = seen.send((event.global_position, Instant::now()));
@@ -185,7 +183,7 @@ async fn catch_up_of_10000_events_builds_the_exact_read_model() {
         10_000,
         "each event handled once"
     );
-    let status = projectionist::status(&env.store, &[tally as Arc<dyn Projection>])
+    let status = projectionist::status(&env.store, &[Registered::new(tally).unwrap()])
         .await
         .unwrap();
     assert_eq!(status.len(), 1);
@@ -391,7 +389,7 @@ async fn a_filter_that_matches_nothing_still_advances_the_cursor() {
     })
     .await;
     assert_eq!(tally.calls.load(Ordering::Relaxed), 0);
-    let status = projectionist::status(&env.store, &[tally as Arc<dyn Projection>])
+    let status = projectionist::status(&env.store, &[Registered::new(tally).unwrap()])
         .await
         .unwrap();
     assert_eq!(status[0].lag_events, 0);
@@ -597,17 +595,17 @@ async fn pipelined_per_event_handlers_build_the_exact_read_model() {
 /// already cached can overtake an earlier one still preparing.
 struct Orders;
 
-#[async_trait]
-impl Projection for Orders {
-    fn name(&self) -> &str {
-        "orders"
+#[projectionist::async_trait]
+impl projectionist::Projection for Orders {
+    fn options(&self) -> projectionist::ProjectionOptions {
+        projectionist::ProjectionOptions::new("orders").pipelined(true)
     }
 
-    fn pipelined(&self) -> bool {
-        true
-    }
-
-    async fn handle(&self, event: &StoredEvent, tx: &Transaction<'_>) -> projectionist::Result<()> {
+    async fn handle(
+        &self,
+        event: &StoredEvent,
+        tx: &projectionist::Context<'_>,
+    ) -> projectionist::Result<()> {
         let sql = match event.event_type.as_str() {
             "OrderPlaced" => {
                 "INSERT INTO orders (order_id, status, version) VALUES ($1, 'placed', $2)"
@@ -630,7 +628,7 @@ impl Projection for Orders {
 
     async fn reset(
         &self,
-        tx: &Transaction<'_>,
+        tx: &projectionist::Context<'_>,
         _: Option<projectionist::Partition>,
     ) -> projectionist::Result<()> {
         tx.batch_execute("TRUNCATE orders").await?;
@@ -731,7 +729,7 @@ async fn pipelined_handlers_keep_each_streams_order_across_rebuilds() {
     let mut failures = Vec::new();
     for (run, batch_size) in [100i64, 64, 100, 30].into_iter().enumerate() {
         if run > 0 {
-            projectionist::reset(&env.store, orders.as_ref(), None)
+            projectionist::reset(&env.store, &Registered::new(orders.clone()).unwrap(), None)
                 .await
                 .unwrap();
         }

@@ -5,9 +5,8 @@
 use crate::cli::{assert_read_model_exact, run, text};
 use crate::common::{env, wait_until, Env};
 use projectionist::{
-    async_trait, dead_letter, Concurrency, EventStore, ExpectedVersion, FailurePolicy, Filter,
-    Metadata, NewEvent, Projection, Registry, Runner, RunnerConfig, StoredEvent, Transaction,
-    UnknownEvents,
+    dead_letter, Concurrency, EventStore, ExpectedVersion, FailurePolicy, Filter, Metadata,
+    NewEvent, Registered, Registry, Runner, RunnerConfig, StoredEvent, UnknownEvents,
 };
 use serde_json::json;
 use std::collections::BTreeMap;
@@ -61,6 +60,15 @@ impl Balances {
         })
     }
 
+    /// Registered through the trait its mode asks for.
+    fn registered(self: &Arc<Self>) -> Registered {
+        if self.mode == Mode::Concurrent {
+            Registered::concurrent(self.clone()).unwrap()
+        } else {
+            Registered::new(self.clone()).unwrap()
+        }
+    }
+
     fn upsert(&self) -> String {
         format!(
             "INSERT INTO {t} (account_id, balance, n) VALUES ($1, $2, 1) ON CONFLICT (account_id) \
@@ -81,37 +89,44 @@ impl Balances {
     }
 }
 
-#[async_trait]
-impl Projection for Balances {
-    fn name(&self) -> &str {
-        &self.name
+#[projectionist::async_trait]
+impl projectionist::Projection for Balances {
+    fn options(&self) -> projectionist::ProjectionOptions {
+        projectionist::ProjectionOptions::new(&self.name)
+            .filter(Filter::all().event_types(["MoneyDeposited", "MoneyWithdrawn"]))
+            .failure_policy(self.policy)
+            .pipelined(self.mode == Mode::Pipelined)
     }
 
-    fn filter(&self) -> Filter {
-        // Current names only: FundsDeposited is read through the registry.
-        Filter::all().event_types(["MoneyDeposited", "MoneyWithdrawn"])
-    }
-
-    fn failure_policy(&self) -> FailurePolicy {
-        self.policy
-    }
-
-    fn pipelined(&self) -> bool {
-        self.mode == Mode::Pipelined
-    }
-
-    fn concurrency(&self) -> Option<Concurrency> {
-        (self.mode == Mode::Concurrent).then(|| Concurrency::new(8))
-    }
-
-    async fn handle(&self, event: &StoredEvent, tx: &Transaction<'_>) -> projectionist::Result<()> {
+    async fn handle(
+        &self,
+        event: &StoredEvent,
+        tx: &projectionist::Context<'_>,
+    ) -> projectionist::Result<()> {
         let delta = self.delta(event)?;
         let stmt = tx.prepare_cached(&self.upsert()).await?;
         tx.execute(&stmt, &[&event.aggregate_id, &delta]).await?;
         Ok(())
     }
+}
 
-    async fn handle_concurrent(&self, event: &StoredEvent) -> projectionist::Result<()> {
+#[projectionist::async_trait]
+impl projectionist::ConcurrentProjection for Balances {
+    fn options(&self) -> projectionist::ProjectionOptions {
+        projectionist::ProjectionOptions::new(&self.name)
+            .filter(Filter::all().event_types(["MoneyDeposited", "MoneyWithdrawn"]))
+            .failure_policy(self.policy)
+    }
+
+    fn concurrency(&self) -> projectionist::Concurrency {
+        Concurrency::new(8)
+    }
+
+    async fn handle(
+        &self,
+        event: &StoredEvent,
+        _scope: &projectionist::Scope,
+    ) -> projectionist::Result<()> {
         let delta = self.delta(event)?;
         let client = self.pool.get().await?;
         client
@@ -247,13 +262,13 @@ async fn old_shapes_project_like_current_ones_in_every_mode() {
     let store = bank_store(&env);
     seed_both_shapes(&env, &store).await;
     let total = (ACCOUNTS * history(0).len() as i64 * 2) as usize;
-    let mut projections: Vec<Arc<dyn Projection>> = Vec::new();
+    let mut projections: Vec<Registered> = Vec::new();
     for (name, mode) in [
         ("seq_balances", Mode::Sequential),
         ("pipe_balances", Mode::Pipelined),
         ("conc_balances", Mode::Concurrent),
     ] {
-        projections.push(Balances::new(&env, name, mode).await);
+        projections.push(Balances::new(&env, name, mode).await.registered());
     }
     let runner = Runner::new(store.clone(), RunnerConfig::default())
         .with_projections(&projections)
@@ -359,7 +374,7 @@ async fn dlq_retry_and_show_upcast_old_shapes() {
     ));
     // Retried once fixed: the old shapes reach the handler upcast.
     projection.fail_old.store(false, Ordering::SeqCst);
-    let projections: Vec<Arc<dyn Projection>> = vec![projection.clone()];
+    let projections = vec![projection.registered()];
     for d in &letters {
         let r = dead_letter::retry(&store, &projections, d.id)
             .await
@@ -394,6 +409,15 @@ impl Cents {
         })
     }
 
+    /// Registered through the trait its mode asks for.
+    fn registered(self: &Arc<Self>) -> Registered {
+        if self.concurrent.is_some() {
+            Registered::concurrent(self.clone()).unwrap()
+        } else {
+            Registered::new(self.clone()).unwrap()
+        }
+    }
+
     fn insert(&self) -> String {
         format!(
             "INSERT INTO {} (global_position, cents) VALUES ($1, $2) ON CONFLICT DO NOTHING",
@@ -409,26 +433,19 @@ impl Cents {
     }
 }
 
-#[async_trait]
-impl Projection for Cents {
-    fn name(&self) -> &str {
-        &self.name
+#[projectionist::async_trait]
+impl projectionist::Projection for Cents {
+    fn options(&self) -> projectionist::ProjectionOptions {
+        projectionist::ProjectionOptions::new(&self.name)
+            .failure_policy(FailurePolicy::dead_letter().attempts(1))
+            .unknown_events(self.unknown)
     }
 
-    fn unknown_events(&self) -> UnknownEvents {
-        self.unknown
-    }
-
-    fn failure_policy(&self) -> FailurePolicy {
-        // The dead-letter policy does not apply to unknown events.
-        FailurePolicy::dead_letter().attempts(1)
-    }
-
-    fn concurrency(&self) -> Option<Concurrency> {
-        self.concurrent.as_ref().map(|_| Concurrency::new(4))
-    }
-
-    async fn handle(&self, event: &StoredEvent, tx: &Transaction<'_>) -> projectionist::Result<()> {
+    async fn handle(
+        &self,
+        event: &StoredEvent,
+        tx: &projectionist::Context<'_>,
+    ) -> projectionist::Result<()> {
         tx.execute(
             &self.insert(),
             &[&event.global_position, &Self::cents(event)?],
@@ -436,8 +453,25 @@ impl Projection for Cents {
         .await?;
         Ok(())
     }
+}
 
-    async fn handle_concurrent(&self, event: &StoredEvent) -> projectionist::Result<()> {
+#[projectionist::async_trait]
+impl projectionist::ConcurrentProjection for Cents {
+    fn options(&self) -> projectionist::ProjectionOptions {
+        projectionist::ProjectionOptions::new(&self.name)
+            .failure_policy(FailurePolicy::dead_letter().attempts(1))
+            .unknown_events(self.unknown)
+    }
+
+    fn concurrency(&self) -> projectionist::Concurrency {
+        (self.concurrent.as_ref().map(|_| Concurrency::new(4))).unwrap_or_default()
+    }
+
+    async fn handle(
+        &self,
+        event: &StoredEvent,
+        _scope: &projectionist::Scope,
+    ) -> projectionist::Result<()> {
         let pool = self.concurrent.as_ref().expect("concurrency mode");
         pool.get()
             .await?
@@ -519,8 +553,11 @@ async fn an_event_from_a_newer_release_stops_the_slot_until_a_newer_binary_resum
     let sequential = Cents::new(&env, "seq_cents", UnknownEvents::default(), false).await;
     let concurrent = Cents::new(&env, "conc_cents", UnknownEvents::default(), true).await;
     let ignoring = Cents::new(&env, "lax_cents", UnknownEvents::Ignore, false).await;
-    let old: Vec<Arc<dyn Projection>> =
-        vec![sequential.clone(), concurrent.clone(), ignoring.clone()];
+    let old = vec![
+        sequential.registered(),
+        concurrent.registered(),
+        ignoring.registered(),
+    ];
     let runner = Runner::new(store.clone(), RunnerConfig::default())
         .with_projections(&old)
         .unwrap();
@@ -565,7 +602,7 @@ async fn an_event_from_a_newer_release_stops_the_slot_until_a_newer_binary_resum
     // The newer binary: its registry knows version 3. Still failed until
     // `resume`; then the event and everything after it are handled.
     let newer = env.store.clone().with_registry(newer_registry()).unwrap();
-    let upgraded: Vec<Arc<dyn Projection>> = vec![sequential.clone(), concurrent.clone()];
+    let upgraded = vec![sequential.registered(), concurrent.registered()];
     let runner = Runner::new(newer.clone(), RunnerConfig::default())
         .with_projections(&upgraded)
         .unwrap();
@@ -625,7 +662,7 @@ async fn projections_of_registered_types_only_stop_at_an_unregistered_type() {
     )
     .await;
     let default = Cents::new(&env, "default_cents", UnknownEvents::default(), false).await;
-    let projections: Vec<Arc<dyn Projection>> = vec![strict.clone(), default.clone()];
+    let projections = vec![strict.registered(), default.registered()];
     let runner = Runner::new(store.clone(), RunnerConfig::default())
         .with_projections(&projections)
         .unwrap();
@@ -877,8 +914,11 @@ async fn status_counts_passed_over_and_renamed_events_right() {
     let renamed = Balances::new(&env, "renamed_balances", Mode::Sequential).await;
     let ignoring_seq = Cents::new(&env, "lax_seq", UnknownEvents::Ignore, false).await;
     let ignoring_conc = Cents::new(&env, "lax_conc", UnknownEvents::Ignore, true).await;
-    let projections: Vec<Arc<dyn Projection>> =
-        vec![renamed.clone(), ignoring_seq.clone(), ignoring_conc.clone()];
+    let projections = vec![
+        renamed.registered(),
+        ignoring_seq.registered(),
+        ignoring_conc.registered(),
+    ];
     let runner = Runner::new(store.clone(), RunnerConfig::default())
         .with_projections(&projections)
         .unwrap();

@@ -4,8 +4,8 @@
 use crate::cli::{bank, run, text};
 use crate::common::{env, wait_until, Env};
 use projectionist::{
-    async_trait, dead_letter, ExpectedVersion, FailurePolicy, NewEvent, Projection, Runner,
-    RunnerConfig, StoredEvent, Transaction,
+    dead_letter, ExpectedVersion, FailurePolicy, NewEvent, Registered, Runner, RunnerConfig,
+    StoredEvent,
 };
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -39,17 +39,17 @@ impl Picky {
     }
 }
 
-#[async_trait]
-impl Projection for Picky {
-    fn name(&self) -> &str {
-        &self.name
+#[projectionist::async_trait]
+impl projectionist::Projection for Picky {
+    fn options(&self) -> projectionist::ProjectionOptions {
+        projectionist::ProjectionOptions::new(&self.name).failure_policy(self.policy)
     }
 
-    fn failure_policy(&self) -> FailurePolicy {
-        self.policy
-    }
-
-    async fn handle(&self, event: &StoredEvent, tx: &Transaction<'_>) -> projectionist::Result<()> {
+    async fn handle(
+        &self,
+        event: &StoredEvent,
+        tx: &projectionist::Context<'_>,
+    ) -> projectionist::Result<()> {
         let payload = event.payload_value()?;
         let amount = match payload.get("amount") {
             Some(serde_json::Value::Number(n)) => n.as_i64().unwrap_or(0),
@@ -160,7 +160,7 @@ async fn poison_event_is_dead_lettered_and_the_good_ones_around_it_applied() {
     );
 
     // Retried while the cause persists: it stays, its attempt count raised.
-    let projections: Vec<Arc<dyn Projection>> = vec![picky.clone()];
+    let projections = vec![Registered::new(picky.clone()).unwrap()];
     let r = dead_letter::retry(&env.store, &projections, letters[0].id)
         .await
         .unwrap();
@@ -214,7 +214,10 @@ async fn stop_policy_fails_the_slot_others_go_on_and_resume_continues() {
             })
             .await
     });
-    let projections: Vec<Arc<dyn Projection>> = vec![stopper.clone(), healthy.clone()];
+    let projections = vec![
+        Registered::new(stopper.clone()).unwrap(),
+        Registered::new(healthy.clone()).unwrap(),
+    ];
     wait_until(Duration::from_secs(30), "stop_model to fail", || async {
         projectionist::status(&env.store, &projections)
             .await
@@ -463,19 +466,21 @@ async fn restore_into_another_cluster_is_refused_until_rebased() {
 /// policy must handle them like any other handler error.
 struct ClientMistakes;
 
-#[async_trait]
-impl Projection for ClientMistakes {
-    fn name(&self) -> &str {
-        "client_mistakes"
+#[projectionist::async_trait]
+impl projectionist::Projection for ClientMistakes {
+    fn options(&self) -> projectionist::ProjectionOptions {
+        projectionist::ProjectionOptions::new("client_mistakes").failure_policy(
+            FailurePolicy::dead_letter()
+                .attempts(2)
+                .backoff(Duration::from_millis(5), Duration::from_millis(20)),
+        )
     }
 
-    fn failure_policy(&self) -> FailurePolicy {
-        FailurePolicy::dead_letter()
-            .attempts(2)
-            .backoff(Duration::from_millis(5), Duration::from_millis(20))
-    }
-
-    async fn handle(&self, event: &StoredEvent, tx: &Transaction<'_>) -> projectionist::Result<()> {
+    async fn handle(
+        &self,
+        event: &StoredEvent,
+        tx: &projectionist::Context<'_>,
+    ) -> projectionist::Result<()> {
         match event.event_type.as_str() {
             "Lookup" => {
                 tx.query_one(
@@ -555,34 +560,30 @@ struct Notifier {
     handled: std::sync::Mutex<Vec<i64>>,
 }
 
-#[async_trait]
-impl Projection for Notifier {
-    fn name(&self) -> &str {
-        "notifier"
+#[projectionist::async_trait]
+impl projectionist::ConcurrentProjection for Notifier {
+    fn options(&self) -> projectionist::ProjectionOptions {
+        projectionist::ProjectionOptions::new("notifier").failure_policy(
+            FailurePolicy::dead_letter()
+                .attempts(2)
+                .backoff(Duration::from_millis(5), Duration::from_millis(20)),
+        )
     }
 
-    fn concurrency(&self) -> Option<projectionist::Concurrency> {
-        Some(projectionist::Concurrency::new(4))
+    fn concurrency(&self) -> projectionist::Concurrency {
+        projectionist::Concurrency::new(4)
     }
 
-    fn failure_policy(&self) -> FailurePolicy {
-        FailurePolicy::dead_letter()
-            .attempts(2)
-            .backoff(Duration::from_millis(5), Duration::from_millis(20))
-    }
-
-    async fn handle_concurrent(&self, event: &StoredEvent) -> projectionist::Result<()> {
+    async fn handle(
+        &self,
+        event: &StoredEvent,
+        _scope: &projectionist::Scope,
+    ) -> projectionist::Result<()> {
         if event.event_type == "Poison" && !self.fixed.load(Ordering::SeqCst) {
             return Err(projectionist::Error::handler_msg("the mail server said no"));
         }
         self.handled.lock().unwrap().push(event.global_position);
         Ok(())
-    }
-
-    async fn handle(&self, _: &StoredEvent, _: &Transaction<'_>) -> projectionist::Result<()> {
-        Err(projectionist::Error::handler_msg(
-            "handle() called on a concurrency-mode projection",
-        ))
     }
 }
 
@@ -604,7 +605,7 @@ async fn dead_letter_retry_of_a_concurrent_projection_calls_handle_concurrent() 
         handled: std::sync::Mutex::new(Vec::new()),
     });
     let runner = Runner::new(env.store.clone(), RunnerConfig::default())
-        .with_projection(notifier.clone())
+        .with_concurrent_projection(notifier.clone())
         .unwrap();
     wait_until(Duration::from_secs(30), "the 6 good events", || async {
         runner.run_once().await.unwrap();
@@ -618,7 +619,7 @@ async fn dead_letter_retry_of_a_concurrent_projection_calls_handle_concurrent() 
     let poison = letters[0].global_position;
     assert_eq!(poison, r.last_position - 3);
 
-    let projections: Vec<Arc<dyn Projection>> = vec![notifier.clone()];
+    let projections = vec![Registered::concurrent(notifier.clone()).unwrap()];
     let again = dead_letter::retry(&env.store, &projections, letters[0].id)
         .await
         .unwrap();

@@ -4,8 +4,8 @@
 
 use crate::common::{env, wait_until, Env};
 use projectionist::{
-    async_trait, Concurrency, ExpectedVersion, FailurePolicy, Filter, NewEvent, Projection, Runner,
-    RunnerConfig, StoredEvent, Transaction, WorkerConfig,
+    Concurrency, ExpectedVersion, FailurePolicy, Filter, NewEvent, Registered, Runner,
+    RunnerConfig, StoredEvent, WorkerConfig,
 };
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -32,6 +32,15 @@ struct Counter {
 }
 
 impl Counter {
+    /// Registered through the trait its mode asks for.
+    fn registered(self: &Arc<Self>) -> Registered {
+        if self.concurrent {
+            Registered::concurrent(self.clone()).unwrap()
+        } else {
+            Registered::new(self.clone()).unwrap()
+        }
+    }
+
     fn new(name: &str, poison: OnPoison, concurrent: bool) -> Arc<Counter> {
         Arc::new(Counter {
             name: name.to_owned(),
@@ -92,33 +101,23 @@ impl Counter {
     }
 }
 
-#[async_trait]
-impl Projection for Counter {
-    fn name(&self) -> &str {
-        &self.name
+#[projectionist::async_trait]
+impl projectionist::Projection for Counter {
+    fn options(&self) -> projectionist::ProjectionOptions {
+        projectionist::ProjectionOptions::new(&self.name)
+            .filter(Filter::all().aggregate_types(["Thing"]))
+            .failure_policy(
+                FailurePolicy::dead_letter()
+                    .attempts(2)
+                    .backoff(Duration::from_millis(10), Duration::from_millis(10)),
+            )
     }
 
-    fn filter(&self) -> Filter {
-        Filter::all().aggregate_types(["Thing"])
-    }
-
-    fn failure_policy(&self) -> FailurePolicy {
-        FailurePolicy::dead_letter()
-            .attempts(2)
-            .backoff(Duration::from_millis(10), Duration::from_millis(10))
-    }
-
-    fn concurrency(&self) -> Option<Concurrency> {
-        self.concurrent.then(|| Concurrency::new(8))
-    }
-
-    async fn handle_concurrent(&self, event: &StoredEvent) -> projectionist::Result<()> {
-        self.poisoned(event).await;
-        self.calls.fetch_add(1, Ordering::SeqCst);
-        Ok(())
-    }
-
-    async fn handle(&self, event: &StoredEvent, tx: &Transaction<'_>) -> projectionist::Result<()> {
+    async fn handle(
+        &self,
+        event: &StoredEvent,
+        tx: &projectionist::Context<'_>,
+    ) -> projectionist::Result<()> {
         self.poisoned(event).await;
         self.calls.fetch_add(1, Ordering::SeqCst);
         tx.execute(
@@ -130,6 +129,33 @@ impl Projection for Counter {
             &[&event.aggregate_id],
         )
         .await?;
+        Ok(())
+    }
+}
+
+#[projectionist::async_trait]
+impl projectionist::ConcurrentProjection for Counter {
+    fn options(&self) -> projectionist::ProjectionOptions {
+        projectionist::ProjectionOptions::new(&self.name)
+            .filter(Filter::all().aggregate_types(["Thing"]))
+            .failure_policy(
+                FailurePolicy::dead_letter()
+                    .attempts(2)
+                    .backoff(Duration::from_millis(10), Duration::from_millis(10)),
+            )
+    }
+
+    fn concurrency(&self) -> projectionist::Concurrency {
+        Concurrency::new(8)
+    }
+
+    async fn handle(
+        &self,
+        event: &StoredEvent,
+        _scope: &projectionist::Scope,
+    ) -> projectionist::Result<()> {
+        self.poisoned(event).await;
+        self.calls.fetch_add(1, Ordering::SeqCst);
         Ok(())
     }
 }
@@ -214,7 +240,7 @@ async fn panic_is_dead_lettered(concurrent: bool) {
     append(&env, "b", &[-1]).await;
     append(&env, "c", &[1, 1, 1, 1]).await;
     let runner = Runner::new(env.store.clone(), config())
-        .with_projections(&[panicky.clone(), calm.clone()])
+        .with_projections(&[panicky.registered(), calm.registered()])
         .unwrap();
     let (stop, h) = spawn(runner);
     wait_until(
@@ -261,7 +287,7 @@ async fn a_reset_while_running_rebuilds_the_projection() {
         append(&env, &format!("s{i}"), &[1, 1, 1, 1]).await;
     }
     let runner = Runner::new(env.store.clone(), config())
-        .with_projection(counter.clone())
+        .with_registered(counter.registered())
         .unwrap();
     let (stop, h) = spawn(runner);
     wait_until(Duration::from_secs(30), "the first build", || async {
@@ -275,7 +301,7 @@ async fn a_reset_while_running_rebuilds_the_projection() {
         .batch_execute(&format!("TRUNCATE {}", counter.table()))
         .await
         .unwrap();
-    let deleted = projectionist::reset(&env.store, counter.as_ref(), None)
+    let deleted = projectionist::reset(&env.store, &counter.registered(), None)
         .await
         .unwrap();
     assert_eq!(deleted, 1);
@@ -283,10 +309,9 @@ async fn a_reset_while_running_rebuilds_the_projection() {
         Duration::from_secs(30),
         "the running process to rebuild after the reset",
         || async {
-            let status =
-                projectionist::status(&env.store, &[counter.clone() as Arc<dyn Projection>])
-                    .await
-                    .unwrap();
+            let status = projectionist::status(&env.store, &[counter.registered()])
+                .await
+                .unwrap();
             counter.rows(&env).await == 20
                 && status.len() == 1
                 && status[0].events_handled == 20
@@ -306,7 +331,7 @@ async fn a_paused_slot_handles_nothing_until_resumed() {
     counter.create_table(&env).await;
     append(&env, "a", &[1, 1]).await;
     let runner = Runner::new(env.store.clone(), config())
-        .with_projection(counter.clone())
+        .with_registered(counter.registered())
         .unwrap();
     let (stop, h) = spawn(runner);
     wait_until(Duration::from_secs(30), "the first events", || async {
@@ -358,7 +383,7 @@ async fn worker_shutdown_does_not_leave_a_hung_handler_running() {
         env.store.clone(),
         config().shutdown_timeout(Duration::from_millis(500)),
     )
-    .with_projection(hung.clone())
+    .with_registered(hung.registered())
     .unwrap();
     let (stop_tx, h) = spawn_worker(runner);
     wait_until(Duration::from_secs(30), "the handler to hang", || async {
@@ -391,7 +416,7 @@ async fn a_failed_mark_is_never_overwritten_by_a_later_batch_in_worker_mode() {
     counter.create_table(&env).await;
     append(&env, "a", &[1, 1]).await;
     let runner = Runner::new(env.store.clone(), config())
-        .with_projection(counter.clone())
+        .with_registered(counter.registered())
         .unwrap();
     let (stop_tx, h) = spawn_worker(runner);
     wait_until(Duration::from_secs(30), "the first events", || async {
@@ -446,7 +471,7 @@ async fn status_flags_events_below_the_cursor_that_were_never_handled() {
     counter.create_table(&env).await;
     append(&env, "a", &[1, 1]).await;
     let runner = Runner::new(env.store.clone(), config())
-        .with_projection(counter.clone())
+        .with_registered(counter.registered())
         .unwrap();
     let (stop, h) = spawn(runner);
     wait_until(Duration::from_secs(30), "the first events", || async {
@@ -487,7 +512,7 @@ async fn status_flags_events_below_the_cursor_that_were_never_handled() {
     )
     .await
     .unwrap();
-    let projections = [counter.clone() as Arc<dyn Projection>];
+    let projections = [counter.registered()];
     let status = projectionist::status(&env.store, &projections)
         .await
         .unwrap();

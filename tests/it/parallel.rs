@@ -2,10 +2,7 @@
 //! re-handling after a crash, backpressure, dead letters.
 
 use crate::common::{env, wait_until, Env};
-use projectionist::{
-    async_trait, Concurrency, FailurePolicy, Projection, Runner, RunnerConfig, StoredEvent,
-    Transaction,
-};
+use projectionist::{Concurrency, FailurePolicy, Registered, Runner, RunnerConfig, StoredEvent};
 use rand::Rng;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -37,27 +34,25 @@ impl Slow {
     }
 }
 
-#[async_trait]
-impl Projection for Slow {
-    fn name(&self) -> &str {
-        "slow_io"
+#[projectionist::async_trait]
+impl projectionist::ConcurrentProjection for Slow {
+    fn options(&self) -> projectionist::ProjectionOptions {
+        projectionist::ProjectionOptions::new("slow_io").failure_policy(
+            FailurePolicy::dead_letter()
+                .attempts(2)
+                .backoff(Duration::from_millis(1), Duration::from_millis(2)),
+        )
     }
 
-    fn concurrency(&self) -> Option<Concurrency> {
-        Some(Concurrency::new(self.max_in_flight))
+    fn concurrency(&self) -> projectionist::Concurrency {
+        Concurrency::new(self.max_in_flight)
     }
 
-    fn failure_policy(&self) -> FailurePolicy {
-        FailurePolicy::dead_letter()
-            .attempts(2)
-            .backoff(Duration::from_millis(1), Duration::from_millis(2))
-    }
-
-    async fn handle(&self, _: &StoredEvent, _: &Transaction<'_>) -> projectionist::Result<()> {
-        unreachable!("concurrency mode calls handle_concurrent")
-    }
-
-    async fn handle_concurrent(&self, event: &StoredEvent) -> projectionist::Result<()> {
+    async fn handle(
+        &self,
+        event: &StoredEvent,
+        _scope: &projectionist::Scope,
+    ) -> projectionist::Result<()> {
         let now = self.running.fetch_add(1, Ordering::SeqCst) + 1;
         self.max_running.fetch_max(now, Ordering::SeqCst);
         let delay = rand::thread_rng().gen_range(0..=self.max_delay_ms);
@@ -100,7 +95,7 @@ fn runner(env: &Env, p: Arc<Slow>) -> Runner {
             .poll_interval(Duration::from_millis(20))
             .unwrap(),
     )
-    .with_projection(p)
+    .with_concurrent_projection(p)
     .unwrap()
 }
 
@@ -179,9 +174,10 @@ async fn random_delays_over_1000_aggregates_every_event_once_in_order_within_the
         slow.max_running.load(Ordering::SeqCst) > 1,
         "ran concurrently"
     );
-    let status = projectionist::status(&env.store, &[slow.clone() as Arc<dyn Projection>])
-        .await
-        .unwrap();
+    let status =
+        projectionist::status(&env.store, &[Registered::concurrent(slow.clone()).unwrap()])
+            .await
+            .unwrap();
     assert_eq!(status[0].lag_events, 0);
     let parallel = status[0]
         .parallel
@@ -213,9 +209,12 @@ async fn a_crash_re_handles_at_most_the_window_and_loses_nothing() {
     let r = runner(&env, again.clone());
     let (stop, h) = spawn(r);
     wait_until(Duration::from_secs(60), "the rest handled", || async {
-        let status = projectionist::status(&env.store, &[again.clone() as Arc<dyn Projection>])
-            .await
-            .unwrap();
+        let status = projectionist::status(
+            &env.store,
+            &[Registered::concurrent(again.clone()).unwrap()],
+        )
+        .await
+        .unwrap();
         status[0].lag_events == 0
     })
     .await;
@@ -257,9 +256,10 @@ async fn a_poison_event_is_dead_lettered_and_does_not_block_the_projection() {
     let r = runner(&env, slow.clone());
     let (stop, h) = spawn(r);
     wait_until(Duration::from_secs(30), "caught up", || async {
-        let status = projectionist::status(&env.store, &[slow.clone() as Arc<dyn Projection>])
-            .await
-            .unwrap();
+        let status =
+            projectionist::status(&env.store, &[Registered::concurrent(slow.clone()).unwrap()])
+                .await
+                .unwrap();
         !status.is_empty() && status[0].lag_events == 0
     })
     .await;

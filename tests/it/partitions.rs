@@ -2,7 +2,7 @@
 //! fetch about one log's worth of index rows, not n logs.
 
 use crate::common::wait_until;
-use projectionist::{async_trait, Projection, Runner, RunnerConfig, StoredEvent, Transaction};
+use projectionist::{Runner, RunnerConfig, StoredEvent};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -25,13 +25,17 @@ impl Noop {
     }
 }
 
-#[async_trait]
-impl Projection for Noop {
-    fn name(&self) -> &str {
-        self.name
+#[projectionist::async_trait]
+impl projectionist::Projection for Noop {
+    fn options(&self) -> projectionist::ProjectionOptions {
+        projectionist::ProjectionOptions::new(self.name)
     }
 
-    async fn handle(&self, _: &StoredEvent, _: &Transaction<'_>) -> projectionist::Result<()> {
+    async fn handle(
+        &self,
+        _: &StoredEvent,
+        _: &projectionist::Context<'_>,
+    ) -> projectionist::Result<()> {
         self.calls.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }

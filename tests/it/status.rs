@@ -5,9 +5,7 @@
 use crate::cli::{bank, run, text};
 use crate::common::{env, wait_until};
 use crate::ops::{free_port, http};
-use projectionist::{
-    async_trait, Filter, Projection, StatusOptions, StoredEvent, Transaction, LAG_SAMPLE_EVENTS,
-};
+use projectionist::{Filter, Registered, StatusOptions, StoredEvent, LAG_SAMPLE_EVENTS};
 use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -15,27 +13,28 @@ use std::time::{Duration, Instant};
 /// A projection that is only a name and a filter (status needs no more).
 struct Named(&'static str, Filter);
 
-#[async_trait]
-impl Projection for Named {
-    fn name(&self) -> &str {
-        self.0
+#[projectionist::async_trait]
+impl projectionist::Projection for Named {
+    fn options(&self) -> projectionist::ProjectionOptions {
+        projectionist::ProjectionOptions::new(self.0).filter(self.1.clone())
     }
 
-    fn filter(&self) -> Filter {
-        self.1.clone()
-    }
-
-    async fn handle(&self, _: &StoredEvent, _: &Transaction<'_>) -> projectionist::Result<()> {
+    async fn handle(
+        &self,
+        _: &StoredEvent,
+        _: &projectionist::Context<'_>,
+    ) -> projectionist::Result<()> {
         Ok(())
     }
 }
 
 /// The bank's `account_balances` as far as status is concerned.
-fn account_balances() -> Vec<Arc<dyn Projection>> {
-    vec![Arc::new(Named(
+fn account_balances() -> Vec<Registered> {
+    vec![Registered::new(Arc::new(Named(
         "account_balances",
         Filter::all().aggregate_types(["Account"]),
-    ))]
+    )))
+    .unwrap()]
 }
 
 /// Every plan node with its parent's node type (depth first).

@@ -7,8 +7,8 @@ use crate::ops::{free_port, http};
 use futures_util::StreamExt;
 use projectionist::testing::{TestDatabase, TestServer};
 use projectionist::{
-    async_trait, Cursor, ExpectedVersion, Filter, NewEvent, Projection, Runner, RunnerConfig,
-    StoredEvent, Transaction, WaitTarget, Waiter, CHECKPOINTS_CHANNEL,
+    Cursor, ExpectedVersion, Filter, NewEvent, Runner, RunnerConfig, StoredEvent, WaitTarget,
+    Waiter, CHECKPOINTS_CHANNEL,
 };
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
@@ -20,21 +20,19 @@ struct Picky {
     partitions: i32,
 }
 
-#[async_trait]
-impl Projection for Picky {
-    fn name(&self) -> &str {
-        "picky"
+#[projectionist::async_trait]
+impl projectionist::Projection for Picky {
+    fn options(&self) -> projectionist::ProjectionOptions {
+        projectionist::ProjectionOptions::new("picky")
+            .filter(Filter::all().event_types(["Wanted"]))
+            .partitions(self.partitions)
     }
 
-    fn filter(&self) -> Filter {
-        Filter::all().event_types(["Wanted"])
-    }
-
-    fn partitions(&self) -> i32 {
-        self.partitions
-    }
-
-    async fn handle(&self, _: &StoredEvent, _: &Transaction<'_>) -> projectionist::Result<()> {
+    async fn handle(
+        &self,
+        _: &StoredEvent,
+        _: &projectionist::Context<'_>,
+    ) -> projectionist::Result<()> {
         Ok(())
     }
 }
