@@ -123,6 +123,63 @@ pub enum Command {
         #[arg(long)]
         yes: bool,
     },
+    /// List each projection's versions: live (readers see it), building, previous, retired.
+    Versions {
+        /// Only this projection.
+        name: Option<String>,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Switch readers to a projection's newest version (or --version) once it has caught up;
+    /// refused with the remaining lag otherwise.
+    Promote {
+        /// The projection's name.
+        name: String,
+        /// The version to promote (default: the newest one, counting the one this binary runs).
+        #[arg(long)]
+        version: Option<i32>,
+        /// The most events the version may still have to handle and count as caught up.
+        #[arg(long, default_value_t = crate::versions::DEFAULT_PROMOTE_MAX_LAG)]
+        max_lag: i64,
+    },
+    /// Drop an old (not live) version's tables, checkpoints and dead letters; prints what it
+    /// drops and needs --yes.
+    Retire {
+        /// The projection's name.
+        name: String,
+        /// The version to drop.
+        #[arg(long)]
+        version: i32,
+        /// Drop it (without: only print what would be dropped).
+        #[arg(long)]
+        yes: bool,
+    },
+    /// Remove everything stored for a projection that is no longer in this binary (every
+    /// version's checkpoints, dead letters, tables and views); prints what it drops and needs --yes.
+    Forget {
+        /// The projection's name.
+        name: String,
+        /// Drop it (without: only print what would be dropped).
+        #[arg(long)]
+        yes: bool,
+    },
+    /// Move a rewindable projection's cursors back to a global position or a time, so that the
+    /// events from there are handled again (prints how many first; needs --yes).
+    Rewind {
+        /// The projection's name.
+        name: String,
+        /// Handle again every event from this global position on.
+        #[arg(long, required_unless_present = "to_time", conflicts_with = "to_time")]
+        to_position: Option<i64>,
+        /// Handle again every event appended at or after this time (RFC 3339, e.g.
+        /// 2026-12-03T10:00:00Z).
+        #[arg(long)]
+        to_time: Option<String>,
+        /// Move the cursors (without: only print how many events would be handled again).
+        #[arg(long)]
+        yes: bool,
+    },
     /// Clear a projection's read model and checkpoints so the next run rebuilds it.
     Reset {
         /// The projection's name.
@@ -238,6 +295,10 @@ pub struct RunArgs {
     /// Catch up with every readable event, then exit 0 (static mode only).
     #[arg(long)]
     pub once: bool,
+    /// Promote each projection version this process builds beside the live one as soon as it
+    /// has caught up (readers switch to it without `promote`). Default: off.
+    #[arg(long, env = "PROMOTE_WHEN_CAUGHT_UP")]
+    pub promote_when_caught_up: bool,
     /// static: this process runs PARTITION_KEY of TOTAL_PARTITIONS; worker: join the worker pool
     /// and run the slots the leader assigns.
     #[arg(long, env = "RUN_MODE", default_value = "static", value_parser = ["static", "worker"])]
@@ -512,6 +573,19 @@ impl App {
                         global.schema
                     );
                 }
+                // Each projection's version and read model (its migrate
+                // hook), as run-projections would at start.
+                crate::versions::prepare(&store, &self.projections).await?;
+                for p in &self.projections {
+                    if !p.tables().is_empty() {
+                        outln!(
+                            "read model of {} version {} is ready: {}",
+                            p.name(),
+                            p.version(),
+                            p.tables().join(", ")
+                        );
+                    }
+                }
                 Ok(())
             }
             Command::RunProjections(args) => self.run_projections(global, *args).await,
@@ -617,6 +691,126 @@ impl App {
                         outln!("{p}: {n} dead letter(s): see `dlq list --projection {p}`");
                     }
                 }
+                Ok(())
+            }
+            Command::Versions { name, json } => {
+                let store = self.connect(global).await?;
+                let rows = crate::versions::list(&store, name.as_deref()).await?;
+                if json {
+                    outln!("{}", serde_json::to_string_pretty(&rows)?);
+                } else if rows.is_empty() {
+                    outln!("no versions recorded (they are recorded when run-projections starts)");
+                } else {
+                    let mut table = comfy_table::Table::new();
+                    table.load_preset(comfy_table::presets::UTF8_FULL_CONDENSED);
+                    table.set_header([
+                        "projection",
+                        "version",
+                        "state",
+                        "tables",
+                        "live from position",
+                    ]);
+                    for r in &rows {
+                        table.add_row([
+                            r.name.clone(),
+                            r.version.to_string(),
+                            r.state.clone(),
+                            r.tables.join(", "),
+                            r.live_from_position.to_string(),
+                        ]);
+                    }
+                    outln!("{table}");
+                }
+                Ok(())
+            }
+            Command::Promote {
+                name,
+                version,
+                max_lag,
+            } => {
+                let store = self.connect(global).await?;
+                let p =
+                    crate::versions::promote(&store, &self.projections, &name, version, max_lag)
+                        .await?;
+                if p.already_live {
+                    outln!("version {} of {name} is already live", p.version);
+                } else {
+                    outln!(
+                        "promoted version {} of {name} (was {}): readers of {} now see it",
+                        p.version,
+                        p.previous
+                            .map_or_else(|| "none".to_owned(), |v| v.to_string()),
+                        if p.tables.is_empty() {
+                            "its tables".to_owned()
+                        } else {
+                            p.tables.join(", ")
+                        }
+                    );
+                }
+                Ok(())
+            }
+            Command::Retire { name, version, yes } => {
+                let store = self.connect(global).await?;
+                let r = crate::versions::retire(&store, &name, version, yes).await?;
+                let what = format!(
+                    "version {version} of {name}: tables [{}], {} checkpoint(s), {} dead letter(s)",
+                    r.tables.join(", "),
+                    r.checkpoints,
+                    r.dead_letters
+                );
+                if !yes {
+                    outln!("would retire {what}");
+                    return Err(Error::config("nothing dropped: pass --yes to retire it"));
+                }
+                outln!("retired {what}");
+                Ok(())
+            }
+            Command::Forget { name, yes } => {
+                let store = self.connect(global).await?;
+                let f = crate::versions::forget(&store, &self.projections, &name, yes).await?;
+                let what = format!(
+                    "{name}: checkpoint keys [{}], versions {:?}, tables and views [{}], {} checkpoint(s), \
+                     {} dead letter(s)",
+                    f.keys.join(", "),
+                    f.versions,
+                    f.relations.join(", "),
+                    f.checkpoints,
+                    f.dead_letters
+                );
+                if !yes {
+                    outln!("would forget {what}");
+                    return Err(Error::config("nothing dropped: pass --yes to forget it"));
+                }
+                outln!("forgot {what}");
+                Ok(())
+            }
+            Command::Rewind {
+                name,
+                to_position,
+                to_time,
+                yes,
+            } => {
+                let projection = self.find(&name)?;
+                let target = match (to_position, to_time) {
+                    (Some(p), _) => crate::rewind::RewindTo::Position(p),
+                    (None, Some(t)) => crate::rewind::RewindTo::Time(t),
+                    (None, None) => {
+                        return Err(Error::config("rewind needs --to-position P or --to-time T"))
+                    }
+                };
+                let store = self.connect(global).await?;
+                let r = crate::rewind::rewind(&store, &projection, &target, yes).await?;
+                let what = format!(
+                    "{}: {} event(s) will be handled again in {} partition(s)",
+                    projection.key(),
+                    r.events,
+                    r.moved
+                );
+                if !yes {
+                    outln!("rewinding {what}");
+                    return Err(Error::config("nothing moved: pass --yes to rewind"));
+                }
+                outln!("rewound {what}; running processes continue from the new cursors");
                 Ok(())
             }
             Command::Reset {
@@ -803,7 +997,8 @@ impl App {
             .shutdown_timeout(parse_duration("SHUTDOWN_TIMEOUT", &args.shutdown_timeout)?)
             .dispatcher(dispatcher)
             .notify_channel(&global.notify_channel)?
-            .partition(partition_key, args.total_partitions)?;
+            .partition(partition_key, args.total_partitions)?
+            .promote_when_caught_up(args.promote_when_caught_up);
         let admin_addr = crate::server::parse_admin_addr(&args.admin_addr)?;
         let store = self.connect(global).await?;
         let runner = Runner::new(store.clone(), config).with_projections(&projections)?;

@@ -32,6 +32,7 @@ pub struct RunnerConfig {
     pub(crate) total_partitions: i32,
     pub(crate) shutdown_timeout: Duration,
     pub(crate) synchronous_commit: bool,
+    pub(crate) promote_when_caught_up: bool,
 }
 
 impl Default for RunnerConfig {
@@ -48,6 +49,7 @@ impl Default for RunnerConfig {
             total_partitions: 1,
             shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
             synchronous_commit: false,
+            promote_when_caught_up: false,
         }
     }
 }
@@ -131,6 +133,16 @@ impl RunnerConfig {
     /// at-least-once either way). Appends are not affected.
     pub fn synchronous_commit(mut self, on: bool) -> RunnerConfig {
         self.synchronous_commit = on;
+        self
+    }
+
+    /// Promote each projection version this process builds beside a live
+    /// one as soon as it has caught up (within
+    /// [`DEFAULT_PROMOTE_MAX_LAG`](crate::versions::DEFAULT_PROMOTE_MAX_LAG)
+    /// events, none failed): readers switch to it without an operator.
+    /// Checked every second. Default: off (promote with `promote NAME`).
+    pub fn promote_when_caught_up(mut self, on: bool) -> RunnerConfig {
+        self.promote_when_caught_up = on;
         self
     }
 

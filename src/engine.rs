@@ -76,6 +76,13 @@ impl Engine {
                 stop.clone(),
             ));
         }
+        if self.config.promote_when_caught_up {
+            background.spawn(crate::versions::promote_when_caught_up(
+                self.store.clone(),
+                self.projections.clone(),
+                stop.clone(),
+            ));
+        }
     }
 
     /// The error returned when in-flight batches outlive the shutdown

@@ -53,6 +53,10 @@ impl Error {
         }
     }
 
+    pub(crate) fn kind(&self) -> Kind {
+        self.kind
+    }
+
     pub(crate) fn with_source(mut self, source: impl Into<BoxError>) -> Error {
         self.source = Some(source.into());
         self

@@ -30,12 +30,14 @@ mod progress;
 mod projection;
 mod registered;
 mod registry;
+pub mod rewind;
 mod runner;
 mod server;
 mod slot;
 mod store;
 mod tls;
 mod typed;
+pub mod versions;
 mod wait;
 mod worker;
 

@@ -21,7 +21,7 @@ pub const HISTORY_TABLE: &str = "projectionist_migrations";
 
 /// Advisory-lock key space for migrations: a fixed constant mixed with the
 /// schema name, so different schemas migrate independently.
-fn lock_key(schema: &Ident) -> i64 {
+pub(crate) fn lock_key(schema: &Ident) -> i64 {
     // FNV-1a, stable across builds and platforms.
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for b in b"projectionist:migrate:"

@@ -179,6 +179,34 @@ enum Interrupt {
     Held(String),
 }
 
+/// Refuses to (re)build a retired version: `retire` dropped its state on
+/// purpose, and a binary still running it must not bring it back.
+async fn refuse_retired<C: tokio_postgres::GenericClient>(
+    client: &C,
+    versions_table: &str,
+    projection: &Registered,
+) -> Result<()> {
+    if crate::versions::is_retired(
+        client,
+        versions_table,
+        projection.name(),
+        projection.version(),
+    )
+    .await?
+    {
+        return Err(Error::new(
+            Kind::Failed,
+            format!(
+                "version {} of projection {} was retired: its checkpoints and tables are gone on purpose. \
+                 Stop this binary or deploy one with the live version",
+                projection.version(),
+                projection.name()
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// The crash epoch for which the "lost commits" warning was logged, so
 /// that it is logged once per restart, not once per slot.
 static ANNOUNCED_EPOCH: std::sync::Mutex<Option<Uuid>> = std::sync::Mutex::new(None);
@@ -224,6 +252,7 @@ pub(crate) struct Processor {
     checkpoints_table: String,
     assignments_table: String,
     epoch_table: String,
+    versions_table: String,
     dead_letters: String,
     slot: Slot,
     batch_size: i64,
@@ -277,6 +306,7 @@ impl Processor {
         let read_sql = gap_safe_query(&sql.events, &filter, Some(&tables));
         let checkpoints = Checkpoints::with_assignments(&sql.checkpoints, &sql.assignments);
         let client = pool.get().await?;
+        refuse_retired(&**client, &sql.versions, &projection).await?;
         let cursor = checkpoints
             .ensure(&**client, &name, slot.partition, slot.total)
             .await?;
@@ -293,6 +323,7 @@ impl Processor {
             checkpoints_table: sql.checkpoints.clone(),
             assignments_table: sql.assignments.clone(),
             epoch_table: sql.epoch.clone(),
+            versions_table: sql.versions.clone(),
             dead_letters: sql.dead_letters.clone(),
             slot,
             batch_size,
@@ -494,6 +525,7 @@ impl Processor {
                         self.name, self.slot.partition
                     )));
                 }
+                refuse_retired(&***client, &self.versions_table, &self.projection).await?;
                 tracing::warn!(projection = %self.name, partition = self.slot.partition,
                     "the checkpoint was deleted (reset): rebuilding the projection from the start");
                 self.checkpoints

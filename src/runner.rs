@@ -174,6 +174,7 @@ impl Runner {
                 .check_cluster(&**client)
                 .await?;
         }
+        crate::versions::prepare(&self.engine.store, &self.engine.projections).await?;
         let mut processors = Vec::new();
         for p in &self.engine.projections {
             processors.push(self.start_processor(p).await?);

@@ -161,6 +161,11 @@ pub(crate) struct Statements {
     pub(crate) dead_letters: String,
     /// The crash sentinel (an unlogged table, see migration V6).
     pub(crate) epoch: String,
+    /// Projection versions (migration V7).
+    pub(crate) versions: String,
+    /// The migration lock key of the schema (DDL of read models runs under
+    /// it).
+    pub(crate) migration_lock: i64,
     /// The append, with the in-transaction NOTIFY when configured (for
     /// appends in a caller's transaction).
     append: String,
@@ -184,6 +189,7 @@ impl Statements {
         let workers = format!("{s}.worker_nodes");
         let dead_letters = format!("{s}.dead_letters");
         let epoch = format!("{s}.projectionist_epoch");
+        let versions = format!("{s}.projection_versions");
         let notify_col = if notify {
             ", CASE WHEN count(*) > 0 THEN pg_notify($9, pg_current_xact_id()::text)::text END"
         } else {
@@ -234,6 +240,8 @@ impl Statements {
             workers,
             dead_letters,
             epoch,
+            versions,
+            migration_lock: crate::migrate::lock_key(schema),
             append,
             append_quiet,
             read_stream,

@@ -188,6 +188,8 @@ pub(crate) async fn run(
     let schema = store.config().schema.clone();
     let channel = Ident::new("NOTIFY channel", WORKERS_CHANNEL)?;
 
+    // Versions registered and read models migrated before any slot runs.
+    crate::versions::prepare(&store, &engine.projections).await?;
     // The slots, validated against stored checkpoints before joining.
     let mut slots = Vec::new();
     {

@@ -122,7 +122,18 @@ fn env_cents(name: &str, default: i64) -> Result<i64, String> {
 
 /// The app and its projections, configured from the environment.
 fn build_app() -> Result<(App, bool), String> {
-    let balances = AccountBalances::new(!env_flag("BANK_PER_EVENT")?);
+    let version = match std::env::var("BANK_BALANCES_VERSION") {
+        Err(_) => 1,
+        Ok(v) => v
+            .trim()
+            .parse::<i32>()
+            .ok()
+            .filter(|v| *v >= 1)
+            .ok_or_else(|| {
+                format!("BANK_BALANCES_VERSION={v:?} is not a version: set it to 1, 2, 3, …")
+            })?,
+    };
+    let balances = AccountBalances::new(!env_flag("BANK_PER_EVENT")?, version);
     let threshold = env_cents("BANK_LARGE_WITHDRAWAL_CENTS", LARGE_WITHDRAWAL_CENTS)?;
     let batch = balances.is_batch();
     let app = App::new("bank")
@@ -148,19 +159,7 @@ async fn migrate(app: &App, global: &GlobalArgs) -> ExitCode {
     if code != ExitCode::SUCCESS {
         return code;
     }
-    let created = async {
-        let store = app.store(global)?;
-        let client = store.pool().get().await?;
-        projections::ensure_schema(&**client).await
-    }
-    .await;
-    match created {
-        Ok(()) => {
-            let _ = writeln!(std::io::stdout(), "read model account_balances is ready");
-            ExitCode::SUCCESS
-        }
-        Err(e) => fail(&e),
-    }
+    ExitCode::SUCCESS
 }
 
 #[tokio::main]

@@ -11,11 +11,10 @@
 
 use crate::events::{BankEvent, ACCOUNT, MONEY_WITHDRAWN};
 use projectionist::{
-    Error, FailurePolicy, Filter, Partition, Result, StoredEvent, Transaction, UnknownEvents,
+    async_trait, Context, Error, FailurePolicy, Filter, Partition, Projection, ProjectionOptions,
+    Result, StoredEvent, UnknownEvents,
 };
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, Ordering};
-use tokio_postgres::GenericClient;
 
 /// Name (and checkpoint key) of the balances projection.
 pub const ACCOUNT_BALANCES: &str = "account_balances";
@@ -24,65 +23,14 @@ pub const LARGE_WITHDRAWAL_NOTIFIER: &str = "large_withdrawal_notifier";
 /// Withdrawals of at least this many cents are reported.
 pub const LARGE_WITHDRAWAL_CENTS: i64 = 100_000;
 
-/// Advisory-lock key serialising concurrent creations of the read-model
-/// table (two concurrent `CREATE TABLE IF NOT EXISTS` can otherwise fail
-/// with a unique violation in the catalog).
-const SCHEMA_LOCK_KEY: i64 = 0x6261_6e6b_5f72_6d31; // "bank_rm1"
-
-/// Creates the read model if it is missing, on the connection's
-/// `search_path` (the `public` schema by default). Cheap when the table
-/// exists: one statement, no lock. Works both inside a transaction and on
-/// its own (the `DO` block is then its own transaction, which releases the
-/// lock).
-pub async fn ensure_schema<C: GenericClient + Sync>(client: &C) -> Result<()> {
-    client
-        .batch_execute(&format!(
-            "DO $$ BEGIN \
-               IF to_regclass('account_balances') IS NULL THEN \
-                 PERFORM pg_advisory_xact_lock({SCHEMA_LOCK_KEY}); \
-                 CREATE TABLE IF NOT EXISTS account_balances ( \
-                   account_id  text PRIMARY KEY, \
-                   owner       text, \
-                   balance     bigint NOT NULL DEFAULT 0, \
-                   event_count bigint NOT NULL DEFAULT 0 \
-                 ); \
-               END IF; \
-             END $$"
-        ))
-        .await?;
-    Ok(())
-}
-
-/// The conflict clause shared by both upserts: `balance += delta`,
-/// `event_count += count`, and the owner if an `AccountOpened` was seen.
-/// Upserts of this shape commute, so a deposit that arrives before its
-/// account's `AccountOpened` is fine.
-macro_rules! upsert_tail {
-    () => {
-        " ON CONFLICT (account_id) DO UPDATE SET \
-          balance = account_balances.balance + excluded.balance, \
-          event_count = account_balances.event_count + excluded.event_count, \
-          owner = coalesce(excluded.owner, account_balances.owner)"
-    };
-}
-
-/// Per-event mode: one row per statement.
-const UPSERT_ONE: &str = concat!(
-    "INSERT INTO account_balances (account_id, owner, balance, event_count) \
-     VALUES ($1, $2, $3, 1)",
-    upsert_tail!()
-);
-
-/// Batch mode: one row per account of the batch, from four parallel arrays.
-const UPSERT_MANY: &str = concat!(
-    "INSERT INTO account_balances (account_id, owner, balance, event_count) \
-     SELECT * FROM unnest($1::text[], $2::text[], $3::int8[], $4::int8[])",
-    upsert_tail!()
-);
-
-/// `account_balances(account_id, owner, balance, event_count)`: the balance
-/// (deposits − withdrawals, in cents) and the number of events of every
-/// account.
+/// `account_balances(account_id, owner, balance, event_count)` — and from
+/// version 2 on `deposit_count` — the balance (deposits − withdrawals, in
+/// cents) and the number of events of every account.
+///
+/// Readers query `account_balances`, a view the engine points at the live
+/// version's table (`account_balances_v1`, `account_balances_v2`, …):
+/// version 2 (`BANK_BALANCES_VERSION=2`) is built beside version 1 and
+/// readers switch with `bank promote account_balances`.
 ///
 /// Two modes, with identical results:
 /// - batch (the default): [`Projection::handle_batch`] folds the whole page
@@ -91,14 +39,14 @@ const UPSERT_MANY: &str = concat!(
 /// - per event (`BANK_PER_EVENT=1`): one prepared upsert per event.
 pub struct AccountBalances {
     batch: bool,
-    /// Whether this process has made sure the table exists.
-    schema_ready: AtomicBool,
+    version: i32,
 }
 
 /// What one event does to its account's row.
 struct Change {
     owner: Option<String>,
     delta: i64,
+    deposit: bool,
 }
 
 /// A whole batch's effect on one account.
@@ -107,15 +55,15 @@ struct Folded {
     owner: Option<String>,
     delta: i64,
     count: i64,
+    deposits: i64,
 }
 
 impl AccountBalances {
-    /// `batch`: set-based SQL per batch (true) or one upsert per event.
-    pub fn new(batch: bool) -> AccountBalances {
-        AccountBalances {
-            batch,
-            schema_ready: AtomicBool::new(false),
-        }
+    /// `batch`: set-based SQL per batch (true) or one upsert per event;
+    /// `version`: 1 (the original table) or 2 and up (adds
+    /// `deposit_count`).
+    pub fn new(batch: bool, version: i32) -> AccountBalances {
+        AccountBalances { batch, version }
     }
 
     /// Whether set-based batch mode is on.
@@ -123,12 +71,17 @@ impl AccountBalances {
         self.batch
     }
 
+    /// Whether this version keeps `deposit_count`.
+    fn counts_deposits(&self) -> bool {
+        self.version >= 2
+    }
+
     /// The effect of one event, decoded as a [`BankEvent`] (the store's
     /// registry has brought older shapes up to date).
     fn change(event: &StoredEvent) -> Result<Change> {
-        let (owner, delta) = match event.typed::<BankEvent>()? {
-            BankEvent::Opened(opened) => (Some(opened.owner), 0),
-            BankEvent::Deposited(deposited) => (None, deposited.cents),
+        let (owner, delta, deposit) = match event.typed::<BankEvent>()? {
+            BankEvent::Opened(opened) => (Some(opened.owner), 0, false),
+            BankEvent::Deposited(deposited) => (None, deposited.cents, true),
             BankEvent::Withdrawn(withdrawn) => {
                 let cents = withdrawn.cents;
                 let delta = cents.checked_neg().ok_or_else(|| {
@@ -137,39 +90,65 @@ impl AccountBalances {
                         event.global_position
                     ))
                 })?;
-                (None, delta)
+                (None, delta, false)
             }
         };
-        Ok(Change { owner, delta })
+        Ok(Change {
+            owner,
+            delta,
+            deposit,
+        })
     }
 
-    /// Creates the table on first use in this process (a no-op afterwards).
-    async fn ensure_table(&self, tx: &Transaction<'_>) -> Result<()> {
-        if !self.schema_ready.load(Ordering::Acquire) {
-            ensure_schema(&**tx).await?;
-            self.schema_ready.store(true, Ordering::Release);
-        }
-        Ok(())
+    /// The upsert of one row per account from five parallel arrays (ids,
+    /// owners, balance deltas, event counts, deposit counts): `balance +=
+    /// delta`, `event_count += count`, the owner if an `AccountOpened` was
+    /// seen. Upserts of this shape commute, so a deposit that arrives
+    /// before its account's `AccountOpened` is fine.
+    fn upsert_sql(&self, table: &str) -> String {
+        let (column, value, set) = if self.counts_deposits() {
+            (
+                ", deposit_count",
+                ", d",
+                ", deposit_count = t.deposit_count + excluded.deposit_count",
+            )
+        } else {
+            ("", "", "")
+        };
+        format!(
+            "INSERT INTO {table} AS t (account_id, owner, balance, event_count{column}) \
+             SELECT id, owner, delta, n{value} \
+             FROM unnest($1::text[], $2::text[], $3::int8[], $4::int8[], $5::int8[]) AS u(id, owner, delta, n, d) \
+             ON CONFLICT (account_id) DO UPDATE SET \
+               balance = t.balance + excluded.balance, \
+               event_count = t.event_count + excluded.event_count, \
+               owner = coalesce(excluded.owner, t.owner){set}"
+        )
     }
 
-    /// After an "undefined table" error (the batch that created the table
-    /// rolled back, or someone dropped it), check again next time.
-    fn note_error(&self, e: Error) -> Error {
-        if e.db_code() == Some("42P01") {
-            self.schema_ready.store(false, Ordering::Release);
-        }
-        e
-    }
-
-    async fn upsert_one(&self, event: &StoredEvent, tx: &Transaction<'_>) -> Result<()> {
-        let change = Self::change(event)?;
-        let stmt = tx.prepare_cached(UPSERT_ONE).await?;
-        tx.execute(&stmt, &[&event.aggregate_id, &change.owner, &change.delta])
+    /// Folds `events` into one change per account and upserts them; with
+    /// `batch` false, one statement per event.
+    async fn upsert(&self, events: &[StoredEvent], ctx: &Context<'_>) -> Result<()> {
+        let stmt = ctx
+            .prepare_cached(&self.upsert_sql(ctx.table(ACCOUNT_BALANCES)))
             .await?;
-        Ok(())
-    }
-
-    async fn upsert_batch(&self, events: &[StoredEvent], tx: &Transaction<'_>) -> Result<()> {
+        if !self.batch {
+            for event in events {
+                let c = Self::change(event)?;
+                ctx.execute(
+                    &stmt,
+                    &[
+                        &vec![event.aggregate_id.as_str()],
+                        &vec![c.owner],
+                        &vec![c.delta],
+                        &vec![1i64],
+                        &vec![i64::from(c.deposit)],
+                    ],
+                )
+                .await?;
+            }
+            return Ok(());
+        }
         // Sorted by account id: concurrent batches lock rows in one order.
         let mut folded: BTreeMap<&str, Folded> = BTreeMap::new();
         for event in events {
@@ -182,6 +161,7 @@ impl AccountBalances {
                 ))
             })?;
             f.count += 1;
+            f.deposits += i64::from(change.deposit);
             if change.owner.is_some() {
                 f.owner = change.owner;
             }
@@ -190,89 +170,85 @@ impl AccountBalances {
         let mut owners = Vec::with_capacity(folded.len());
         let mut deltas = Vec::with_capacity(folded.len());
         let mut counts = Vec::with_capacity(folded.len());
+        let mut deposits = Vec::with_capacity(folded.len());
         for (id, f) in folded {
             ids.push(id);
             owners.push(f.owner);
             deltas.push(f.delta);
             counts.push(f.count);
+            deposits.push(f.deposits);
         }
-        let stmt = tx.prepare_cached(UPSERT_MANY).await?;
-        tx.execute(&stmt, &[&ids, &owners, &deltas, &counts])
+        ctx.execute(&stmt, &[&ids, &owners, &deltas, &counts, &deposits])
             .await?;
         Ok(())
     }
 }
 
-#[projectionist::async_trait]
-impl projectionist::Projection for AccountBalances {
-    fn options(&self) -> projectionist::ProjectionOptions {
-        projectionist::ProjectionOptions::new(ACCOUNT_BALANCES)
+#[async_trait]
+impl Projection for AccountBalances {
+    fn options(&self) -> ProjectionOptions {
+        ProjectionOptions::new(ACCOUNT_BALANCES)
+            .version(self.version)
+            .tables([ACCOUNT_BALANCES])
             .filter(Filter::all().aggregate_types([ACCOUNT]))
+            // A handler error sets the event aside; the others go on.
             .failure_policy(FailurePolicy::dead_letter())
+            // An event type from a newer release stops the slot until a
+            // binary that knows it runs.
             .unknown_events(UnknownEvents::StopOnUnknownType)
     }
 
-    async fn handle(&self, event: &StoredEvent, tx: &projectionist::Context<'_>) -> Result<()> {
-        self.ensure_table(tx).await?;
-        self.upsert_one(event, tx)
-            .await
-            .map_err(|e| self.note_error(e))
-    }
-
-    async fn handle_batch(
-        &self,
-        events: &[StoredEvent],
-        tx: &projectionist::Context<'_>,
-    ) -> Result<()> {
-        self.ensure_table(tx).await?;
-        let result = if self.batch {
-            self.upsert_batch(events, tx).await
+    /// The version's table (the engine runs this at start under its
+    /// migration lock, and makes `account_balances` a view of the live
+    /// version's table).
+    async fn migrate(&self, ctx: &Context<'_>) -> Result<()> {
+        let deposit_count = if self.counts_deposits() {
+            ", deposit_count bigint NOT NULL DEFAULT 0"
         } else {
-            let mut result = Ok(());
-            for event in events {
-                result = self.upsert_one(event, tx).await;
-                if result.is_err() {
-                    break;
-                }
-            }
-            result
+            ""
         };
-        result.map_err(|e| self.note_error(e))
+        ctx.batch_execute(&format!(
+            "CREATE TABLE IF NOT EXISTS {} ( \
+               account_id  text PRIMARY KEY, \
+               owner       text, \
+               balance     bigint NOT NULL DEFAULT 0, \
+               event_count bigint NOT NULL DEFAULT 0{deposit_count})",
+            ctx.table(ACCOUNT_BALANCES)
+        ))
+        .await?;
+        Ok(())
     }
 
-    async fn reset(
-        &self,
-        tx: &projectionist::Context<'_>,
-        partition: Option<Partition>,
-    ) -> Result<()> {
+    async fn handle(&self, event: &StoredEvent, ctx: &Context<'_>) -> Result<()> {
+        self.upsert(std::slice::from_ref(event), ctx).await
+    }
+
+    async fn handle_batch(&self, events: &[StoredEvent], ctx: &Context<'_>) -> Result<()> {
+        self.upsert(events, ctx).await
+    }
+
+    async fn reset(&self, ctx: &Context<'_>, partition: Option<Partition>) -> Result<()> {
         // `reset` runs this hook in its transaction with the projectionist
         // schema put in front of the connection's own search_path (for this
-        // transaction only), so `projectionist_partition` resolves and
-        // `account_balances` is still found where `migrate` created it: on
-        // the connection's search_path, `public` by default. Appending
-        // `public` only matters for a role or DATABASE_URL whose search_path
-        // leaves it out.
-        tx.batch_execute(
+        // transaction only), so `projectionist_partition` resolves and the
+        // table is still found where `migrate` created it: on the
+        // connection's search_path, `public` by default. Appending `public`
+        // only matters for a role or DATABASE_URL whose search_path leaves
+        // it out.
+        ctx.batch_execute(
             "SELECT set_config('search_path', current_setting('search_path') || ', public', true)",
         )
         .await?;
-        let exists: bool = tx
-            .query_one("SELECT to_regclass('account_balances') IS NOT NULL", &[])
-            .await?
-            .try_get(0)?;
-        if !exists {
-            tracing::info!("account_balances does not exist yet: nothing to clear");
-            return Ok(());
-        }
+        let table = ctx.table(ACCOUNT_BALANCES);
         let sql = match partition {
-            None => "DELETE FROM account_balances".to_owned(),
+            None => format!("DELETE FROM {table}"),
             Some(p) => format!(
-                "DELETE FROM account_balances WHERE {}",
+                "DELETE FROM {table} WHERE {}",
                 p.sql_condition("account_id")
             ),
         };
-        let deleted = tx.execute(sql.as_str(), &[]).await?;
-        tracing::info!(rows = deleted, ?partition, "account_balances cleared");
+        let deleted = ctx.execute(sql.as_str(), &[]).await?;
+        tracing::info!(rows = deleted, ?partition, table, "read model cleared");
         Ok(())
     }
 }
@@ -297,18 +273,25 @@ impl LargeWithdrawalNotifier {
     }
 }
 
-#[projectionist::async_trait]
-impl projectionist::Projection for LargeWithdrawalNotifier {
-    fn options(&self) -> projectionist::ProjectionOptions {
-        projectionist::ProjectionOptions::new(LARGE_WITHDRAWAL_NOTIFIER)
+#[async_trait]
+impl Projection for LargeWithdrawalNotifier {
+    fn options(&self) -> ProjectionOptions {
+        ProjectionOptions::new(LARGE_WITHDRAWAL_NOTIFIER)
             .filter(Filter::all().event_types([MONEY_WITHDRAWN]))
+            // It resends to a sink that drops duplicates by event id, so an
+            // operator may `rewind` it to send again.
+            .rewindable(true)
     }
 
-    async fn handle(&self, event: &StoredEvent, _tx: &projectionist::Context<'_>) -> Result<()> {
+    async fn handle(&self, event: &StoredEvent, ctx: &Context<'_>) -> Result<()> {
         let BankEvent::Withdrawn(withdrawn) = event.typed::<BankEvent>()? else {
             return Ok(());
         };
-        if withdrawn.cents >= self.threshold {
+        if withdrawn.cents >= self.threshold && ctx.is_replay(event) {
+            // History appended before this version first started (a new
+            // version rebuilding): compliance heard about it already.
+            tracing::debug!(idempotency_key = %event.event_id, "large withdrawal in replayed history: not notifying again");
+        } else if withdrawn.cents >= self.threshold {
             tracing::info!(
                 idempotency_key = %event.event_id,
                 account_id = %event.aggregate_id,

@@ -20,5 +20,6 @@ mod status;
 mod store;
 mod tls;
 mod two_schemas;
+mod versions;
 mod wait;
 mod worker;
