@@ -494,7 +494,9 @@ async fn status_in<C: tokio_postgres::GenericClient>(
                 lag_seconds: r.try_get::<_, f64>(14)?.max(0.0),
                 events_handled: r.try_get(5)?,
                 state: r.try_get(6)?,
-                last_error: r.try_get(7)?,
+                last_error: r
+                    .try_get::<_, Option<String>>(7)?
+                    .map(|e| crate::db::redact(&e)),
                 updated_at: updated_at.to_rfc3339(),
                 parallel: r.try_get(9)?,
                 registered: r.try_get(10)?,
@@ -729,7 +731,7 @@ pub struct WatermarkHolder {
     /// Seconds since its transaction started.
     pub open_seconds: f64,
     /// The start of its current or last query (first 200 characters; empty
-    /// when the role may not see it).
+    /// when the role may not see it), passwords masked (`PASSWORD '***'`).
     pub query: String,
 }
 
@@ -761,7 +763,7 @@ async fn watermark_holder_in<C: tokio_postgres::GenericClient>(
             application_name: r.try_get(3)?,
             state: r.try_get(4)?,
             open_seconds: r.try_get::<_, f64>(5)?.max(0.0),
-            query: r.try_get(6)?,
+            query: crate::db::redact(&r.try_get::<_, String>(6)?),
         })
     })
     .transpose()
