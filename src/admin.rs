@@ -198,7 +198,7 @@ pub struct WorkerStatus {
 /// up, e.g. on a timeout), it cancels the running query on the server and
 /// closes the connection instead of returning it to the pool, so neither
 /// the query nor a late cancel request can reach anyone else.
-struct Session {
+pub(crate) struct Session {
     client: Option<deadpool_postgres::Object>,
     cancel: tokio_postgres::CancelToken,
     tls: crate::tls::MakeRustlsConnect,
@@ -224,7 +224,10 @@ impl Session {
 
     /// Opens the read-only transaction (one snapshot for every statement)
     /// with `SET LOCAL statement_timeout`.
-    async fn begin(&mut self, timeout: Duration) -> Result<deadpool_postgres::Transaction<'_>> {
+    pub(crate) async fn begin(
+        &mut self,
+        timeout: Duration,
+    ) -> Result<deadpool_postgres::Transaction<'_>> {
         let tx = self
             .client()?
             .build_transaction()
@@ -239,7 +242,7 @@ impl Session {
     }
 
     /// The work is done: the connection goes back to the pool.
-    fn finish(mut self) {
+    pub(crate) fn finish(mut self) {
         self.finished = true;
     }
 }
@@ -272,7 +275,12 @@ impl Drop for Session {
 /// query is cancelled on the server before the error is returned (so a
 /// process that exits on the error leaves nothing running), and the
 /// connection is closed rather than returned to the pool.
-async fn within<T, F, Fut>(store: &EventStore, timeout: Duration, what: &str, work: F) -> Result<T>
+pub(crate) async fn within<T, F, Fut>(
+    store: &EventStore,
+    timeout: Duration,
+    what: &str,
+    work: F,
+) -> Result<T>
 where
     F: FnOnce(Session) -> Fut,
     Fut: std::future::Future<Output = Result<T>>,

@@ -12,6 +12,7 @@ mod assign;
 mod checkpoint;
 pub mod cli;
 mod config;
+mod console;
 mod db;
 pub mod dead_letter;
 mod dispatcher;
