@@ -198,7 +198,7 @@ pub struct WorkerStatus {
 /// up, e.g. on a timeout), it cancels the running query on the server and
 /// closes the connection instead of returning it to the pool, so neither
 /// the query nor a late cancel request can reach anyone else.
-struct Session {
+pub(crate) struct Session {
     client: Option<deadpool_postgres::Object>,
     cancel: tokio_postgres::CancelToken,
     tls: crate::tls::MakeRustlsConnect,
@@ -224,7 +224,10 @@ impl Session {
 
     /// Opens the read-only transaction (one snapshot for every statement)
     /// with `SET LOCAL statement_timeout`.
-    async fn begin(&mut self, timeout: Duration) -> Result<deadpool_postgres::Transaction<'_>> {
+    pub(crate) async fn begin(
+        &mut self,
+        timeout: Duration,
+    ) -> Result<deadpool_postgres::Transaction<'_>> {
         let tx = self
             .client()?
             .build_transaction()
@@ -239,7 +242,7 @@ impl Session {
     }
 
     /// The work is done: the connection goes back to the pool.
-    fn finish(mut self) {
+    pub(crate) fn finish(mut self) {
         self.finished = true;
     }
 }
@@ -272,7 +275,12 @@ impl Drop for Session {
 /// query is cancelled on the server before the error is returned (so a
 /// process that exits on the error leaves nothing running), and the
 /// connection is closed rather than returned to the pool.
-async fn within<T, F, Fut>(store: &EventStore, timeout: Duration, what: &str, work: F) -> Result<T>
+pub(crate) async fn within<T, F, Fut>(
+    store: &EventStore,
+    timeout: Duration,
+    what: &str,
+    work: F,
+) -> Result<T>
 where
     F: FnOnce(Session) -> Fut,
     Fut: std::future::Future<Output = Result<T>>,
@@ -494,7 +502,9 @@ async fn status_in<C: tokio_postgres::GenericClient>(
                 lag_seconds: r.try_get::<_, f64>(14)?.max(0.0),
                 events_handled: r.try_get(5)?,
                 state: r.try_get(6)?,
-                last_error: r.try_get(7)?,
+                last_error: r
+                    .try_get::<_, Option<String>>(7)?
+                    .map(|e| crate::db::redact(&e)),
                 updated_at: updated_at.to_rfc3339(),
                 parallel: r.try_get(9)?,
                 registered: r.try_get(10)?,
@@ -726,7 +736,7 @@ pub struct WatermarkHolder {
     /// Seconds since its transaction started.
     pub open_seconds: f64,
     /// The start of its current or last query (first 200 characters; empty
-    /// when the role may not see it).
+    /// when the role may not see it), passwords masked (`PASSWORD '***'`).
     pub query: String,
 }
 
@@ -758,7 +768,7 @@ async fn watermark_holder_in<C: tokio_postgres::GenericClient>(
             application_name: r.try_get(3)?,
             state: r.try_get(4)?,
             open_seconds: r.try_get::<_, f64>(5)?.max(0.0),
-            query: r.try_get(6)?,
+            query: crate::db::redact(&r.try_get::<_, String>(6)?),
         })
     })
     .transpose()

@@ -236,3 +236,153 @@ fn explain_fatal(e: &Error, config: &tokio_postgres::Config) -> Option<Error> {
     };
     Some(Error::new(Kind::Connection, message))
 }
+
+/// Masks passwords in text shown to operators (a query from
+/// `pg_stat_activity`, an error message): the password of a URL's user
+/// info (`postgres://user:***@host`), the value after `password=` or
+/// `password:` (libpq key/value strings, JSON, environment variables such
+/// as `PGPASSWORD=`), and a SQL literal after `PASSWORD` (`CREATE ROLE …
+/// PASSWORD '***'`). A literal cut off by a truncated query is masked to
+/// the end of the text.
+pub(crate) fn redact(text: &str) -> String {
+    redact_keyword(&redact_urls(text))
+}
+
+/// `scheme://user:secret@host` → `scheme://user:***@host`.
+fn redact_urls(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(i) = rest.find("://") {
+        let (head, tail) = rest.split_at(i + 3);
+        out.push_str(head);
+        let end = tail
+            .find(|c: char| c.is_whitespace() || "/?#'\"<>`".contains(c))
+            .unwrap_or(tail.len());
+        let authority = &tail[..end];
+        match (authority.rfind('@'), authority.find(':')) {
+            (Some(at), Some(colon)) if colon < at => {
+                out.push_str(&authority[..=colon]);
+                out.push_str("***");
+                out.push_str(&authority[at..]);
+            }
+            _ => out.push_str(authority),
+        }
+        rest = &tail[end..];
+    }
+    out.push_str(rest);
+    out
+}
+
+/// The value after a `password` key (`=`, `:`) or the SQL literal after
+/// the `PASSWORD` keyword.
+fn redact_keyword(text: &str) -> String {
+    const KEY: &str = "password";
+    let lower = text.to_ascii_lowercase();
+    let bytes = text.as_bytes();
+    let mut out = String::with_capacity(text.len());
+    let mut copied = 0;
+    let mut search = 0;
+    while let Some(found) = lower[search..].find(KEY) {
+        let mut i = search + found + KEY.len();
+        search = i;
+        // A quoted key (`"password": …`) ends with its quote.
+        if i < bytes.len() && (bytes[i] == b'"' || bytes[i] == b'\'') {
+            i += 1;
+        }
+        let spaced = i < bytes.len() && bytes[i].is_ascii_whitespace();
+        while i < bytes.len() && bytes[i].is_ascii_whitespace() {
+            i += 1;
+        }
+        let keyed = i < bytes.len() && (bytes[i] == b'=' || bytes[i] == b':');
+        if keyed {
+            i += 1;
+            while i < bytes.len() && bytes[i].is_ascii_whitespace() {
+                i += 1;
+            }
+        } else if !(spaced && i < bytes.len() && bytes[i] == b'\'') {
+            continue;
+        }
+        if i >= bytes.len() {
+            break;
+        }
+        let (start, end) = if bytes[i] == b'\'' || bytes[i] == b'"' {
+            // A quoted value; a doubled quote is an escaped one (SQL).
+            let quote = bytes[i];
+            let mut j = i + 1;
+            loop {
+                match bytes.get(j) {
+                    None => break (i + 1, j),
+                    Some(&b) if b == quote && bytes.get(j + 1) == Some(&quote) => j += 2,
+                    Some(&b) if b == quote => break (i + 1, j),
+                    Some(_) => j += 1,
+                }
+            }
+        } else {
+            let end = text[i..]
+                .find(|c: char| c.is_whitespace() || "&;,)}]\"'".contains(c))
+                .map(|n| i + n)
+                .unwrap_or(text.len());
+            (i, end)
+        };
+        if end > start {
+            out.push_str(&text[copied..start]);
+            out.push_str("***");
+            copied = end;
+        }
+        search = end.max(search);
+    }
+    out.push_str(&text[copied..]);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redact;
+
+    #[test]
+    fn redact_masks_passwords_and_keeps_the_rest() {
+        for (text, want) in [
+            (
+                "postgres://app:s3cr3t@db:5432/bank?sslmode=require",
+                "postgres://app:***@db:5432/bank?sslmode=require",
+            ),
+            ("postgres://app@db/bank", "postgres://app@db/bank"),
+            (
+                "see https://example.com/a:b@c",
+                "see https://example.com/a:b@c",
+            ),
+            (
+                "host=db user=app password=s3cr3t dbname=bank",
+                "host=db user=app password=*** dbname=bank",
+            ),
+            ("password = 'it''s secret' x", "password = '***' x"),
+            ("PGPASSWORD=s3cr3t psql", "PGPASSWORD=*** psql"),
+            (
+                r#"{"password": "s3cr3t", "u": 1}"#,
+                r#"{"password": "***", "u": 1}"#,
+            ),
+            (
+                "ALTER ROLE app WITH ENCRYPTED PASSWORD 'it''s s3cr3t' VALID UNTIL 'x'",
+                "ALTER ROLE app WITH ENCRYPTED PASSWORD '***' VALID UNTIL 'x'",
+            ),
+            (
+                "CREATE ROLE a PASSWORD 'cut off by left(query, 2",
+                "CREATE ROLE a PASSWORD '***",
+            ),
+            ("CREATE ROLE a PASSWORD NULL", "CREATE ROLE a PASSWORD NULL"),
+            (
+                "password authentication failed for user \"app\"",
+                "password authentication failed for user \"app\"",
+            ),
+            (
+                "url postgres://u:p@h/db and password=x",
+                "url postgres://u:***@h/db and password=***",
+            ),
+            ("PASSWORD", "PASSWORD"),
+            ("password=", "password="),
+            ("ünïcode password=ß€ rest", "ünïcode password=*** rest"),
+        ] {
+            assert_eq!(redact(text), want, "{text}");
+        }
+    }
+}

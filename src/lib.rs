@@ -12,6 +12,7 @@ mod assign;
 mod checkpoint;
 pub mod cli;
 mod config;
+mod console;
 mod context;
 mod db;
 pub mod dead_letter;

@@ -1,8 +1,9 @@
 //! The admin HTTP server (hyper 1), read-only: `/metrics` (Prometheus text
 //! format), `/healthz` (liveness: the process's loops are ticking),
 //! `/readyz` (database reachable, no failed projection, lag under
-//! `READY_MAX_LAG` if set), `/status` (JSON, as `status --json`) and
-//! `/wait` (read-your-writes, see `wait.rs`).
+//! `READY_MAX_LAG` if set), `/status` (JSON, as `status --json`),
+//! `/wait` (read-your-writes, see `wait.rs`) and the operator console at
+//! `/` with its feed `/console.json` (see `console.rs`).
 //!
 //! Database-backed answers are cached for a second and refreshed by one
 //! request at a time, so thousands of concurrent requests cost one query
@@ -102,6 +103,8 @@ pub(crate) struct AdminState {
     gauge_labels: std::sync::Mutex<GaugeLabels>,
     /// `/wait`: one LISTEN connection for every request, opened on the first.
     waiter: crate::wait::Waiter,
+    /// The console's throughput samples and dead-letter cache.
+    console: crate::console::Console,
 }
 
 impl AdminState {
@@ -125,6 +128,7 @@ impl AdminState {
             report: Cached::new(),
             readiness: Cached::new(),
             gauge_labels: std::sync::Mutex::new(GaugeLabels::default()),
+            console: crate::console::Console::default(),
         }
     }
 
@@ -289,7 +293,12 @@ pub(crate) async fn serve(
         ))
     })?;
     let bound = listener.local_addr().unwrap_or(addr);
-    tracing::info!(addr = %bound, "admin server listening (/metrics /healthz /readyz /status)");
+    tracing::info!(addr = %bound, "admin server listening (/ /metrics /healthz /readyz /status)");
+    tokio::spawn(crate::console::sample(
+        state.store.clone(),
+        state.console.clone(),
+        stop.clone(),
+    ));
     tokio::spawn(async move {
         loop {
             let (stream, _) = tokio::select! {
@@ -393,6 +402,10 @@ async fn route(state: &AdminState, req: Request<hyper::body::Incoming>) -> Respo
                 serde_json::json!({ "error": e }).to_string(),
             ),
         },
+        "/" => crate::console::page(),
+        "/console.json" => {
+            crate::console::feed(&state.console, &state.store, state.report().await).await
+        }
         "/wait" => {
             let (code, body) = crate::wait::http(&state.waiter, req.uri().query()).await;
             let code = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
@@ -401,7 +414,7 @@ async fn route(state: &AdminState, req: Request<hyper::body::Incoming>) -> Respo
         _ => respond(
             StatusCode::NOT_FOUND,
             TEXT,
-            "not found: try /metrics /healthz /readyz /status\n",
+            "not found: try / (the console) /metrics /healthz /readyz /status\n",
         ),
     }
 }

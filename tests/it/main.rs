@@ -6,6 +6,7 @@ mod catalogue;
 mod cli;
 mod commands;
 mod common;
+mod console;
 mod crash;
 mod engine;
 mod events;

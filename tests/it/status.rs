@@ -555,3 +555,44 @@ async fn status_marks_stale_owners_unregistered_projections_and_the_passed_posit
         text(&o)
     );
 }
+
+/// Nothing secret in `status`: a password in the query of the transaction
+/// that holds the watermark back, or in a slot's last error, is masked.
+#[tokio::test]
+async fn status_masks_passwords_in_the_holders_query_and_in_errors() {
+    // A server of its own: the held transaction must be the oldest writer.
+    let (_server, env) = crate::common::private_env().await;
+    let c = env.client().await;
+    c.batch_execute(
+        "INSERT INTO projection_checkpoints (projection_name, partition_key, total_partitions, status, last_error) \
+         VALUES ('account_balances', 0, 1, 'failed', 'cannot connect to postgres://app:s3cr3t@db/bank')",
+    )
+    .await
+    .unwrap();
+    let mut holder = env.client().await;
+    let tx = holder.transaction().await.unwrap();
+    tx.batch_execute("CREATE ROLE status_test_role LOGIN PASSWORD 'hunter2-secret'")
+        .await
+        .unwrap();
+    let report = projectionist::report(&env.store, &account_balances())
+        .await
+        .unwrap();
+    tx.rollback().await.unwrap();
+    let held = report
+        .watermark_held_by
+        .as_ref()
+        .expect("the held transaction");
+    assert_eq!(
+        held.query,
+        "CREATE ROLE status_test_role LOGIN PASSWORD '***'"
+    );
+    assert_eq!(
+        report.projections[0].last_error.as_deref(),
+        Some("cannot connect to postgres://app:***@db/bank")
+    );
+    let json = serde_json::to_string(&report).unwrap();
+    assert!(
+        !json.contains("hunter2") && !json.contains("s3cr3t"),
+        "{json}"
+    );
+}
