@@ -26,3 +26,9 @@ CREATE TABLE projection_versions (
 );
 CREATE UNIQUE INDEX projection_versions_one_live
     ON projection_versions (projection_name) WHERE state = 'live';
+
+-- The slots each worker's binary can run, as [[key, partition, total], …]:
+-- with binaries of different projection versions in one worker pool, the
+-- leader hands a slot only to workers that have it. NULL: a worker from
+-- before this column (it is trusted with every slot the leader knows).
+ALTER TABLE worker_nodes ADD COLUMN slots jsonb;

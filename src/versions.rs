@@ -402,6 +402,9 @@ pub async fn promote(
         )));
     }
     let previous = now.iter().find(|r| r.state == "live").map(|r| r.version);
+    if let Some(live) = previous {
+        overtake(&tx, store, name, live, &target).await?;
+    }
     for t in &target.tables {
         let physical = physical_table(t, target.version);
         if relkind(&tx, &physical).await?.is_none() {
@@ -480,6 +483,92 @@ pub async fn promote(
         tables: target.tables.clone(),
         already_live: false,
     })
+}
+
+/// How long [`promote`] holds the live version's batches while the new
+/// version's last batches commit.
+const OVERTAKE_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// In the promoting transaction: holds the live version's checkpoints (its
+/// batches wait, so it stops advancing) and waits until every slot of
+/// `target` has a cursor at or past every live slot's. Readers then never
+/// see the read model go back: the new version has handled everything the
+/// live one had. Refused when `target` does not get there within
+/// [`OVERTAKE_WAIT`].
+async fn overtake(
+    tx: &Transaction<'_>,
+    store: &EventStore,
+    name: &str,
+    live: i32,
+    target: &VersionInfo,
+) -> Result<()> {
+    let sql = store.statements();
+    tx.execute(
+        "SELECT set_config('lock_timeout', $1, true)",
+        &[&format!("{}ms", OVERTAKE_WAIT.as_millis())],
+    )
+    .await?;
+    let live_key = slot_key(name, live);
+    let live_max: Option<(u64, i64)> = {
+        let rows = tx
+            .query(
+                &format!(
+                    "SELECT last_transaction_id, last_global_position FROM {} WHERE projection_name = $1 \
+                     FOR UPDATE",
+                    sql.checkpoints
+                ),
+                &[&live_key],
+            )
+            .await?;
+        let mut max = None;
+        for r in &rows {
+            let c = (
+                r.try_get::<_, crate::event::Xid8>(0)?.0,
+                r.try_get::<_, i64>(1)?,
+            );
+            max = max.max(Some(c));
+        }
+        max
+    };
+    let Some(live_max) = live_max else {
+        return Ok(());
+    };
+    let key = target.key();
+    let deadline = tokio::time::Instant::now() + OVERTAKE_WAIT;
+    loop {
+        let rows = tx
+            .query(
+                &format!(
+                    "SELECT last_transaction_id, last_global_position FROM {} WHERE projection_name = $1",
+                    sql.checkpoints
+                ),
+                &[&key],
+            )
+            .await?;
+        let mut behind = 0;
+        for r in &rows {
+            let c = (
+                r.try_get::<_, crate::event::Xid8>(0)?.0,
+                r.try_get::<_, i64>(1)?,
+            );
+            if c < live_max {
+                behind += 1;
+            }
+        }
+        if behind == 0 && !rows.is_empty() {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(Error::config(format!(
+                "version {} of {name} did not reach the live version {live}'s position within {:?} \
+                 ({behind} of its {} slot(s) behind): promote again",
+                target.version,
+                OVERTAKE_WAIT,
+                rows.len()
+            )));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
 }
 
 /// Refuses unless every slot of `target` has started, none is failed or

@@ -252,7 +252,16 @@ pub(crate) async fn run(
         store.tls(),
         store.config().pool_size,
     )?;
-    register(&store, &sql.workers, &worker_id, &hostname).await?;
+    // The slots this binary can run: with binaries of different projection
+    // versions in one pool, the leader hands each slot only to workers
+    // that have it.
+    let advertised = serde_json::Value::Array(
+        slots
+            .iter()
+            .map(|s| serde_json::json!([s.projection, s.partition, s.total]))
+            .collect(),
+    );
+    register(&store, &sql.workers, &worker_id, &hostname, &advertised).await?;
     notify_workers(&store, "joined").await;
     tracing::info!(worker_id = %worker_id, slots = slots.len(), "worker registered");
 
@@ -280,6 +289,7 @@ pub(crate) async fn run(
         sql.workers.clone(),
         worker_id.clone(),
         hostname.clone(),
+        advertised.clone(),
         wc.heartbeat_interval,
         stop_rx.clone(),
     ));
@@ -358,19 +368,21 @@ async fn register(
     workers: &str,
     worker_id: &str,
     hostname: &str,
+    slots: &serde_json::Value,
 ) -> Result<()> {
     let client = store.pool().get().await?;
     client
         .execute(
             &format!(
-                "INSERT INTO {workers} (worker_id, hostname, pid, version) VALUES ($1, $2, $3, $4) \
-                 ON CONFLICT (worker_id) DO UPDATE SET heartbeat_at = now()"
+                "INSERT INTO {workers} (worker_id, hostname, pid, version, slots) VALUES ($1, $2, $3, $4, $5) \
+                 ON CONFLICT (worker_id) DO UPDATE SET heartbeat_at = now(), slots = excluded.slots"
             ),
             &[
                 &worker_id,
                 &hostname,
                 &(std::process::id() as i32),
                 &env!("CARGO_PKG_VERSION"),
+                slots,
             ],
         )
         .await?;
@@ -390,6 +402,7 @@ async fn heartbeat_loop(
     workers: String,
     worker_id: String,
     hostname: String,
+    slots: serde_json::Value,
     interval: Duration,
     mut stop: watch::Receiver<bool>,
 ) {
@@ -413,7 +426,7 @@ async fn heartbeat_loop(
             Ok(1) => {}
             Ok(_) => {
                 tracing::warn!(worker_id = %worker_id, "this worker was removed (heartbeat timed out); registering again");
-                if register(&store, &workers, &worker_id, &hostname)
+                if register(&store, &workers, &worker_id, &hostname, &slots)
                     .await
                     .is_ok()
                 {
@@ -563,6 +576,78 @@ async fn lead(
 /// released it (failure budget), and whether it is resting.
 type Current = (Option<String>, Option<String>, bool);
 
+/// The slots a worker advertised (`worker_nodes.slots`).
+fn parse_advertised(v: &serde_json::Value) -> Vec<SlotSpec> {
+    v.as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|s| {
+                    Some(SlotSpec {
+                        projection: s.get(0)?.as_str()?.to_owned(),
+                        partition: i32::try_from(s.get(1)?.as_i64()?).ok()?,
+                        total: i32::try_from(s.get(2)?.as_i64()?).ok()?,
+                    })
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The leader's own slots and every live worker's, each (projection,
+/// partition) once (the leader's partition count wins a disagreement; the
+/// checkpoints refuse the other anyway).
+fn union_of_slots(own: &[SlotSpec], advertised: &[Option<Vec<SlotSpec>>]) -> Vec<SlotSpec> {
+    let mut all: Vec<SlotSpec> = own.to_vec();
+    for s in advertised.iter().flatten().flatten() {
+        if !all
+            .iter()
+            .any(|o| o.projection == s.projection && o.partition == s.partition)
+        {
+            all.push(s.clone());
+        }
+    }
+    all.sort();
+    all
+}
+
+/// [`crate::assign::assign`] per group of slots that the same workers can
+/// run: a worker of a binary without a slot's projection version never gets
+/// it. A worker that advertised nothing (from before `worker_nodes.slots`)
+/// counts as able to run every slot. When every worker runs one binary
+/// there is one group, and this is `assign` itself.
+fn assign_by_eligibility(
+    slots: &[SlotSpec],
+    states: &[crate::assign::SlotState],
+    live: &[String],
+    advertised: &[Option<Vec<SlotSpec>>],
+) -> Vec<Option<String>> {
+    let mut groups: BTreeMap<Vec<usize>, Vec<usize>> = BTreeMap::new();
+    for (i, slot) in slots.iter().enumerate() {
+        let eligible: Vec<usize> = (0..live.len())
+            .filter(|&w| match &advertised[w] {
+                None => true,
+                Some(list) => list
+                    .iter()
+                    .any(|s| s.projection == slot.projection && s.partition == slot.partition),
+            })
+            .collect();
+        groups.entry(eligible).or_default().push(i);
+    }
+    let mut desired = vec![None; slots.len()];
+    for (eligible, members) in groups {
+        let workers: Vec<String> = eligible.iter().map(|&w| live[w].clone()).collect();
+        let group_states: Vec<crate::assign::SlotState> =
+            members.iter().map(|&i| states[i].clone()).collect();
+        for (&i, owner) in members
+            .iter()
+            .zip(crate::assign::assign(&group_states, &workers))
+        {
+            desired[i] = owner;
+        }
+    }
+    desired
+}
+
 /// One rebalance, in one transaction on the leader's connection.
 async fn rebalance(
     client: &mut tokio_postgres::Client,
@@ -617,15 +702,23 @@ async fn rebalance(
             }
         }
     }
-    let live: Vec<String> = tx
+    let workers = tx
         .query(
-            &format!("SELECT worker_id FROM {} ORDER BY worker_id", sql.workers),
+            &format!(
+                "SELECT worker_id, slots FROM {} ORDER BY worker_id",
+                sql.workers
+            ),
             &[],
         )
-        .await?
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+        .await?;
+    let mut live: Vec<String> = Vec::new();
+    let mut advertised: Vec<Option<Vec<SlotSpec>>> = Vec::new();
+    for r in &workers {
+        live.push(r.try_get(0)?);
+        let slots: Option<serde_json::Value> = r.try_get(1)?;
+        advertised.push(slots.map(|v| parse_advertised(&v)));
+    }
+    let slots = &union_of_slots(slots, &advertised);
     let rows = tx
         .query(
             &format!(
@@ -656,7 +749,7 @@ async fn rebalance(
             }
         })
         .collect();
-    let desired = crate::assign::assign(&states, &live);
+    let desired = assign_by_eligibility(slots, &states, &live, &advertised);
     let mut names = Vec::new();
     let mut partitions = Vec::new();
     let mut totals = Vec::new();

@@ -24,18 +24,49 @@ impl Drop for Procs {
     }
 }
 
-fn spawn_projections(db: &TestDatabase, version: &str, extra: &[(&str, &str)]) -> Child {
+/// How the projection processes run.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Mode {
+    Static,
+    Worker,
+}
+
+fn spawn_projections(
+    db: &TestDatabase,
+    mode: Mode,
+    version: &str,
+    extra: &[(&str, &str)],
+) -> Child {
     let mut cmd = bank();
+    if mode == Mode::Worker {
+        cmd.env("RUN_MODE", "worker")
+            .env("HEARTBEAT_INTERVAL", "200ms")
+            .env("HEARTBEAT_TIMEOUT", "2s")
+            .env("REBALANCE_INTERVAL", "300ms")
+            .env("MAX_BACKOFF", "300ms");
+    }
     cmd.env("DATABASE_URL", db.url())
         .env("BANK_BALANCES_VERSION", version)
+        .env("LOG_LEVEL", "info")
         .env("POLL_INTERVAL", "50ms")
         .args(["run-projections"])
         .stdout(Stdio::null())
-        .stderr(Stdio::null());
+        .stderr(log_file(mode, version));
     for (k, v) in extra {
         cmd.env(k, v);
     }
     cmd.spawn().expect("spawn bank run-projections")
+}
+
+/// A log file for a process's stderr under target/tmp (kept for a look
+/// after a failure).
+fn log_file(mode: Mode, version: &str) -> Stdio {
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/tmp");
+    let _ = std::fs::create_dir_all(&dir);
+    let n = N.fetch_add(1, Ordering::SeqCst);
+    let path = dir.join(format!("versions-{mode:?}-v{version}-{n}.log"));
+    std::fs::File::create(path).map_or_else(|_| Stdio::null(), Stdio::from)
 }
 
 /// What a reader saw, every 50 ms.
@@ -126,6 +157,18 @@ async fn version_states(db: &TestDatabase) -> Vec<(i32, String)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn version_2_is_built_beside_version_1_and_readers_switch_without_a_gap() {
+    rebuild_beside_and_switch(Mode::Static).await;
+}
+
+/// Worker mode, a pool of both binaries: one worker on version 1, two on
+/// version 2 (the leader hands version 2's slot only to them); the one
+/// rebuilding version 2 is SIGKILLed halfway and the other takes over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_in_worker_mode_with_a_sigkill_during_the_rebuild() {
+    rebuild_beside_and_switch(Mode::Worker).await;
+}
+
+async fn rebuild_beside_and_switch(mode: Mode) {
     let env = env().await;
     let db = &env.db;
     let o = run(db, &["migrate"], &[]);
@@ -140,10 +183,19 @@ async fn version_2_is_built_beside_version_1_and_readers_switch_without_a_gap() 
     let reading = tokio::spawn(reader(db.connect().await.unwrap(), stop_reading.clone()));
     let stop_appending = Arc::new(AtomicBool::new(false));
     let appending = appender(db, stop_appending.clone());
-    let mut procs = Procs(vec![spawn_projections(db, "1", &[])]);
+    let mut procs = Procs(vec![spawn_projections(db, mode, "1", &[])]);
 
-    // Version 2 beside it, from a second binary configuration.
-    procs.0.push(spawn_projections(db, "2", &[]));
+    // Version 2 beside it, from a second binary configuration (small
+    // batches in worker mode, so that the rebuild lasts until the kill).
+    let slow: &[(&str, &str)] = if mode == Mode::Worker {
+        &[("BATCH_SIZE", "50")]
+    } else {
+        &[]
+    };
+    procs.0.push(spawn_projections(db, mode, "2", slow));
+    if mode == Mode::Worker {
+        procs.0.push(spawn_projections(db, mode, "2", slow));
+    }
     let v2 = [("BANK_BALANCES_VERSION", "2")];
     // Too early: refused with what is missing, nothing switched.
     let early = run(db, &["promote", "account_balances", "--max-lag", "0"], &v2);
@@ -165,6 +217,54 @@ async fn version_2_is_built_beside_version_1_and_readers_switch_without_a_gap() 
     let early = run(db, &["promote", "account_balances", "--max-lag", "0"], &v2);
     assert_eq!(early.status.code(), Some(2), "{}", text(&early));
     assert!(text(&early).contains("not"), "{}", text(&early));
+
+    if mode == Mode::Worker {
+        // SIGKILL the worker rebuilding version 2, halfway.
+        let c = db.connect().await.unwrap();
+        let holder = std::sync::atomic::AtomicU32::new(0);
+        wait_until(
+            Duration::from_secs(60),
+            "version 2 rebuilding on a worker",
+            || async {
+                let row = c
+                    .query_opt(
+                        "SELECT w.pid, k.events_handled FROM consumer_assignments a \
+                     JOIN worker_nodes w USING (worker_id) \
+                     JOIN projection_checkpoints k ON k.projection_name = a.projection_name \
+                     WHERE a.projection_name = 'account_balances@v2'",
+                        &[],
+                    )
+                    .await
+                    .unwrap();
+                match row {
+                    Some(r) if r.get::<_, i64>(1) >= 5_000 => {
+                        holder.store(r.get::<_, i32>(0) as u32, Ordering::SeqCst);
+                        true
+                    }
+                    _ => false,
+                }
+            },
+        )
+        .await;
+        let holder = holder.load(Ordering::SeqCst);
+        let at = procs.0.iter().position(|p| p.id() == holder);
+        let at = at.expect("the holder of version 2 is a version-2 worker of this test");
+        assert!(at >= 1, "version 2's slot went to the version-1 worker");
+        let mut killed = procs.0.remove(at);
+        killed.kill().unwrap();
+        killed.wait().unwrap();
+        let left: i64 = c
+            .query_one(
+                "SELECT count(*) FROM events e, projection_checkpoints k \
+                 WHERE k.projection_name = 'account_balances@v2' \
+                   AND (e.transaction_id, e.global_position) > (k.last_transaction_id, k.last_global_position)",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert!(left > 0, "the rebuild ended before the kill");
+    }
 
     // Promote as soon as version 2 has caught up (appends continue).
     let mut refusals = 0;
