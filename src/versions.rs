@@ -390,7 +390,7 @@ pub async fn promote(
     check_caught_up(store, projections, &target, max_lag).await?;
     let sql = store.statements();
     let mut client = store.pool().get().await?;
-    let tx = client.transaction().await?;
+    let mut tx = client.transaction().await?;
     tx.execute("SELECT pg_advisory_xact_lock($1)", &[&sql.migration_lock])
         .await?;
     let now = versions_of(&tx, &sql.versions, name).await?;
@@ -415,6 +415,22 @@ pub async fn promote(
         }
         match relkind(&tx, t).await?.as_deref() {
             Some("v") => {
+                // Replaced in place when the new table keeps the old
+                // columns in order (added ones at the end): the view keeps
+                // its grants. Otherwise dropped and created again.
+                let sp = tx.savepoint("replace_view").await?;
+                let replaced = sp
+                    .batch_execute(&format!(
+                        "CREATE OR REPLACE VIEW {} AS SELECT * FROM {}",
+                        quoted(t)?,
+                        quoted(&physical)?
+                    ))
+                    .await;
+                if replaced.is_ok() {
+                    sp.commit().await?;
+                    continue;
+                }
+                sp.rollback().await?;
                 tx.batch_execute(&format!("DROP VIEW {}", quoted(t)?))
                     .await?;
             }
@@ -535,36 +551,33 @@ async fn overtake(
     };
     let key = target.key();
     let deadline = tokio::time::Instant::now() + OVERTAKE_WAIT;
+    // A slot is behind while an event of its partition sorts after its
+    // cursor and at or before the live version's furthest cursor.
+    let behind_sql = format!(
+        "SELECT count(*) FILTER (WHERE EXISTS ( \
+             SELECT 1 FROM {ev} e \
+             WHERE (e.transaction_id, e.global_position) > (c.last_transaction_id, c.last_global_position) \
+               AND (e.transaction_id, e.global_position) <= ($2::xid8, $3::int8) \
+               AND (c.total_partitions = 1 OR e.aggregate_hash % c.total_partitions = c.partition_key))), \
+                count(*) \
+         FROM {cp} c WHERE c.projection_name = $1",
+        ev = sql.events,
+        cp = sql.checkpoints
+    );
+    let live_tx = crate::event::Xid8(live_max.0);
     loop {
-        let rows = tx
-            .query(
-                &format!(
-                    "SELECT last_transaction_id, last_global_position FROM {} WHERE projection_name = $1",
-                    sql.checkpoints
-                ),
-                &[&key],
-            )
+        let row = tx
+            .query_one(&behind_sql, &[&key, &live_tx, &live_max.1])
             .await?;
-        let mut behind = 0;
-        for r in &rows {
-            let c = (
-                r.try_get::<_, crate::event::Xid8>(0)?.0,
-                r.try_get::<_, i64>(1)?,
-            );
-            if c < live_max {
-                behind += 1;
-            }
-        }
-        if behind == 0 && !rows.is_empty() {
+        let (behind, slots): (i64, i64) = (row.try_get(0)?, row.try_get(1)?);
+        if behind == 0 && slots > 0 {
             return Ok(());
         }
         if tokio::time::Instant::now() >= deadline {
             return Err(Error::config(format!(
                 "version {} of {name} did not reach the live version {live}'s position within {:?} \
-                 ({behind} of its {} slot(s) behind): promote again",
-                target.version,
-                OVERTAKE_WAIT,
-                rows.len()
+                 ({behind} of its {slots} slot(s) behind): promote again",
+                target.version, OVERTAKE_WAIT,
             )));
         }
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;

@@ -1011,6 +1011,58 @@ async fn release(
 mod tests {
     use super::*;
 
+    fn spec(p: &str, partition: i32) -> SlotSpec {
+        SlotSpec {
+            projection: p.to_owned(),
+            partition,
+            total: 2,
+        }
+    }
+
+    #[test]
+    fn slots_go_only_to_workers_whose_binary_has_them() {
+        let v1 = vec![spec("b", 0), spec("b", 1), spec("n", 0)];
+        let v2 = vec![spec("b@v2", 0), spec("b@v2", 1), spec("n", 0)];
+        let advertised = vec![Some(v1.clone()), Some(v2.clone()), Some(v2.clone()), None];
+        let workers: Vec<String> = ["a", "c", "d", "old"]
+            .iter()
+            .map(|w| w.to_string())
+            .collect();
+        let json = serde_json::json!([["b@v2", 0, 2], ["b@v2", 1, 2], ["n", 0, 2]]);
+        assert_eq!(parse_advertised(&json), v2);
+        let slots = union_of_slots(&v1, &advertised);
+        assert_eq!(slots.len(), 5);
+        let states = vec![crate::assign::SlotState::default(); slots.len()];
+        let desired = assign_by_eligibility(&slots, &states, &workers, &advertised);
+        for (slot, owner) in slots.iter().zip(&desired) {
+            let owner = owner.as_deref().expect("every slot has an owner");
+            let ok = match slot.projection.as_str() {
+                // Only the version-1 binary and the worker that advertised
+                // nothing (from before versions).
+                "b" => owner == "a" || owner == "old",
+                "b@v2" => owner == "c" || owner == "d",
+                _ => true,
+            };
+            assert!(ok, "{slot:?} went to {owner}");
+        }
+        // Two version-2 workers share version 2's slots.
+        let v2_owners: std::collections::BTreeSet<_> = slots
+            .iter()
+            .zip(&desired)
+            .filter(|(s, _)| s.projection == "b@v2")
+            .map(|(_, o)| o.clone())
+            .collect();
+        assert_eq!(v2_owners.len(), 2, "{desired:?}");
+        // One binary everywhere: one group, the plain assignment.
+        let same = vec![Some(v1.clone()), Some(v1.clone())];
+        let two: Vec<String> = vec!["a".into(), "c".into()];
+        let states = vec![crate::assign::SlotState::default(); v1.len()];
+        assert_eq!(
+            assign_by_eligibility(&v1, &states, &two, &same),
+            crate::assign::assign(&states, &two)
+        );
+    }
+
     #[test]
     fn partition_spec() {
         let wc = WorkerConfig::default()

@@ -361,3 +361,223 @@ async fn rebuild_beside_and_switch(mode: Mode) {
     // Readers still see version 2.
     assert_read_model_exact(db).await;
 }
+
+/// Counts events per aggregate in its own table; version 2 adds a column.
+struct Tally {
+    version: i32,
+    rewindable: bool,
+}
+
+#[projectionist::async_trait]
+impl projectionist::Projection for Tally {
+    fn options(&self) -> projectionist::ProjectionOptions {
+        projectionist::ProjectionOptions::new("tally")
+            .version(self.version)
+            .tables(["tally"])
+            .rewindable(self.rewindable)
+    }
+
+    async fn migrate(&self, ctx: &projectionist::Context<'_>) -> projectionist::Result<()> {
+        let extra = if self.version >= 2 {
+            ", doubled bigint NOT NULL DEFAULT 0"
+        } else {
+            ""
+        };
+        ctx.batch_execute(&format!(
+            "CREATE TABLE IF NOT EXISTS {} (id text PRIMARY KEY, n bigint NOT NULL{extra})",
+            ctx.table("tally")
+        ))
+        .await?;
+        Ok(())
+    }
+
+    async fn handle(
+        &self,
+        event: &projectionist::StoredEvent,
+        ctx: &projectionist::Context<'_>,
+    ) -> projectionist::Result<()> {
+        ctx.execute(
+            &format!(
+                "INSERT INTO {t} AS t (id, n) VALUES ($1, 1) ON CONFLICT (id) DO UPDATE SET n = t.n + 1",
+                t = ctx.table("tally")
+            ),
+            &[&event.aggregate_id],
+        )
+        .await?;
+        Ok(())
+    }
+}
+
+fn tally(version: i32, rewindable: bool) -> projectionist::Registered {
+    projectionist::Registered::new(Arc::new(Tally {
+        version,
+        rewindable,
+    }))
+    .unwrap()
+}
+
+async fn append_n(store: &projectionist::EventStore, id: &str, n: usize) {
+    let events: Vec<projectionist::NewEvent> = (0..n)
+        .map(|i| projectionist::NewEvent::new("Counted", &serde_json::json!({ "i": i })).unwrap())
+        .collect();
+    store
+        .append("Tally", id, projectionist::ExpectedVersion::Any, &events)
+        .await
+        .unwrap();
+}
+
+async fn run_once(store: &projectionist::EventStore, p: &projectionist::Registered) {
+    projectionist::Runner::new(store.clone(), projectionist::RunnerConfig::default())
+        .with_registered(p.clone())
+        .unwrap()
+        .run_once()
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn promote_keeps_grants_rolls_back_retires_and_forgets() {
+    use projectionist::versions;
+    let env = env().await;
+    let store = &env.store;
+    let c = env.client().await;
+    append_n(store, "a", 10).await;
+    let v1 = tally(1, false);
+    let v2 = tally(2, false);
+    run_once(store, &v1).await;
+    assert_eq!(env.scalar_i64("SELECT sum(n)::int8 FROM tally").await, 10);
+    // A reader role with a grant on the view.
+    let role = format!("{}_reader", env.db.name());
+    c.batch_execute(&format!(
+        "CREATE ROLE {role}; GRANT SELECT ON tally TO {role}"
+    ))
+    .await
+    .unwrap();
+    let granted = format!("SELECT has_table_privilege('{role}', 'tally', 'SELECT')::int::int8");
+
+    // Promoting version 2 before it ran: refused, nothing switched.
+    let e = versions::promote(store, &[v2.clone()], "tally", None, 0)
+        .await
+        .unwrap_err();
+    assert!(
+        e.is_config() && e.to_string().contains("has not started"),
+        "{e}"
+    );
+    run_once(store, &v2).await;
+    let p = versions::promote(store, &[v2.clone()], "tally", None, 0)
+        .await
+        .unwrap();
+    assert_eq!((p.version, p.previous, p.already_live), (2, Some(1), false));
+    assert_eq!(
+        env.scalar_i64("SELECT sum(n + doubled)::int8 FROM tally")
+            .await,
+        10
+    );
+    assert_eq!(env.scalar_i64(&granted).await, 1, "the grant survives");
+    // The live version cannot be retired.
+    let e = versions::retire(store, "tally", 2, true).await.unwrap_err();
+    assert!(e.to_string().contains("is live"), "{e}");
+    // Back to version 1 (its columns again).
+    versions::promote(store, &[v2.clone()], "tally", Some(1), 0)
+        .await
+        .unwrap();
+    assert!(c.query("SELECT doubled FROM tally", &[]).await.is_err());
+    // Retire version 2: its table and checkpoint go, the row stays.
+    let dry = versions::retire(store, "tally", 2, false).await.unwrap();
+    assert_eq!(
+        (dry.tables.clone(), dry.checkpoints),
+        (vec!["tally_v2".to_owned()], 1)
+    );
+    assert_eq!(
+        env.scalar_i64("SELECT (to_regclass('tally_v2') IS NOT NULL)::int::int8")
+            .await,
+        1,
+        "a dry run drops nothing"
+    );
+    versions::retire(store, "tally", 2, true).await.unwrap();
+    assert_eq!(
+        env.scalar_i64("SELECT (to_regclass('tally_v2') IS NOT NULL)::int::int8")
+            .await,
+        0
+    );
+    let e = projectionist::Runner::new(store.clone(), projectionist::RunnerConfig::default())
+        .with_registered(v2.clone())
+        .unwrap()
+        .run_once()
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("retired"), "{e}");
+
+    // Forget: refused while the binary has it; then everything goes.
+    let e = versions::forget(store, &[v1.clone()], "tally", true)
+        .await
+        .unwrap_err();
+    assert!(e.is_config(), "{e}");
+    let plan = versions::forget(store, &[], "tally", false).await.unwrap();
+    assert_eq!(
+        plan.relations,
+        vec!["tally".to_owned(), "tally_v1".to_owned()]
+    );
+    assert_eq!(plan.keys, vec!["tally".to_owned()]);
+    versions::forget(store, &[], "tally", true).await.unwrap();
+    for q in [
+        "SELECT count(*) FROM projection_checkpoints WHERE projection_name LIKE 'tally%'",
+        "SELECT count(*) FROM projection_versions WHERE projection_name = 'tally'",
+        "SELECT (to_regclass('tally') IS NOT NULL)::int::int8",
+        "SELECT (to_regclass('tally_v1') IS NOT NULL)::int::int8",
+    ] {
+        assert_eq!(env.scalar_i64(q).await, 0, "{q}");
+    }
+    let e = versions::forget(store, &[], "tally", true)
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("nothing is stored"), "{e}");
+    c.batch_execute(&format!("DROP ROLE {role}")).await.unwrap();
+}
+
+#[tokio::test]
+async fn rewind_moves_the_cursor_back_and_the_events_are_handled_again() {
+    use projectionist::rewind::{rewind, RewindTo};
+    let env = env().await;
+    let store = &env.store;
+    append_n(store, "a", 20).await;
+    let plain = tally(1, false);
+    run_once(store, &plain).await;
+    let e = rewind(store, &plain, &RewindTo::Position(1), true)
+        .await
+        .unwrap_err();
+    assert!(e.is_config() && e.to_string().contains("rewindable"), "{e}");
+
+    let p = tally(1, true);
+    let eleventh = env
+        .scalar_i64("SELECT global_position FROM events ORDER BY global_position OFFSET 10 LIMIT 1")
+        .await;
+    let dry = rewind(store, &p, &RewindTo::Position(eleventh), false)
+        .await
+        .unwrap();
+    assert_eq!((dry.events, dry.moved), (10, 1));
+    assert_eq!(env.scalar_i64("SELECT sum(n)::int8 FROM tally").await, 20);
+    rewind(store, &p, &RewindTo::Position(eleventh), true)
+        .await
+        .unwrap();
+    run_once(store, &p).await;
+    assert_eq!(
+        env.scalar_i64("SELECT sum(n)::int8 FROM tally").await,
+        30,
+        "the last 10 events were handled again"
+    );
+    // A time after every event: nothing to do; a bad time: a clear error.
+    let none = rewind(
+        store,
+        &p,
+        &RewindTo::Time("2999-01-01T00:00:00Z".into()),
+        true,
+    )
+    .await
+    .unwrap();
+    assert_eq!(none.events, 0);
+    let e = rewind(store, &p, &RewindTo::Time("yesterday-ish".into()), true)
+        .await
+        .unwrap_err();
+    assert!(e.is_config() && e.to_string().contains("--to-time"), "{e}");
+}
