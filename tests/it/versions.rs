@@ -456,7 +456,7 @@ async fn promote_keeps_grants_rolls_back_retires_and_forgets() {
     let granted = format!("SELECT has_table_privilege('{role}', 'tally', 'SELECT')::int::int8");
 
     // Promoting version 2 before it ran: refused, nothing switched.
-    let e = versions::promote(store, &[v2.clone()], "tally", None, 0)
+    let e = versions::promote(store, std::slice::from_ref(&v2), "tally", None, 0)
         .await
         .unwrap_err();
     assert!(
@@ -464,7 +464,7 @@ async fn promote_keeps_grants_rolls_back_retires_and_forgets() {
         "{e}"
     );
     run_once(store, &v2).await;
-    let p = versions::promote(store, &[v2.clone()], "tally", None, 0)
+    let p = versions::promote(store, std::slice::from_ref(&v2), "tally", None, 0)
         .await
         .unwrap();
     assert_eq!((p.version, p.previous, p.already_live), (2, Some(1), false));
@@ -478,7 +478,7 @@ async fn promote_keeps_grants_rolls_back_retires_and_forgets() {
     let e = versions::retire(store, "tally", 2, true).await.unwrap_err();
     assert!(e.to_string().contains("is live"), "{e}");
     // Back to version 1 (its columns again).
-    versions::promote(store, &[v2.clone()], "tally", Some(1), 0)
+    versions::promote(store, std::slice::from_ref(&v2), "tally", Some(1), 0)
         .await
         .unwrap();
     assert!(c.query("SELECT doubled FROM tally", &[]).await.is_err());
@@ -509,7 +509,7 @@ async fn promote_keeps_grants_rolls_back_retires_and_forgets() {
     assert!(e.to_string().contains("retired"), "{e}");
 
     // Forget: refused while the binary has it; then everything goes.
-    let e = versions::forget(store, &[v1.clone()], "tally", true)
+    let e = versions::forget(store, std::slice::from_ref(&v1), "tally", true)
         .await
         .unwrap_err();
     assert!(e.is_config(), "{e}");
