@@ -5,11 +5,24 @@
 //! run in parallel without seeing each other's data. It is used by projectionist's
 //! own integration tests and is offered to users for testing their projections.
 //!
+//! # Which server: `PROJECTIONIST_TEST_DATABASE_URL`, never `DATABASE_URL`
+//!
+//! Test databases are created and dropped on the server named by the
+//! environment variable [`PROJECTIONIST_TEST_DATABASE_URL`](TEST_DATABASE_URL),
+//! or, when it is unset or empty, on a throwaway cluster this module starts
+//! itself. `DATABASE_URL` is **never** read here: it is the application's
+//! server (the command line reads it), and `cargo test` in a shell set up to run
+//! the application must not create or drop databases there. To run the tests
+//! against a server of your own, point the test variable at it explicitly,
+//! e.g. `PROJECTIONIST_TEST_DATABASE_URL=postgres://postgres@127.0.0.1:5432/postgres
+//! cargo test`. projectionist's own tests follow the same rule (its CI script
+//! passes a `DATABASE_URL` it is given on as `PROJECTIONIST_TEST_DATABASE_URL`).
+//!
 //! # What it owns
 //!
 //! * A [`TestServer`]: the PostgreSQL server that test databases are created on.
-//!   - If the environment variable `DATABASE_URL` is set (and not empty), that
-//!     server is used, e.g. `postgres://postgres@127.0.0.1:5432/postgres`. The URL
+//!   - If the environment variable `PROJECTIONIST_TEST_DATABASE_URL` is set (and
+//!     not empty), that server is used, e.g. `postgres://postgres@127.0.0.1:5432/postgres`. The URL
 //!     must name a role that may create and drop databases. Before the first
 //!     database is created, databases left behind by earlier test processes that
 //!     are no longer alive (`projectionist_test_{pid}_…` where `/proc/{pid}` is
@@ -41,7 +54,7 @@
 //! watched by a small detached `sh` process: when the test process exits (even
 //! when it is killed, or `cargo test` is interrupted with Ctrl-C), it stops the
 //! server (immediate shutdown) and deletes the cluster's directory. Databases on a
-//! `DATABASE_URL` server are dropped by [`TestDatabase::drop_database`], or by the
+//! `PROJECTIONIST_TEST_DATABASE_URL` server are dropped by [`TestDatabase::drop_database`], or by the
 //! leftover cleanup of a later test process.
 //!
 //! # Example
@@ -98,6 +111,40 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio_postgres::config::{Host, SslMode};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::{Client, Config, NoTls};
+
+/// The environment variable naming an existing server to create test
+/// databases on: `PROJECTIONIST_TEST_DATABASE_URL`. `DATABASE_URL` is never
+/// read by this module (see the [module documentation](self)).
+pub const TEST_DATABASE_URL: &str = "PROJECTIONIST_TEST_DATABASE_URL";
+
+/// Where the shared server comes from.
+#[derive(Debug, PartialEq, Eq)]
+enum ServerSource {
+    /// An existing server, from [`TEST_DATABASE_URL`].
+    Url(String),
+    /// A throwaway cluster.
+    Throwaway,
+}
+
+/// Decides where the shared server comes from, given a way to read the
+/// environment: [`TEST_DATABASE_URL`] when set and not blank, otherwise a
+/// throwaway cluster. `DATABASE_URL` (the application's server) is not
+/// consulted.
+fn server_source(
+    var: impl Fn(&str) -> Option<std::ffi::OsString>,
+) -> Result<ServerSource, TestingError> {
+    match var(TEST_DATABASE_URL) {
+        None => Ok(ServerSource::Throwaway),
+        Some(value) => match value.into_string() {
+            Ok(url) if url.trim().is_empty() => Ok(ServerSource::Throwaway),
+            Ok(url) => Ok(ServerSource::Url(url.trim().to_owned())),
+            Err(_) => Err(TestingError::new(format!(
+                "{TEST_DATABASE_URL} is not valid UTF-8: set it to a connection URL like \
+                 postgres://postgres@127.0.0.1:5432/postgres, or unset it to use a throwaway cluster"
+            ))),
+        },
+    }
+}
 
 /// Port of the throwaway clusters. They only listen on a Unix socket in their
 /// own directory, so a fixed port never clashes.
@@ -209,25 +256,26 @@ impl std::error::Error for TestingError {}
 
 /// A PostgreSQL server to create test databases on.
 ///
-/// Get the process-wide one with [`TestServer::shared`] (a `DATABASE_URL`
-/// server or a throwaway cluster started on first use), or a cluster for one
+/// Get the process-wide one with [`TestServer::shared`] (a
+/// `PROJECTIONIST_TEST_DATABASE_URL` server or a throwaway cluster started on first use), or a cluster for one
 /// test with [`TestServer::start_private`].
 #[derive(Debug)]
 pub struct TestServer {
     admin: Config,
-    /// The throwaway cluster; `None` for a `DATABASE_URL` server.
+    /// The throwaway cluster; `None` for an existing server.
     cluster: Option<Cluster>,
     private: bool,
     /// Set once leftover databases of dead test processes have been dropped
-    /// (only for a `DATABASE_URL` server).
+    /// (only for an existing server).
     leftovers_dropped: tokio::sync::OnceCell<()>,
 }
 
 impl TestServer {
     /// The server shared by all tests of this process.
     ///
-    /// If `DATABASE_URL` is set, that server is used (nothing is connected
-    /// here; connection problems surface in [`TestServer::create_database`]).
+    /// If `PROJECTIONIST_TEST_DATABASE_URL` is set (and not empty), that
+    /// server is used; `DATABASE_URL` is ignored. Nothing is connected
+    /// here: connection problems surface in [`TestServer::create_database`].
     /// Otherwise a throwaway cluster is started on the first call, which blocks
     /// for a second or two; concurrent callers wait for it. If starting fails,
     /// every call returns the same error.
@@ -239,7 +287,8 @@ impl TestServer {
             .map_err(Clone::clone)
     }
 
-    /// Starts a throwaway cluster for one test, regardless of `DATABASE_URL`.
+    /// Starts a throwaway cluster for one test, regardless of
+    /// `PROJECTIONIST_TEST_DATABASE_URL`.
     ///
     /// Unlike the shared server it may be stopped and started again
     /// ([`TestServer::stop`], [`TestServer::start`]). It is stopped and its
@@ -274,13 +323,13 @@ impl TestServer {
     }
 
     /// Connection settings of the admin connection (a superuser, or the
-    /// `DATABASE_URL` role, on the server's maintenance database).
+    /// URL's role, on the URL's database).
     pub fn admin_config(&self) -> Config {
         self.admin.clone()
     }
 
-    /// The data directory of a throwaway cluster (`None` for a
-    /// `DATABASE_URL` server), e.g. to edit `pg_hba.conf` in a test.
+    /// The data directory of a throwaway cluster (`None` for an existing
+    /// server), e.g. to edit `pg_hba.conf` in a test.
     pub fn data_dir(&self) -> Option<&std::path::Path> {
         self.cluster.as_ref().map(|c| c.data.as_path())
     }
@@ -414,28 +463,38 @@ impl TestServer {
     }
 
     fn init_shared() -> Result<TestServer, TestingError> {
-        match env::var("DATABASE_URL") {
-            Ok(url) if !url.trim().is_empty() => TestServer::from_url(url.trim()),
-            Ok(_) | Err(env::VarError::NotPresent) => {
+        match server_source(|name| env::var_os(name))? {
+            ServerSource::Url(url) => TestServer::from_url(&url),
+            ServerSource::Throwaway => {
                 Cluster::create(false, "").map(|cluster| TestServer::from_cluster(cluster, false))
             }
-            Err(env::VarError::NotUnicode(_)) => Err(TestingError::new(
-                "DATABASE_URL is not valid UTF-8: set it to a connection URL like \
-                 postgres://postgres@127.0.0.1:5432/postgres, or unset it to use a throwaway cluster",
-            )),
         }
     }
 
+    /// A server at `url` (e.g. `postgres://postgres@127.0.0.1:5432/postgres`)
+    /// to create test databases on, named explicitly rather than read from
+    /// the environment. The URL's role must be allowed to create and drop
+    /// databases: the first [`TestServer::create_database`] also drops the
+    /// `projectionist_test_{pid}_…` databases of test processes that are
+    /// gone. Nothing is connected here.
+    pub fn at_url(url: &str) -> Result<TestServer, TestingError> {
+        TestServer::from_url_named(url.trim(), "the URL")
+    }
+
     fn from_url(url: &str) -> Result<TestServer, TestingError> {
+        TestServer::from_url_named(url, TEST_DATABASE_URL)
+    }
+
+    fn from_url_named(url: &str, what: &str) -> Result<TestServer, TestingError> {
         let admin = Config::from_str(url).map_err(|e| {
             TestingError::new(format!(
-                "DATABASE_URL is not a valid PostgreSQL connection string ({}): set it to a URL \
-                 like postgres://postgres@127.0.0.1:5432/postgres, or unset it to use a \
-                 throwaway cluster",
+                "{what} is not a valid PostgreSQL connection string ({}): set it to a URL \
+                 like postgres://postgres@127.0.0.1:5432/postgres (a server on which test \
+                 databases may be created and dropped), or unset it to use a throwaway cluster",
                 describe_pg_error(&e)
             ))
         })?;
-        tracing::debug!(server = %describe_target(&admin), "testing: using the DATABASE_URL server");
+        tracing::debug!(server = %describe_target(&admin), "testing: using an existing server for test databases");
         Ok(TestServer {
             admin,
             cluster: None,
@@ -471,10 +530,11 @@ impl TestServer {
 
     fn connect_hint(&self) -> String {
         match &self.cluster {
-            None => "check that the server in DATABASE_URL is running and reachable and that \
-                     the URL's user and password are right (or unset DATABASE_URL to use a \
-                     throwaway cluster)"
-                .to_string(),
+            None => format!(
+                "check that the server in {TEST_DATABASE_URL} is running and reachable and \
+                 that the URL's user and password are right (or unset {TEST_DATABASE_URL} to \
+                 use a throwaway cluster)"
+            ),
             Some(cluster) => format!(
                 "the throwaway cluster may have been stopped; its log is {}",
                 cluster.log.display()
@@ -486,7 +546,7 @@ impl TestServer {
 /// A fresh database for one test, on a [`TestServer`].
 ///
 /// It is not dropped automatically: on a throwaway cluster it disappears with
-/// the cluster when the test process exits; on a `DATABASE_URL` server call
+/// the cluster when the test process exits; on an existing server call
 /// [`TestDatabase::drop_database`], or a later test process drops it.
 #[derive(Debug)]
 pub struct TestDatabase {
@@ -586,7 +646,7 @@ impl Cluster {
                     "the tests run as root and PostgreSQL refuses to run as root, but there is \
                      no `postgres` OS user to run the throwaway cluster as: create one \
                      (useradd --system postgres), run the tests as a normal user, or set \
-                     DATABASE_URL to use an existing server",
+                     PROJECTIONIST_TEST_DATABASE_URL to use an existing server",
                 )
             })?)
         } else {
@@ -643,7 +703,7 @@ impl Cluster {
                     "could not run {} in {} as the postgres OS user (uid {uid}): {e}; the tests \
                      run as root, so the throwaway cluster runs as that user, which must be able \
                      to reach the temporary directory (set TMPDIR to e.g. /tmp) and execute the \
-                     server binaries (set PG_BIN), or set DATABASE_URL to use an existing server",
+                     server binaries (set PG_BIN), or set PROJECTIONIST_TEST_DATABASE_URL to use an existing server",
                     path.display(),
                     self.root.display()
                 ),
@@ -685,7 +745,7 @@ impl Cluster {
             message.push_str(
                 "\nthe tests run as root, so initdb runs as the postgres OS user: every parent \
                  directory of the temporary directory must be accessible to it (set TMPDIR to \
-                 e.g. /tmp), or set DATABASE_URL to use an existing server",
+                 e.g. /tmp), or set PROJECTIONIST_TEST_DATABASE_URL to use an existing server",
             );
         }
         Err(TestingError::new(message))
@@ -733,7 +793,7 @@ impl Cluster {
                 "the throwaway PostgreSQL server did not start (pg_ctl start: {}):\n{}\n\
                  --- server log {} ---\n{}\n\
                  check the log above (e.g. not enough shared memory, or the server \
-                 binaries do not match the data directory); or set DATABASE_URL to use an \
+                 binaries do not match the data directory); or set PROJECTIONIST_TEST_DATABASE_URL to use an \
                  existing server",
                 output.status,
                 output_text(&output),
@@ -823,7 +883,7 @@ impl Cluster {
             .map_err(|e| {
                 TestingError::new(format!(
                     "could not start /bin/sh to clean up the throwaway cluster after the tests \
-                     ({e}): a POSIX shell is needed, or set DATABASE_URL to use an existing server"
+                     ({e}): a POSIX shell is needed, or set PROJECTIONIST_TEST_DATABASE_URL to use an existing server"
                 ))
             })
     }
@@ -957,7 +1017,7 @@ fn find_server_binaries() -> Result<PathBuf, TestingError> {
             TestingError::new(
                 "PostgreSQL server binaries (initdb, pg_ctl, postgres) not found in PG_BIN, PATH \
                  or /usr/lib/postgresql/*/bin: install them (e.g. apt-get install postgresql), \
-                 set PG_BIN to their directory, or set DATABASE_URL to use an existing server",
+                 set PG_BIN to their directory, or set PROJECTIONIST_TEST_DATABASE_URL to use an existing server",
             )
         })
 }
@@ -1243,4 +1303,58 @@ fn output_text(output: &Output) -> String {
 fn tail(text: &str, lines: usize) -> String {
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::ffi::OsString;
+
+    fn env(vars: &[(&str, &str)]) -> impl Fn(&str) -> Option<OsString> {
+        let vars: Vec<(String, String)> = vars
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        move |name| {
+            vars.iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| OsString::from(v))
+        }
+    }
+
+    #[test]
+    fn database_url_alone_is_ignored() {
+        let source = server_source(env(&[("DATABASE_URL", "postgres://app@prod/app")])).unwrap();
+        assert_eq!(source, ServerSource::Throwaway);
+    }
+
+    #[test]
+    fn the_test_variable_names_the_server() {
+        let source = server_source(env(&[
+            ("DATABASE_URL", "postgres://app@prod/app"),
+            (
+                TEST_DATABASE_URL,
+                " postgres://postgres@127.0.0.1:5432/postgres ",
+            ),
+        ]))
+        .unwrap();
+        assert_eq!(
+            source,
+            ServerSource::Url("postgres://postgres@127.0.0.1:5432/postgres".to_owned())
+        );
+    }
+
+    #[test]
+    fn an_empty_test_variable_means_a_throwaway_cluster() {
+        let source = server_source(env(&[(TEST_DATABASE_URL, "  ")])).unwrap();
+        assert_eq!(source, ServerSource::Throwaway);
+        assert_eq!(server_source(env(&[])).unwrap(), ServerSource::Throwaway);
+    }
+
+    #[test]
+    fn a_bad_url_names_the_variable() {
+        let e = TestServer::from_url("postgres://[bad").unwrap_err();
+        assert!(e.message().contains(TEST_DATABASE_URL), "{e}");
+        assert!(!e.message().contains(" DATABASE_URL"), "{e}");
+    }
 }
