@@ -3,7 +3,9 @@
 //! This module (enabled by the cargo feature `testing`) gives every test its own
 //! fresh, empty PostgreSQL database, so tests of event stores and projections can
 //! run in parallel without seeing each other's data. It is used by projectionist's
-//! own integration tests and is offered to users for testing their projections.
+//! own integration tests and is offered to users for testing their projections,
+//! most simply through [`ProjectionTest`]: given these events, when these
+//! projections have run to the end, then query the read model.
 //!
 //! # Which server: `PROJECTIONIST_TEST_DATABASE_URL`, never `DATABASE_URL`
 //!
@@ -610,6 +612,320 @@ impl TestDatabase {
                 describe_pg_error(&e)
             ))
         })
+    }
+}
+
+/// An event [`ProjectionTest::given`] can append: a [`NewEvent`](crate::NewEvent),
+/// or a value of a typed event enum (an [`Event`](crate::Event), e.g. one
+/// declared with [`events!`](crate::events)).
+pub trait GivenEvent {
+    /// The event to append.
+    fn into_new_event(self) -> crate::Result<crate::NewEvent>;
+}
+
+impl GivenEvent for crate::NewEvent {
+    fn into_new_event(self) -> crate::Result<crate::NewEvent> {
+        Ok(self)
+    }
+}
+
+impl<E: crate::Event> GivenEvent for E {
+    fn into_new_event(self) -> crate::Result<crate::NewEvent> {
+        crate::NewEvent::typed(&self)
+    }
+}
+
+/// Default of [`ProjectionTest::timeout`]: 30 s.
+pub const DEFAULT_WHEN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A given-when-then test of projections on a throwaway database: **given**
+/// these events, **when** these projections have run to the end, **then**
+/// the read model holds these rows.
+///
+/// ```no_run
+/// use projectionist::testing::ProjectionTest;
+/// use projectionist::{async_trait, Context, NewEvent, Projection, ProjectionOptions, StoredEvent};
+/// use std::sync::Arc;
+///
+/// struct Counter;
+///
+/// #[async_trait]
+/// impl Projection for Counter {
+///     fn options(&self) -> ProjectionOptions {
+///         ProjectionOptions::new("counter").tables(["counts"])
+///     }
+///     async fn migrate(&self, ctx: &Context<'_>) -> projectionist::Result<()> {
+///         let sql = format!(
+///             "CREATE TABLE IF NOT EXISTS {} (id text PRIMARY KEY, n bigint NOT NULL)",
+///             ctx.table("counts")
+///         );
+///         ctx.batch_execute(&sql).await?;
+///         Ok(())
+///     }
+///     async fn handle(&self, event: &StoredEvent, ctx: &Context<'_>) -> projectionist::Result<()> {
+///         let sql = format!(
+///             "INSERT INTO {} VALUES ($1, 1) ON CONFLICT (id) DO UPDATE SET n = {0}.n + 1",
+///             ctx.table("counts")
+///         );
+///         ctx.execute(&sql, &[&event.aggregate_id]).await?;
+///         Ok(())
+///     }
+/// }
+///
+/// # async fn example() -> projectionist::Result<()> {
+/// // In a `#[tokio::test]`:
+/// let test = ProjectionTest::new()
+///     .await?
+///     .given("Door", "front", [NewEvent::from_json("Opened", "{}"), NewEvent::from_json("Closed", "{}")])
+///     .await?
+///     .when(Arc::new(Counter))
+///     .await?;
+/// let row = test.query_one("SELECT n FROM counts WHERE id = $1", &[&"front"]).await?;
+/// assert_eq!(row.get::<_, i64>("n"), 2);
+/// # Ok(())
+/// # }
+/// ```
+///
+/// # Defaults
+///
+/// * **Server**: [`TestServer::shared`] — the server in
+///   `PROJECTIONIST_TEST_DATABASE_URL`, else a throwaway cluster; never
+///   `DATABASE_URL` (see the [module documentation](self)). Use
+///   [`ProjectionTest::on`] for another server.
+/// * **Database**: a fresh one per test, migrated (the engine's tables in
+///   schema `public`). On a throwaway cluster it vanishes with the cluster;
+///   on an existing server call [`ProjectionTest::drop_database`] at the
+///   end, or a later test process drops it.
+/// * **Store**: [`StoreConfig::default`](crate::StoreConfig) (no
+///   [`Registry`](crate::Registry): add one with
+///   [`ProjectionTest::registry`]).
+/// * **Runner**: [`RunnerConfig::default`](crate::RunnerConfig) (static
+///   mode, one partition, the default batch size), changed with
+///   [`ProjectionTest::runner_config`].
+/// * **Time limit** of [`ProjectionTest::when`]: [`DEFAULT_WHEN_TIMEOUT`]
+///   (30 s), changed with [`ProjectionTest::timeout`].
+///
+/// `given` and `when` may alternate: a second `when` continues each
+/// projection from its checkpoint, as a restarted process would.
+pub struct ProjectionTest {
+    db: TestDatabase,
+    store: crate::EventStore,
+    runner_config: crate::RunnerConfig,
+    timeout: Duration,
+}
+
+impl std::fmt::Debug for ProjectionTest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProjectionTest")
+            .field("database", &self.db.name)
+            .field("timeout", &self.timeout)
+            .finish()
+    }
+}
+
+fn harness_error(e: TestingError) -> crate::Error {
+    crate::Error::config(e.message)
+}
+
+impl ProjectionTest {
+    /// A fresh, migrated database on the shared test server
+    /// ([`TestServer::shared`]). Must be called from within a Tokio runtime
+    /// (e.g. in a `#[tokio::test]`).
+    pub async fn new() -> crate::Result<ProjectionTest> {
+        let server = TestServer::shared().map_err(harness_error)?;
+        ProjectionTest::on(server).await
+    }
+
+    /// A fresh, migrated database on `server` (e.g. one from
+    /// [`TestServer::at_url`] or [`TestServer::start_private`]).
+    pub async fn on(server: &TestServer) -> crate::Result<ProjectionTest> {
+        let db = server.create_database().await.map_err(harness_error)?;
+        crate::migrate(&db.config(), "public").await?;
+        let store = crate::EventStore::connect_config(db.config(), crate::StoreConfig::default())?;
+        Ok(ProjectionTest {
+            db,
+            store,
+            runner_config: crate::RunnerConfig::default(),
+            timeout: DEFAULT_WHEN_TIMEOUT,
+        })
+    }
+
+    /// Puts `registry` on the store: appends are validated against it and
+    /// every event the projections read is upcast by it, as in an
+    /// [`App`](crate::App) with the same registry. Default: none.
+    pub fn registry(mut self, registry: crate::Registry) -> crate::Result<ProjectionTest> {
+        self.store = self.store.with_registry(registry)?;
+        Ok(self)
+    }
+
+    /// The runner configuration [`ProjectionTest::when`] uses (default
+    /// [`RunnerConfig::default`](crate::RunnerConfig)).
+    pub fn runner_config(mut self, config: crate::RunnerConfig) -> ProjectionTest {
+        self.runner_config = config;
+        self
+    }
+
+    /// How long [`ProjectionTest::when`] may take to catch up (default
+    /// [`DEFAULT_WHEN_TIMEOUT`], 30 s).
+    pub fn timeout(mut self, timeout: Duration) -> ProjectionTest {
+        self.timeout = timeout;
+        self
+    }
+
+    /// Given: appends `events`, in order, to the stream
+    /// (`aggregate_type`, `aggregate_id`) in one transaction, after
+    /// whatever the stream already holds (no expected version). Events
+    /// are [`NewEvent`](crate::NewEvent)s or typed [`Event`](crate::Event)
+    /// values; with a registry, an unregistered type or a payload that
+    /// does not decode is refused. An empty `events` appends nothing.
+    ///
+    /// For rows no append would write (old versions, old type names),
+    /// insert into `events` with [`ProjectionTest::execute`].
+    pub async fn given<I>(
+        self,
+        aggregate_type: &str,
+        aggregate_id: &str,
+        events: I,
+    ) -> crate::Result<ProjectionTest>
+    where
+        I: IntoIterator,
+        I::Item: GivenEvent,
+    {
+        let events = events
+            .into_iter()
+            .map(GivenEvent::into_new_event)
+            .collect::<crate::Result<Vec<_>>>()?;
+        if !events.is_empty() {
+            self.store
+                .append(
+                    aggregate_type,
+                    aggregate_id,
+                    crate::ExpectedVersion::Any,
+                    &events,
+                )
+                .await?;
+        }
+        Ok(self)
+    }
+
+    /// When: runs `projection` until it has handled every event in the
+    /// log — first its [`migrate`](crate::Projection::migrate) hook (under
+    /// the migration lock, creating the views of its declared tables), then
+    /// batches until its lag is zero. See [`ProjectionTest::when_all`].
+    pub async fn when(
+        self,
+        projection: std::sync::Arc<dyn crate::Projection>,
+    ) -> crate::Result<ProjectionTest> {
+        let registered = crate::Registered::new(projection)?;
+        self.when_all(std::slice::from_ref(&registered)).await
+    }
+
+    /// When: runs `projections` (e.g. [`App::projections`](crate::App::projections))
+    /// together, as `run-projections --once` would, until every one of them
+    /// has passed every event committed so far: its exact lag is zero.
+    /// Events held back by a transaction still open elsewhere on the server
+    /// are waited for.
+    ///
+    /// Fails with the engine's error when a projection stops (a handler
+    /// that keeps failing under [`FailurePolicy::stop`](crate::FailurePolicy::stop),
+    /// an event the registry does not know: [`Error::is_failed`](crate::Error::is_failed)),
+    /// and with [`Error::is_timeout`](crate::Error::is_timeout) after the
+    /// [timeout](ProjectionTest::timeout). Dead-lettered events do not fail
+    /// it: query `dead_letters`.
+    pub async fn when_all(
+        self,
+        projections: &[crate::Registered],
+    ) -> crate::Result<ProjectionTest> {
+        let runner = crate::Runner::new(self.store.clone(), self.runner_config.clone())
+            .with_projections(projections)?;
+        let options = crate::StatusOptions::default().exact(crate::DEFAULT_EXACT_LAG_LIMIT)?;
+        let deadline = Instant::now() + self.timeout;
+        loop {
+            runner.run_once().await?;
+            let slots = crate::status_with(&self.store, projections, &options).await?;
+            let behind: Vec<String> = slots
+                .iter()
+                .filter(|s| s.registered && s.lag_events > 0)
+                .map(|s| format!("{} is {} event(s) behind", s.projection, s.lag_events))
+                .collect();
+            if behind.is_empty() {
+                return Ok(self);
+            }
+            if Instant::now() >= deadline {
+                let holder = match crate::watermark_holder(&self.store).await {
+                    Ok(Some(h)) => format!(
+                        "; backend {} (database {}, {}, open {:.1} s) holds the watermark back: \
+                         a transaction left open elsewhere on the server delays every projection",
+                        h.pid,
+                        h.database.as_deref().unwrap_or("?"),
+                        h.state.as_deref().unwrap_or("?"),
+                        h.open_seconds
+                    ),
+                    _ => String::new(),
+                };
+                return Err(crate::Error::new(
+                    crate::error::Kind::Timeout,
+                    format!(
+                        "ProjectionTest::when did not catch up within {:?}: {}{holder}",
+                        self.timeout,
+                        behind.join(", ")
+                    ),
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Then: the rows of `sql` with `params`, on a connection to the test
+    /// database (read models are found by the names readers use: the views
+    /// of the declared tables).
+    pub async fn query(
+        &self,
+        sql: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> crate::Result<Vec<tokio_postgres::Row>> {
+        let client = self.store.pool().get().await?;
+        Ok(client.query(sql, params).await?)
+    }
+
+    /// Then: the one row of `sql` with `params` (an error when there is not
+    /// exactly one).
+    pub async fn query_one(
+        &self,
+        sql: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> crate::Result<tokio_postgres::Row> {
+        let client = self.store.pool().get().await?;
+        Ok(client.query_one(sql, params).await?)
+    }
+
+    /// Runs a statement on the test database and returns the number of rows
+    /// it changed: e.g. to insert events of old shapes with plain SQL.
+    pub async fn execute(
+        &self,
+        sql: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> crate::Result<u64> {
+        let client = self.store.pool().get().await?;
+        Ok(client.execute(sql, params).await?)
+    }
+
+    /// The event store on the test database (with the registry, if any).
+    pub fn store(&self) -> &crate::EventStore {
+        &self.store
+    }
+
+    /// The test database (its name, connection settings and URL).
+    pub fn database(&self) -> &TestDatabase {
+        &self.db
+    }
+
+    /// Drops the test database (see [`TestDatabase::drop_database`]): worth
+    /// calling at the end of a test on an existing server.
+    pub async fn drop_database(self) -> crate::Result<()> {
+        let ProjectionTest { db, store, .. } = self;
+        store.pool().close();
+        db.drop_database().await.map_err(harness_error)
     }
 }
 

@@ -20,6 +20,7 @@ mod partitions;
 mod rebalance;
 mod status;
 mod store;
+mod testing_helper;
 mod tls;
 mod two_schemas;
 mod versions;
