@@ -85,7 +85,8 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
             (None, config)
         }
         Err(_) => {
-            // Not the shared test server: DATABASE_URL is unset here.
+            // A database on the testing module's server: a throwaway cluster
+            // (or the server in PROJECTIONIST_TEST_DATABASE_URL).
             let db = TestDatabase::create().await?;
             println!(
                 "started a throwaway PostgreSQL; database {} at {} (removed when this program exits)",

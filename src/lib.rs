@@ -83,6 +83,20 @@ pub use worker::{
 pub use async_trait::async_trait;
 /// Re-exported so users need not depend on the pool crate directly.
 pub use deadpool_postgres::Pool;
+/// The PostgreSQL client the engine uses, re-exported so that an
+/// application writes projections without adding `tokio-postgres` itself
+/// (and without matching its version by hand): e.g.
+/// `projectionist::tokio_postgres::types::Json`. The types handlers use
+/// most are also at the crate root: [`Row`], [`ToSql`], [`GenericClient`].
+pub use tokio_postgres;
+/// `tokio_postgres::types::ToSql`: the type of query parameters
+/// (`&[&(dyn ToSql + Sync)]`).
+pub use tokio_postgres::types::ToSql;
+/// `tokio_postgres::GenericClient`: code that runs on a client or a
+/// transaction alike (e.g. a helper called from `handle` and from a test).
+pub use tokio_postgres::GenericClient;
+/// A result row (`tokio_postgres::Row`): what `ctx.query(…)` returns.
+pub use tokio_postgres::Row;
 
 /// Used by the [`events!`] macro; not a public API.
 #[doc(hidden)]

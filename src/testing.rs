@@ -3,13 +3,28 @@
 //! This module (enabled by the cargo feature `testing`) gives every test its own
 //! fresh, empty PostgreSQL database, so tests of event stores and projections can
 //! run in parallel without seeing each other's data. It is used by projectionist's
-//! own integration tests and is offered to users for testing their projections.
+//! own integration tests and is offered to users for testing their projections,
+//! most simply through [`ProjectionTest`]: given these events, when these
+//! projections have run to the end, then query the read model.
+//!
+//! # Which server: `PROJECTIONIST_TEST_DATABASE_URL`, never `DATABASE_URL`
+//!
+//! Test databases are created and dropped on the server named by the
+//! environment variable [`PROJECTIONIST_TEST_DATABASE_URL`](TEST_DATABASE_URL),
+//! or, when it is unset or empty, on a throwaway cluster this module starts
+//! itself. `DATABASE_URL` is **never** read here: it is the application's
+//! server (the command line reads it), and `cargo test` in a shell set up to run
+//! the application must not create or drop databases there. To run the tests
+//! against a server of your own, point the test variable at it explicitly,
+//! e.g. `PROJECTIONIST_TEST_DATABASE_URL=postgres://postgres@127.0.0.1:5432/postgres
+//! cargo test`. projectionist's own tests follow the same rule (its CI script
+//! passes a `DATABASE_URL` it is given on as `PROJECTIONIST_TEST_DATABASE_URL`).
 //!
 //! # What it owns
 //!
 //! * A [`TestServer`]: the PostgreSQL server that test databases are created on.
-//!   - If the environment variable `DATABASE_URL` is set (and not empty), that
-//!     server is used, e.g. `postgres://postgres@127.0.0.1:5432/postgres`. The URL
+//!   - If the environment variable `PROJECTIONIST_TEST_DATABASE_URL` is set (and
+//!     not empty), that server is used, e.g. `postgres://postgres@127.0.0.1:5432/postgres`. The URL
 //!     must name a role that may create and drop databases. Before the first
 //!     database is created, databases left behind by earlier test processes that
 //!     are no longer alive (`projectionist_test_{pid}_…` where `/proc/{pid}` is
@@ -41,7 +56,7 @@
 //! watched by a small detached `sh` process: when the test process exits (even
 //! when it is killed, or `cargo test` is interrupted with Ctrl-C), it stops the
 //! server (immediate shutdown) and deletes the cluster's directory. Databases on a
-//! `DATABASE_URL` server are dropped by [`TestDatabase::drop_database`], or by the
+//! `PROJECTIONIST_TEST_DATABASE_URL` server are dropped by [`TestDatabase::drop_database`], or by the
 //! leftover cleanup of a later test process.
 //!
 //! # Example
@@ -98,6 +113,40 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio_postgres::config::{Host, SslMode};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::{Client, Config, NoTls};
+
+/// The environment variable naming an existing server to create test
+/// databases on: `PROJECTIONIST_TEST_DATABASE_URL`. `DATABASE_URL` is never
+/// read by this module (see the [module documentation](self)).
+pub const TEST_DATABASE_URL: &str = "PROJECTIONIST_TEST_DATABASE_URL";
+
+/// Where the shared server comes from.
+#[derive(Debug, PartialEq, Eq)]
+enum ServerSource {
+    /// An existing server, from [`TEST_DATABASE_URL`].
+    Url(String),
+    /// A throwaway cluster.
+    Throwaway,
+}
+
+/// Decides where the shared server comes from, given a way to read the
+/// environment: [`TEST_DATABASE_URL`] when set and not blank, otherwise a
+/// throwaway cluster. `DATABASE_URL` (the application's server) is not
+/// consulted.
+fn server_source(
+    var: impl Fn(&str) -> Option<std::ffi::OsString>,
+) -> Result<ServerSource, TestingError> {
+    match var(TEST_DATABASE_URL) {
+        None => Ok(ServerSource::Throwaway),
+        Some(value) => match value.into_string() {
+            Ok(url) if url.trim().is_empty() => Ok(ServerSource::Throwaway),
+            Ok(url) => Ok(ServerSource::Url(url.trim().to_owned())),
+            Err(_) => Err(TestingError::new(format!(
+                "{TEST_DATABASE_URL} is not valid UTF-8: set it to a connection URL like \
+                 postgres://postgres@127.0.0.1:5432/postgres, or unset it to use a throwaway cluster"
+            ))),
+        },
+    }
+}
 
 /// Port of the throwaway clusters. They only listen on a Unix socket in their
 /// own directory, so a fixed port never clashes.
@@ -209,25 +258,26 @@ impl std::error::Error for TestingError {}
 
 /// A PostgreSQL server to create test databases on.
 ///
-/// Get the process-wide one with [`TestServer::shared`] (a `DATABASE_URL`
-/// server or a throwaway cluster started on first use), or a cluster for one
+/// Get the process-wide one with [`TestServer::shared`] (a
+/// `PROJECTIONIST_TEST_DATABASE_URL` server or a throwaway cluster started on first use), or a cluster for one
 /// test with [`TestServer::start_private`].
 #[derive(Debug)]
 pub struct TestServer {
     admin: Config,
-    /// The throwaway cluster; `None` for a `DATABASE_URL` server.
+    /// The throwaway cluster; `None` for an existing server.
     cluster: Option<Cluster>,
     private: bool,
     /// Set once leftover databases of dead test processes have been dropped
-    /// (only for a `DATABASE_URL` server).
+    /// (only for an existing server).
     leftovers_dropped: tokio::sync::OnceCell<()>,
 }
 
 impl TestServer {
     /// The server shared by all tests of this process.
     ///
-    /// If `DATABASE_URL` is set, that server is used (nothing is connected
-    /// here; connection problems surface in [`TestServer::create_database`]).
+    /// If `PROJECTIONIST_TEST_DATABASE_URL` is set (and not empty), that
+    /// server is used; `DATABASE_URL` is ignored. Nothing is connected
+    /// here: connection problems surface in [`TestServer::create_database`].
     /// Otherwise a throwaway cluster is started on the first call, which blocks
     /// for a second or two; concurrent callers wait for it. If starting fails,
     /// every call returns the same error.
@@ -239,7 +289,8 @@ impl TestServer {
             .map_err(Clone::clone)
     }
 
-    /// Starts a throwaway cluster for one test, regardless of `DATABASE_URL`.
+    /// Starts a throwaway cluster for one test, regardless of
+    /// `PROJECTIONIST_TEST_DATABASE_URL`.
     ///
     /// Unlike the shared server it may be stopped and started again
     /// ([`TestServer::stop`], [`TestServer::start`]). It is stopped and its
@@ -274,13 +325,13 @@ impl TestServer {
     }
 
     /// Connection settings of the admin connection (a superuser, or the
-    /// `DATABASE_URL` role, on the server's maintenance database).
+    /// URL's role, on the URL's database).
     pub fn admin_config(&self) -> Config {
         self.admin.clone()
     }
 
-    /// The data directory of a throwaway cluster (`None` for a
-    /// `DATABASE_URL` server), e.g. to edit `pg_hba.conf` in a test.
+    /// The data directory of a throwaway cluster (`None` for an existing
+    /// server), e.g. to edit `pg_hba.conf` in a test.
     pub fn data_dir(&self) -> Option<&std::path::Path> {
         self.cluster.as_ref().map(|c| c.data.as_path())
     }
@@ -414,28 +465,38 @@ impl TestServer {
     }
 
     fn init_shared() -> Result<TestServer, TestingError> {
-        match env::var("DATABASE_URL") {
-            Ok(url) if !url.trim().is_empty() => TestServer::from_url(url.trim()),
-            Ok(_) | Err(env::VarError::NotPresent) => {
+        match server_source(|name| env::var_os(name))? {
+            ServerSource::Url(url) => TestServer::from_url(&url),
+            ServerSource::Throwaway => {
                 Cluster::create(false, "").map(|cluster| TestServer::from_cluster(cluster, false))
             }
-            Err(env::VarError::NotUnicode(_)) => Err(TestingError::new(
-                "DATABASE_URL is not valid UTF-8: set it to a connection URL like \
-                 postgres://postgres@127.0.0.1:5432/postgres, or unset it to use a throwaway cluster",
-            )),
         }
     }
 
+    /// A server at `url` (e.g. `postgres://postgres@127.0.0.1:5432/postgres`)
+    /// to create test databases on, named explicitly rather than read from
+    /// the environment. The URL's role must be allowed to create and drop
+    /// databases: the first [`TestServer::create_database`] also drops the
+    /// `projectionist_test_{pid}_…` databases of test processes that are
+    /// gone. Nothing is connected here.
+    pub fn at_url(url: &str) -> Result<TestServer, TestingError> {
+        TestServer::from_url_named(url.trim(), "the URL")
+    }
+
     fn from_url(url: &str) -> Result<TestServer, TestingError> {
+        TestServer::from_url_named(url, TEST_DATABASE_URL)
+    }
+
+    fn from_url_named(url: &str, what: &str) -> Result<TestServer, TestingError> {
         let admin = Config::from_str(url).map_err(|e| {
             TestingError::new(format!(
-                "DATABASE_URL is not a valid PostgreSQL connection string ({}): set it to a URL \
-                 like postgres://postgres@127.0.0.1:5432/postgres, or unset it to use a \
-                 throwaway cluster",
+                "{what} is not a valid PostgreSQL connection string ({}): set it to a URL \
+                 like postgres://postgres@127.0.0.1:5432/postgres (a server on which test \
+                 databases may be created and dropped), or unset it to use a throwaway cluster",
                 describe_pg_error(&e)
             ))
         })?;
-        tracing::debug!(server = %describe_target(&admin), "testing: using the DATABASE_URL server");
+        tracing::debug!(server = %describe_target(&admin), "testing: using an existing server for test databases");
         Ok(TestServer {
             admin,
             cluster: None,
@@ -471,10 +532,11 @@ impl TestServer {
 
     fn connect_hint(&self) -> String {
         match &self.cluster {
-            None => "check that the server in DATABASE_URL is running and reachable and that \
-                     the URL's user and password are right (or unset DATABASE_URL to use a \
-                     throwaway cluster)"
-                .to_string(),
+            None => format!(
+                "check that the server in {TEST_DATABASE_URL} is running and reachable and \
+                 that the URL's user and password are right (or unset {TEST_DATABASE_URL} to \
+                 use a throwaway cluster)"
+            ),
             Some(cluster) => format!(
                 "the throwaway cluster may have been stopped; its log is {}",
                 cluster.log.display()
@@ -486,7 +548,7 @@ impl TestServer {
 /// A fresh database for one test, on a [`TestServer`].
 ///
 /// It is not dropped automatically: on a throwaway cluster it disappears with
-/// the cluster when the test process exits; on a `DATABASE_URL` server call
+/// the cluster when the test process exits; on an existing server call
 /// [`TestDatabase::drop_database`], or a later test process drops it.
 #[derive(Debug)]
 pub struct TestDatabase {
@@ -553,6 +615,320 @@ impl TestDatabase {
     }
 }
 
+/// An event [`ProjectionTest::given`] can append: a [`NewEvent`](crate::NewEvent),
+/// or a value of a typed event enum (an [`Event`](crate::Event), e.g. one
+/// declared with [`events!`](crate::events)).
+pub trait GivenEvent {
+    /// The event to append.
+    fn into_new_event(self) -> crate::Result<crate::NewEvent>;
+}
+
+impl GivenEvent for crate::NewEvent {
+    fn into_new_event(self) -> crate::Result<crate::NewEvent> {
+        Ok(self)
+    }
+}
+
+impl<E: crate::Event> GivenEvent for E {
+    fn into_new_event(self) -> crate::Result<crate::NewEvent> {
+        crate::NewEvent::typed(&self)
+    }
+}
+
+/// Default of [`ProjectionTest::timeout`]: 30 s.
+pub const DEFAULT_WHEN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A given-when-then test of projections on a throwaway database: **given**
+/// these events, **when** these projections have run to the end, **then**
+/// the read model holds these rows.
+///
+/// ```no_run
+/// use projectionist::testing::ProjectionTest;
+/// use projectionist::{async_trait, Context, NewEvent, Projection, ProjectionOptions, StoredEvent};
+/// use std::sync::Arc;
+///
+/// struct Counter;
+///
+/// #[async_trait]
+/// impl Projection for Counter {
+///     fn options(&self) -> ProjectionOptions {
+///         ProjectionOptions::new("counter").tables(["counts"])
+///     }
+///     async fn migrate(&self, ctx: &Context<'_>) -> projectionist::Result<()> {
+///         let sql = format!(
+///             "CREATE TABLE IF NOT EXISTS {} (id text PRIMARY KEY, n bigint NOT NULL)",
+///             ctx.table("counts")
+///         );
+///         ctx.batch_execute(&sql).await?;
+///         Ok(())
+///     }
+///     async fn handle(&self, event: &StoredEvent, ctx: &Context<'_>) -> projectionist::Result<()> {
+///         let sql = format!(
+///             "INSERT INTO {} VALUES ($1, 1) ON CONFLICT (id) DO UPDATE SET n = {0}.n + 1",
+///             ctx.table("counts")
+///         );
+///         ctx.execute(&sql, &[&event.aggregate_id]).await?;
+///         Ok(())
+///     }
+/// }
+///
+/// # async fn example() -> projectionist::Result<()> {
+/// // In a `#[tokio::test]`:
+/// let test = ProjectionTest::new()
+///     .await?
+///     .given("Door", "front", [NewEvent::from_json("Opened", "{}"), NewEvent::from_json("Closed", "{}")])
+///     .await?
+///     .when(Arc::new(Counter))
+///     .await?;
+/// let row = test.query_one("SELECT n FROM counts WHERE id = $1", &[&"front"]).await?;
+/// assert_eq!(row.get::<_, i64>("n"), 2);
+/// # Ok(())
+/// # }
+/// ```
+///
+/// # Defaults
+///
+/// * **Server**: [`TestServer::shared`] — the server in
+///   `PROJECTIONIST_TEST_DATABASE_URL`, else a throwaway cluster; never
+///   `DATABASE_URL` (see the [module documentation](self)). Use
+///   [`ProjectionTest::on`] for another server.
+/// * **Database**: a fresh one per test, migrated (the engine's tables in
+///   schema `public`). On a throwaway cluster it vanishes with the cluster;
+///   on an existing server call [`ProjectionTest::drop_database`] at the
+///   end, or a later test process drops it.
+/// * **Store**: [`StoreConfig::default`](crate::StoreConfig) (no
+///   [`Registry`](crate::Registry): add one with
+///   [`ProjectionTest::registry`]).
+/// * **Runner**: [`RunnerConfig::default`](crate::RunnerConfig) (static
+///   mode, one partition, the default batch size), changed with
+///   [`ProjectionTest::runner_config`].
+/// * **Time limit** of [`ProjectionTest::when`]: [`DEFAULT_WHEN_TIMEOUT`]
+///   (30 s), changed with [`ProjectionTest::timeout`].
+///
+/// `given` and `when` may alternate: a second `when` continues each
+/// projection from its checkpoint, as a restarted process would.
+pub struct ProjectionTest {
+    db: TestDatabase,
+    store: crate::EventStore,
+    runner_config: crate::RunnerConfig,
+    timeout: Duration,
+}
+
+impl std::fmt::Debug for ProjectionTest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProjectionTest")
+            .field("database", &self.db.name)
+            .field("timeout", &self.timeout)
+            .finish()
+    }
+}
+
+fn harness_error(e: TestingError) -> crate::Error {
+    crate::Error::config(e.message)
+}
+
+impl ProjectionTest {
+    /// A fresh, migrated database on the shared test server
+    /// ([`TestServer::shared`]). Must be called from within a Tokio runtime
+    /// (e.g. in a `#[tokio::test]`).
+    pub async fn new() -> crate::Result<ProjectionTest> {
+        let server = TestServer::shared().map_err(harness_error)?;
+        ProjectionTest::on(server).await
+    }
+
+    /// A fresh, migrated database on `server` (e.g. one from
+    /// [`TestServer::at_url`] or [`TestServer::start_private`]).
+    pub async fn on(server: &TestServer) -> crate::Result<ProjectionTest> {
+        let db = server.create_database().await.map_err(harness_error)?;
+        crate::migrate(&db.config(), "public").await?;
+        let store = crate::EventStore::connect_config(db.config(), crate::StoreConfig::default())?;
+        Ok(ProjectionTest {
+            db,
+            store,
+            runner_config: crate::RunnerConfig::default(),
+            timeout: DEFAULT_WHEN_TIMEOUT,
+        })
+    }
+
+    /// Puts `registry` on the store: appends are validated against it and
+    /// every event the projections read is upcast by it, as in an
+    /// [`App`](crate::App) with the same registry. Default: none.
+    pub fn registry(mut self, registry: crate::Registry) -> crate::Result<ProjectionTest> {
+        self.store = self.store.with_registry(registry)?;
+        Ok(self)
+    }
+
+    /// The runner configuration [`ProjectionTest::when`] uses (default
+    /// [`RunnerConfig::default`](crate::RunnerConfig)).
+    pub fn runner_config(mut self, config: crate::RunnerConfig) -> ProjectionTest {
+        self.runner_config = config;
+        self
+    }
+
+    /// How long [`ProjectionTest::when`] may take to catch up (default
+    /// [`DEFAULT_WHEN_TIMEOUT`], 30 s).
+    pub fn timeout(mut self, timeout: Duration) -> ProjectionTest {
+        self.timeout = timeout;
+        self
+    }
+
+    /// Given: appends `events`, in order, to the stream
+    /// (`aggregate_type`, `aggregate_id`) in one transaction, after
+    /// whatever the stream already holds (no expected version). Events
+    /// are [`NewEvent`](crate::NewEvent)s or typed [`Event`](crate::Event)
+    /// values; with a registry, an unregistered type or a payload that
+    /// does not decode is refused. An empty `events` appends nothing.
+    ///
+    /// For rows no append would write (old versions, old type names),
+    /// insert into `events` with [`ProjectionTest::execute`].
+    pub async fn given<I>(
+        self,
+        aggregate_type: &str,
+        aggregate_id: &str,
+        events: I,
+    ) -> crate::Result<ProjectionTest>
+    where
+        I: IntoIterator,
+        I::Item: GivenEvent,
+    {
+        let events = events
+            .into_iter()
+            .map(GivenEvent::into_new_event)
+            .collect::<crate::Result<Vec<_>>>()?;
+        if !events.is_empty() {
+            self.store
+                .append(
+                    aggregate_type,
+                    aggregate_id,
+                    crate::ExpectedVersion::Any,
+                    &events,
+                )
+                .await?;
+        }
+        Ok(self)
+    }
+
+    /// When: runs `projection` until it has handled every event in the
+    /// log — first its [`migrate`](crate::Projection::migrate) hook (under
+    /// the migration lock, creating the views of its declared tables), then
+    /// batches until its lag is zero. See [`ProjectionTest::when_all`].
+    pub async fn when(
+        self,
+        projection: std::sync::Arc<dyn crate::Projection>,
+    ) -> crate::Result<ProjectionTest> {
+        let registered = crate::Registered::new(projection)?;
+        self.when_all(std::slice::from_ref(&registered)).await
+    }
+
+    /// When: runs `projections` (e.g. [`App::projections`](crate::App::projections))
+    /// together, as `run-projections --once` would, until every one of them
+    /// has passed every event committed so far: its exact lag is zero.
+    /// Events held back by a transaction still open elsewhere on the server
+    /// are waited for.
+    ///
+    /// Fails with the engine's error when a projection stops (a handler
+    /// that keeps failing under [`FailurePolicy::stop`](crate::FailurePolicy::stop),
+    /// an event the registry does not know: [`Error::is_failed`](crate::Error::is_failed)),
+    /// and with [`Error::is_timeout`](crate::Error::is_timeout) after the
+    /// [timeout](ProjectionTest::timeout). Dead-lettered events do not fail
+    /// it: query `dead_letters`.
+    pub async fn when_all(
+        self,
+        projections: &[crate::Registered],
+    ) -> crate::Result<ProjectionTest> {
+        let runner = crate::Runner::new(self.store.clone(), self.runner_config.clone())
+            .with_projections(projections)?;
+        let options = crate::StatusOptions::default().exact(crate::DEFAULT_EXACT_LAG_LIMIT)?;
+        let deadline = Instant::now() + self.timeout;
+        loop {
+            runner.run_once().await?;
+            let slots = crate::status_with(&self.store, projections, &options).await?;
+            let behind: Vec<String> = slots
+                .iter()
+                .filter(|s| s.registered && s.lag_events > 0)
+                .map(|s| format!("{} is {} event(s) behind", s.projection, s.lag_events))
+                .collect();
+            if behind.is_empty() {
+                return Ok(self);
+            }
+            if Instant::now() >= deadline {
+                let holder = match crate::watermark_holder(&self.store).await {
+                    Ok(Some(h)) => format!(
+                        "; backend {} (database {}, {}, open {:.1} s) holds the watermark back: \
+                         a transaction left open elsewhere on the server delays every projection",
+                        h.pid,
+                        h.database.as_deref().unwrap_or("?"),
+                        h.state.as_deref().unwrap_or("?"),
+                        h.open_seconds
+                    ),
+                    _ => String::new(),
+                };
+                return Err(crate::Error::new(
+                    crate::error::Kind::Timeout,
+                    format!(
+                        "ProjectionTest::when did not catch up within {:?}: {}{holder}",
+                        self.timeout,
+                        behind.join(", ")
+                    ),
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Then: the rows of `sql` with `params`, on a connection to the test
+    /// database (read models are found by the names readers use: the views
+    /// of the declared tables).
+    pub async fn query(
+        &self,
+        sql: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> crate::Result<Vec<tokio_postgres::Row>> {
+        let client = self.store.pool().get().await?;
+        Ok(client.query(sql, params).await?)
+    }
+
+    /// Then: the one row of `sql` with `params` (an error when there is not
+    /// exactly one).
+    pub async fn query_one(
+        &self,
+        sql: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> crate::Result<tokio_postgres::Row> {
+        let client = self.store.pool().get().await?;
+        Ok(client.query_one(sql, params).await?)
+    }
+
+    /// Runs a statement on the test database and returns the number of rows
+    /// it changed: e.g. to insert events of old shapes with plain SQL.
+    pub async fn execute(
+        &self,
+        sql: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> crate::Result<u64> {
+        let client = self.store.pool().get().await?;
+        Ok(client.execute(sql, params).await?)
+    }
+
+    /// The event store on the test database (with the registry, if any).
+    pub fn store(&self) -> &crate::EventStore {
+        &self.store
+    }
+
+    /// The test database (its name, connection settings and URL).
+    pub fn database(&self) -> &TestDatabase {
+        &self.db
+    }
+
+    /// Drops the test database (see [`TestDatabase::drop_database`]): worth
+    /// calling at the end of a test on an existing server.
+    pub async fn drop_database(self) -> crate::Result<()> {
+        let ProjectionTest { db, store, .. } = self;
+        store.pool().close();
+        db.drop_database().await.map_err(harness_error)
+    }
+}
+
 /// A throwaway cluster: a directory holding the data directory, the server log
 /// and the Unix socket.
 #[derive(Debug)]
@@ -586,7 +962,7 @@ impl Cluster {
                     "the tests run as root and PostgreSQL refuses to run as root, but there is \
                      no `postgres` OS user to run the throwaway cluster as: create one \
                      (useradd --system postgres), run the tests as a normal user, or set \
-                     DATABASE_URL to use an existing server",
+                     PROJECTIONIST_TEST_DATABASE_URL to use an existing server",
                 )
             })?)
         } else {
@@ -643,7 +1019,7 @@ impl Cluster {
                     "could not run {} in {} as the postgres OS user (uid {uid}): {e}; the tests \
                      run as root, so the throwaway cluster runs as that user, which must be able \
                      to reach the temporary directory (set TMPDIR to e.g. /tmp) and execute the \
-                     server binaries (set PG_BIN), or set DATABASE_URL to use an existing server",
+                     server binaries (set PG_BIN), or set PROJECTIONIST_TEST_DATABASE_URL to use an existing server",
                     path.display(),
                     self.root.display()
                 ),
@@ -685,7 +1061,7 @@ impl Cluster {
             message.push_str(
                 "\nthe tests run as root, so initdb runs as the postgres OS user: every parent \
                  directory of the temporary directory must be accessible to it (set TMPDIR to \
-                 e.g. /tmp), or set DATABASE_URL to use an existing server",
+                 e.g. /tmp), or set PROJECTIONIST_TEST_DATABASE_URL to use an existing server",
             );
         }
         Err(TestingError::new(message))
@@ -733,7 +1109,7 @@ impl Cluster {
                 "the throwaway PostgreSQL server did not start (pg_ctl start: {}):\n{}\n\
                  --- server log {} ---\n{}\n\
                  check the log above (e.g. not enough shared memory, or the server \
-                 binaries do not match the data directory); or set DATABASE_URL to use an \
+                 binaries do not match the data directory); or set PROJECTIONIST_TEST_DATABASE_URL to use an \
                  existing server",
                 output.status,
                 output_text(&output),
@@ -823,7 +1199,7 @@ impl Cluster {
             .map_err(|e| {
                 TestingError::new(format!(
                     "could not start /bin/sh to clean up the throwaway cluster after the tests \
-                     ({e}): a POSIX shell is needed, or set DATABASE_URL to use an existing server"
+                     ({e}): a POSIX shell is needed, or set PROJECTIONIST_TEST_DATABASE_URL to use an existing server"
                 ))
             })
     }
@@ -957,7 +1333,7 @@ fn find_server_binaries() -> Result<PathBuf, TestingError> {
             TestingError::new(
                 "PostgreSQL server binaries (initdb, pg_ctl, postgres) not found in PG_BIN, PATH \
                  or /usr/lib/postgresql/*/bin: install them (e.g. apt-get install postgresql), \
-                 set PG_BIN to their directory, or set DATABASE_URL to use an existing server",
+                 set PG_BIN to their directory, or set PROJECTIONIST_TEST_DATABASE_URL to use an existing server",
             )
         })
 }
@@ -1243,4 +1619,58 @@ fn output_text(output: &Output) -> String {
 fn tail(text: &str, lines: usize) -> String {
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::ffi::OsString;
+
+    fn env(vars: &[(&str, &str)]) -> impl Fn(&str) -> Option<OsString> {
+        let vars: Vec<(String, String)> = vars
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        move |name| {
+            vars.iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| OsString::from(v))
+        }
+    }
+
+    #[test]
+    fn database_url_alone_is_ignored() {
+        let source = server_source(env(&[("DATABASE_URL", "postgres://app@prod/app")])).unwrap();
+        assert_eq!(source, ServerSource::Throwaway);
+    }
+
+    #[test]
+    fn the_test_variable_names_the_server() {
+        let source = server_source(env(&[
+            ("DATABASE_URL", "postgres://app@prod/app"),
+            (
+                TEST_DATABASE_URL,
+                " postgres://postgres@127.0.0.1:5432/postgres ",
+            ),
+        ]))
+        .unwrap();
+        assert_eq!(
+            source,
+            ServerSource::Url("postgres://postgres@127.0.0.1:5432/postgres".to_owned())
+        );
+    }
+
+    #[test]
+    fn an_empty_test_variable_means_a_throwaway_cluster() {
+        let source = server_source(env(&[(TEST_DATABASE_URL, "  ")])).unwrap();
+        assert_eq!(source, ServerSource::Throwaway);
+        assert_eq!(server_source(env(&[])).unwrap(), ServerSource::Throwaway);
+    }
+
+    #[test]
+    fn a_bad_url_names_the_variable() {
+        let e = TestServer::from_url("postgres://[bad").unwrap_err();
+        assert!(e.message().contains(TEST_DATABASE_URL), "{e}");
+        assert!(!e.message().contains(" DATABASE_URL"), "{e}");
+    }
 }

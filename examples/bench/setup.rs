@@ -73,6 +73,10 @@ impl Bench {
             batch,
             server_kind: if std::env::var("DATABASE_URL").is_ok_and(|u| !u.trim().is_empty()) {
                 "DATABASE_URL server"
+            } else if std::env::var(projectionist::testing::TEST_DATABASE_URL)
+                .is_ok_and(|u| !u.trim().is_empty())
+            {
+                "PROJECTIONIST_TEST_DATABASE_URL server"
             } else {
                 "throwaway cluster (projectionist::testing)"
             },
@@ -112,7 +116,7 @@ impl Bench {
 
     /// A fresh, migrated database.
     pub async fn fresh_db(&mut self) -> (TestDatabase, EventStore, Client) {
-        let server = TestServer::shared().unwrap_or_else(|e| panic!("no PostgreSQL server: {e}"));
+        let server = bench_server().unwrap_or_else(|e| panic!("no PostgreSQL server: {e}"));
         let db = server
             .create_database()
             .await
@@ -320,5 +324,21 @@ impl Bench {
             events: n,
             amount,
         }
+    }
+}
+
+/// The server the benchmark creates its databases on: the one in
+/// `DATABASE_URL` when set (the benchmark's documented switch; the role
+/// needs CREATEDB), otherwise the testing module's shared server (a
+/// throwaway cluster, or `PROJECTIONIST_TEST_DATABASE_URL`).
+fn bench_server() -> Result<&'static TestServer, projectionist::testing::TestingError> {
+    static SERVER: std::sync::OnceLock<Result<TestServer, projectionist::testing::TestingError>> =
+        std::sync::OnceLock::new();
+    match std::env::var("DATABASE_URL") {
+        Ok(url) if !url.trim().is_empty() => SERVER
+            .get_or_init(|| TestServer::at_url(&url))
+            .as_ref()
+            .map_err(Clone::clone),
+        _ => TestServer::shared(),
     }
 }

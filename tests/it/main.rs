@@ -1,4 +1,5 @@
-//! Integration tests against a real PostgreSQL: `DATABASE_URL` when set,
+//! Integration tests against a real PostgreSQL: the server in
+//! `PROJECTIONIST_TEST_DATABASE_URL` when set (never `DATABASE_URL`),
 //! otherwise a throwaway cluster started once for this test binary (see
 //! `projectionist::testing`). Every test gets a database of its own.
 
@@ -19,6 +20,7 @@ mod partitions;
 mod rebalance;
 mod status;
 mod store;
+mod testing_helper;
 mod tls;
 mod two_schemas;
 mod versions;
