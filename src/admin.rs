@@ -654,23 +654,36 @@ fn status_params<'a>(
 }
 
 /// The plan (`EXPLAIN (FORMAT JSON)`, without running it) of the one
-/// statement that [`status`] runs for every slot, to check that it reads
-/// the events table only through index conditions whatever the log's size.
-/// (`StatusOptions::exact` adds a bounded count per slot on top.)
+/// statement that [`status`] runs for every slot, planned with the
+/// settings [`status`] uses (`jit` off), to check that it reads the events
+/// table only through index conditions whatever the log's size, and is
+/// not JIT compiled. (`StatusOptions::exact` adds a bounded count per slot
+/// on top.)
 pub async fn explain_status(
     store: &EventStore,
     projections: &[Arc<dyn Projection>],
 ) -> Result<serde_json::Value> {
     let filters = filters_json(store, projections);
-    let heartbeat = StatusOptions::default().heartbeat_timeout.as_secs_f64();
-    let client = store.pool().get().await?;
-    let row = client
-        .query_one(
-            &format!("EXPLAIN (FORMAT JSON) {}", status_sql(store)),
-            &[&filters, &LAG_SAMPLE_EVENTS, &heartbeat],
-        )
-        .await?;
-    Ok(row.try_get(0)?)
+    let options = StatusOptions::default();
+    let heartbeat = options.heartbeat_timeout.as_secs_f64();
+    let explain = format!("EXPLAIN (FORMAT JSON) {}", status_sql(store));
+    let params = status_params(&filters, &heartbeat);
+    within(
+        store,
+        options.timeout,
+        "explain status",
+        |mut session| async move {
+            let rows = session
+                .pipelined(options.timeout, &[(&explain, &params)], true)
+                .await?;
+            session.finish();
+            let row = rows[0]
+                .first()
+                .ok_or_else(|| Error::new(Kind::Other, "EXPLAIN returned no row"))?;
+            Ok(row.try_get(0)?)
+        },
+    )
+    .await
 }
 
 /// The slots whose state is `failed`, as `projection/partition`: what

@@ -637,3 +637,51 @@ async fn dead_letters_are_counted_up_to_the_limit() {
     );
     assert!(table.contains("b_report: 7 dead letter(s)"), "{table}");
 }
+
+/// The status statement is planned with JIT off even where the server
+/// would JIT compile everything: compiling it cost more than running it at
+/// 10M events (its cost estimate crosses `jit_above_cost`).
+#[tokio::test]
+async fn status_is_not_jit_compiled() {
+    let env = env().await;
+    let o = run(&env.db, &["migrate"], &[]);
+    assert!(o.status.success(), "{}", text(&o));
+    let client = env.client().await;
+    let jit: bool = client
+        .query_one("SELECT pg_jit_available()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    if !jit {
+        eprintln!("this server has no JIT provider: nothing to check");
+        return;
+    }
+    // Every later connection of this database would JIT compile any plan.
+    client
+        .batch_execute(&format!(
+            "ALTER DATABASE {} SET jit_above_cost = 0; \
+             INSERT INTO projection_checkpoints (projection_name, partition_key, total_partitions) \
+             VALUES ('account_balances', 0, 1)",
+            env.db.name()
+        ))
+        .await
+        .unwrap();
+    let fresh = env.client().await;
+    let plan: serde_json::Value = fresh
+        .query_one("EXPLAIN (FORMAT JSON) SELECT count(*) FROM events", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        plan[0].get("JIT").is_some(),
+        "the setting makes plans JIT compiled: {plan:#}"
+    );
+    let plan = projectionist::explain_status(&env.store, &account_balances())
+        .await
+        .unwrap();
+    assert!(plan[0].get("JIT").is_none(), "{plan:#}");
+    let slots = projectionist::status(&env.store, &account_balances())
+        .await
+        .unwrap();
+    assert_eq!(slots.len(), 1);
+}
