@@ -18,6 +18,10 @@ use crate::registered::Registered;
 use crate::store::{filter_conditions, EventStore, ReadFilter};
 use serde::Serialize;
 use std::time::Duration;
+use tokio_postgres::types::{ToSql, Type};
+
+/// A statement's parameters with their types, for `query_typed`.
+type TypedParams<'a> = [(&'a (dyn ToSql + Sync), Type)];
 
 /// Events after a slot's cursor that `status` reads to measure its lag:
 /// fewer than this many remaining are counted exactly, more are estimated
@@ -27,6 +31,12 @@ pub const LAG_SAMPLE_EVENTS: i64 = 1000;
 /// Default of [`StatusOptions::exact`]'s limit: an exact count stops after
 /// this many events per slot (1,000,000).
 pub const DEFAULT_EXACT_LAG_LIMIT: i64 = 1_000_000;
+
+/// Most dead letters `status` counts per projection (10,000): the count
+/// reads the dead-letter index and stops there, so that a huge dead-letter
+/// table cannot make `status` or `/metrics` slow. A projection with more
+/// shows this many, with [`StatusReport::dead_letters_capped`] set.
+pub const DEAD_LETTER_COUNT_LIMIT: i64 = 10_000;
 
 /// Default of [`StatusOptions::timeout`]: 30 s.
 pub const DEFAULT_STATUS_TIMEOUT: Duration = Duration::from_secs(30);
@@ -222,8 +232,9 @@ impl Session {
             .ok_or_else(|| Error::new(Kind::Other, "status session used after it ended"))
     }
 
-    /// Opens the read-only transaction (one snapshot for every statement)
-    /// with `SET LOCAL statement_timeout`.
+    /// Opens a read-only, repeatable-read transaction (one snapshot for
+    /// every statement) with `SET LOCAL statement_timeout` (the console's
+    /// sampler uses it).
     pub(crate) async fn begin(
         &mut self,
         timeout: Duration,
@@ -239,6 +250,51 @@ impl Session {
         tx.execute("SELECT set_config('statement_timeout', $1, true)", &[&ms])
             .await?;
         Ok(tx)
+    }
+
+    /// Runs `statements` in one read-only, repeatable-read transaction (one
+    /// snapshot for all of them), in one round trip: `BEGIN`, the settings,
+    /// the statements and, when `commit`, `COMMIT` are sent together
+    /// (`query_typed` needs no prepare round trip; the futures are polled in
+    /// order, so they reach the server in order). The settings are
+    /// `statement_timeout` and `jit = off`, local to the transaction: the
+    /// status statement's cost estimate (many bounded scans over a large
+    /// table) crosses `jit_above_cost`, and compiling it took far longer
+    /// than running it (about 100 ms at 10M events). Without `commit`, the
+    /// transaction stays open for more statements and [`Session::commit`].
+    async fn pipelined(
+        &mut self,
+        timeout: Duration,
+        statements: &[(&str, &TypedParams<'_>)],
+        commit: bool,
+    ) -> Result<Vec<Vec<tokio_postgres::Row>>> {
+        let ms = format!("{}ms", timeout.as_millis().max(1));
+        let settings: [(&(dyn ToSql + Sync), Type); 1] = [(&ms, Type::TEXT)];
+        let client: &tokio_postgres::Client = self.client()?;
+        let mut futures = Vec::with_capacity(statements.len() + 3);
+        futures.push(client.query_typed("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY", &[]));
+        futures.push(client.query_typed(
+            "SELECT set_config('statement_timeout', $1, true), set_config('jit', 'off', true)",
+            &settings,
+        ));
+        for (sql, params) in statements {
+            futures.push(client.query_typed(sql, params));
+        }
+        if commit {
+            futures.push(client.query_typed("COMMIT", &[]));
+        }
+        let mut rows = futures_util::future::try_join_all(futures).await?;
+        if commit {
+            rows.pop();
+        }
+        Ok(rows.split_off(2))
+    }
+
+    /// Ends the transaction a [`Session::pipelined`] call without `commit`
+    /// left open.
+    async fn commit(&mut self) -> Result<()> {
+        self.client()?.batch_execute("COMMIT").await?;
+        Ok(())
     }
 
     /// The work is done: the connection goes back to the pool.
@@ -329,25 +385,28 @@ async fn workers_in<C: tokio_postgres::GenericClient>(
     client: &C,
     store: &EventStore,
 ) -> Result<Vec<WorkerStatus>> {
+    workers_from(&client.query(&workers_sql(store), &[]).await?)
+}
+
+/// The statement behind [`workers`] (no parameters).
+fn workers_sql(store: &EventStore) -> String {
     let sql = store.statements();
     // The leader holds its advisory lock on a connection named
     // `projectionist-leader:<worker id>`.
-    let rows = client
-        .query(
-            &format!(
-                "SELECT w.worker_id, w.hostname, w.pid, w.version, \
-                        extract(epoch FROM now() - w.heartbeat_at)::float8, \
-                        (SELECT count(*) FROM {a} a WHERE a.worker_id = w.worker_id), \
-                        EXISTS (SELECT 1 FROM pg_locks l JOIN pg_stat_activity s ON s.pid = l.pid \
-                                WHERE l.locktype = 'advisory' AND l.granted \
-                                  AND s.application_name = 'projectionist-leader:' || w.worker_id) \
-                 FROM {w} w ORDER BY w.worker_id",
-                a = sql.assignments,
-                w = sql.workers
-            ),
-            &[],
-        )
-        .await?;
+    format!(
+        "SELECT w.worker_id, w.hostname, w.pid, w.version, \
+                extract(epoch FROM now() - w.heartbeat_at)::float8, \
+                (SELECT count(*) FROM {a} a WHERE a.worker_id = w.worker_id), \
+                EXISTS (SELECT 1 FROM pg_locks l JOIN pg_stat_activity s ON s.pid = l.pid \
+                        WHERE l.locktype = 'advisory' AND l.granted \
+                          AND s.application_name = 'projectionist-leader:' || w.worker_id) \
+         FROM {w} w ORDER BY w.worker_id",
+        a = sql.assignments,
+        w = sql.workers
+    )
+}
+
+fn workers_from(rows: &[tokio_postgres::Row]) -> Result<Vec<WorkerStatus>> {
     rows.iter()
         .map(|r| {
             Ok(WorkerStatus {
@@ -449,23 +508,9 @@ fn status_sql(store: &EventStore) -> String {
     )
 }
 
-async fn status_in<C: tokio_postgres::GenericClient>(
-    client: &C,
-    store: &EventStore,
-    projections: &[Registered],
-    options: &StatusOptions,
-    deadline: tokio::time::Instant,
-) -> Result<Vec<SlotStatus>> {
-    let filters = filters_json(store, projections);
-    let heartbeat = options.heartbeat_timeout.as_secs_f64();
-    let rows = client
-        .query(
-            &status_sql(store),
-            &[&filters, &LAG_SAMPLE_EVENTS, &heartbeat],
-        )
-        .await?;
-    let mut slots = rows
-        .iter()
+/// The slots from the rows of [`status_sql`].
+fn slots_from(rows: &[tokio_postgres::Row]) -> Result<Vec<SlotStatus>> {
+    rows.iter()
         .map(|r| {
             let transaction_id = r.try_get::<_, Xid8>(3)?.0;
             let position: i64 = r.try_get(4)?;
@@ -513,7 +558,19 @@ async fn status_in<C: tokio_postgres::GenericClient>(
                 skipped_events: r.try_get(19)?,
             })
         })
-        .collect::<Result<Vec<SlotStatus>>>()?;
+        .collect::<Result<Vec<SlotStatus>>>()
+}
+
+/// [`StatusOptions::exact`]: counts the lag of every estimated slot, in the
+/// open transaction, by `deadline`.
+async fn count_all_exactly<C: tokio_postgres::GenericClient>(
+    client: &C,
+    store: &EventStore,
+    projections: &[Registered],
+    options: &StatusOptions,
+    slots: &mut [SlotStatus],
+    deadline: tokio::time::Instant,
+) -> Result<()> {
     if let Some(limit) = options.exact_limit {
         for slot in slots.iter_mut().filter(|s| !s.lag_exact) {
             // The server-side bound is the time left, not a fresh timeout
@@ -527,7 +584,7 @@ async fn status_in<C: tokio_postgres::GenericClient>(
             count_exactly(client, store, projections, slot, limit).await?;
         }
     }
-    Ok(slots)
+    Ok(())
 }
 
 /// Replaces a slot's estimated lag by a count of up to `limit` events. One
@@ -586,35 +643,71 @@ pub async fn status_with(
     projections: &[Registered],
     options: &StatusOptions,
 ) -> Result<Vec<SlotStatus>> {
+    let filters = filters_json(store, projections);
+    let heartbeat = options.heartbeat_timeout.as_secs_f64();
+    let status = status_sql(store);
+    let params = status_params(&filters, &heartbeat);
     within(store, options.timeout, "status", |mut session| async move {
-        let tx = session.begin(options.timeout).await?;
         let deadline = tokio::time::Instant::now() + options.timeout;
-        let out = status_in(&*tx, store, projections, options, deadline).await?;
-        tx.commit().await?;
+        let exact = options.exact_limit.is_some();
+        let rows = session
+            .pipelined(options.timeout, &[(&status, &params)], !exact)
+            .await?;
+        let mut slots = slots_from(&rows[0])?;
+        if exact {
+            let client: &tokio_postgres::Client = session.client()?;
+            count_all_exactly(client, store, projections, options, &mut slots, deadline).await?;
+            session.commit().await?;
+        }
         session.finish();
-        Ok(out)
+        Ok(slots)
     })
     .await
 }
 
+/// The parameters of [`status_sql`], typed for `query_typed`.
+fn status_params<'a>(
+    filters: &'a serde_json::Value,
+    heartbeat: &'a f64,
+) -> [(&'a (dyn ToSql + Sync), Type); 3] {
+    [
+        (filters, Type::JSONB),
+        (&LAG_SAMPLE_EVENTS, Type::INT8),
+        (heartbeat, Type::FLOAT8),
+    ]
+}
+
 /// The plan (`EXPLAIN (FORMAT JSON)`, without running it) of the one
-/// statement that [`status`] runs for every slot, to check that it reads
-/// the events table only through index conditions whatever the log's size.
-/// (`StatusOptions::exact` adds a bounded count per slot on top.)
+/// statement that [`status`] runs for every slot, planned with the
+/// settings [`status`] uses (`jit` off), to check that it reads the events
+/// table only through index conditions whatever the log's size, and is
+/// not JIT compiled. (`StatusOptions::exact` adds a bounded count per slot
+/// on top.)
 pub async fn explain_status(
     store: &EventStore,
     projections: &[Registered],
 ) -> Result<serde_json::Value> {
     let filters = filters_json(store, projections);
-    let heartbeat = StatusOptions::default().heartbeat_timeout.as_secs_f64();
-    let client = store.pool().get().await?;
-    let row = client
-        .query_one(
-            &format!("EXPLAIN (FORMAT JSON) {}", status_sql(store)),
-            &[&filters, &LAG_SAMPLE_EVENTS, &heartbeat],
-        )
-        .await?;
-    Ok(row.try_get(0)?)
+    let options = StatusOptions::default();
+    let heartbeat = options.heartbeat_timeout.as_secs_f64();
+    let explain = format!("EXPLAIN (FORMAT JSON) {}", status_sql(store));
+    let params = status_params(&filters, &heartbeat);
+    within(
+        store,
+        options.timeout,
+        "explain status",
+        |mut session| async move {
+            let rows = session
+                .pipelined(options.timeout, &[(&explain, &params)], true)
+                .await?;
+            session.finish();
+            let row = rows[0]
+                .first()
+                .ok_or_else(|| Error::new(Kind::Other, "EXPLAIN returned no row"))?;
+            Ok(row.try_get(0)?)
+        },
+    )
+    .await
 }
 
 /// The slots whose state is `failed`, as `projection/partition`: what
@@ -626,18 +719,13 @@ pub(crate) async fn failed_slots(store: &EventStore, timeout: Duration) -> Resul
         timeout,
         "the readiness check",
         |mut session| async move {
-            let tx = session.begin(timeout).await?;
-            let rows = tx
-                .query(
-                    &format!(
-                        "SELECT projection_name || '/' || partition_key FROM {table} \
-                         WHERE status = 'failed' ORDER BY projection_name, partition_key"
-                    ),
-                    &[],
-                )
-                .await?;
-            tx.commit().await?;
+            let sql = format!(
+                "SELECT projection_name || '/' || partition_key FROM {table} \
+                 WHERE status = 'failed' ORDER BY projection_name, partition_key"
+            );
+            let rows = session.pipelined(timeout, &[(&sql, &[])], true).await?;
             session.finish();
+            let rows = &rows[0];
             rows.iter()
                 .map(|r| Ok(r.try_get(0)?))
                 .collect::<Result<Vec<String>>>()
@@ -749,29 +837,51 @@ pub async fn watermark_holder(store: &EventStore) -> Result<Option<WatermarkHold
 async fn watermark_holder_in<C: tokio_postgres::GenericClient>(
     client: &C,
 ) -> Result<Option<WatermarkHolder>> {
-    let row = client
-        .query_opt(
-            "SELECT pid, datname::text, usename::text, application_name, state, \
-                    coalesce(extract(epoch FROM now() - xact_start), 0)::float8, \
-                    coalesce(left(query, 200), '') \
-             FROM pg_stat_activity \
-             WHERE backend_xid IS NOT NULL AND pid <> pg_backend_pid() \
-             ORDER BY age(backend_xid) DESC LIMIT 1",
-            &[],
-        )
-        .await?;
-    row.map(|r| {
-        Ok(WatermarkHolder {
-            pid: r.try_get(0)?,
-            database: r.try_get(1)?,
-            user: r.try_get(2)?,
-            application_name: r.try_get(3)?,
-            state: r.try_get(4)?,
-            open_seconds: r.try_get::<_, f64>(5)?.max(0.0),
-            query: crate::db::redact(&r.try_get::<_, String>(6)?),
+    holder_from(&client.query(WATERMARK_HOLDER_SQL, &[]).await?)
+}
+
+/// The statement behind [`watermark_holder`] (no parameters).
+const WATERMARK_HOLDER_SQL: &str =
+    "SELECT pid, datname::text, usename::text, application_name, state, \
+        coalesce(extract(epoch FROM now() - xact_start), 0)::float8, \
+        coalesce(left(query, 200), '') \
+    FROM pg_stat_activity \
+    WHERE backend_xid IS NOT NULL AND pid <> pg_backend_pid() \
+    ORDER BY age(backend_xid) DESC LIMIT 1";
+
+fn holder_from(rows: &[tokio_postgres::Row]) -> Result<Option<WatermarkHolder>> {
+    rows.first()
+        .map(|r| {
+            Ok(WatermarkHolder {
+                pid: r.try_get(0)?,
+                database: r.try_get(1)?,
+                user: r.try_get(2)?,
+                application_name: r.try_get(3)?,
+                state: r.try_get(4)?,
+                open_seconds: r.try_get::<_, f64>(5)?.max(0.0),
+                query: crate::db::redact(&r.try_get::<_, String>(6)?),
+            })
         })
-    })
-    .transpose()
+        .transpose()
+}
+
+/// Dead letters per projection, each counted up to `$1` rows through the
+/// `(projection_name, global_position)` index: the projection names are
+/// found by skipping through the index (one probe per name), never by a
+/// scan of the table.
+fn dead_letters_sql(store: &EventStore) -> String {
+    format!(
+        "WITH RECURSIVE p(name) AS ( \
+             (SELECT projection_name FROM {dl} ORDER BY projection_name LIMIT 1) \
+             UNION ALL \
+             SELECT (SELECT d.projection_name FROM {dl} d WHERE d.projection_name > p.name \
+                     ORDER BY d.projection_name LIMIT 1) \
+             FROM p WHERE p.name IS NOT NULL) \
+         SELECT p.name, (SELECT count(*) FROM (SELECT 1 FROM {dl} d WHERE d.projection_name = p.name \
+                                               LIMIT $1) x) \
+         FROM p WHERE p.name IS NOT NULL",
+        dl = store.statements().dead_letters
+    )
 }
 
 /// Everything `status --json` and `/status` show.
@@ -783,8 +893,12 @@ pub struct StatusReport {
     pub workers: Vec<WorkerStatus>,
     /// The oldest open writing transaction, when one is open.
     pub watermark_held_by: Option<WatermarkHolder>,
-    /// Dead letters per projection.
+    /// Dead letters per projection (projections without any are left
+    /// out), counted up to [`DEAD_LETTER_COUNT_LIMIT`].
     pub dead_letters: std::collections::BTreeMap<String, i64>,
+    /// Per projection in `dead_letters`: whether it has more dead letters
+    /// than [`DEAD_LETTER_COUNT_LIMIT`], the count shown.
+    pub dead_letters_capped: std::collections::BTreeMap<String, bool>,
     /// The highest global position in the log.
     pub log_head: i64,
 }
@@ -796,47 +910,66 @@ pub async fn report(store: &EventStore, projections: &[Registered]) -> Result<St
 }
 
 /// Collects a [`StatusReport`] on one connection, in one read-only
-/// transaction (one snapshot), within `options`' timeout.
+/// transaction (one snapshot) and one round trip (more with
+/// [`StatusOptions::exact`]), within `options`' timeout.
 pub async fn report_with(
     store: &EventStore,
     projections: &[Registered],
     options: &StatusOptions,
 ) -> Result<StatusReport> {
+    let filters = filters_json(store, projections);
+    let heartbeat = options.heartbeat_timeout.as_secs_f64();
+    let status = status_sql(store);
+    let status_params = status_params(&filters, &heartbeat);
+    let workers = workers_sql(store);
+    let dead_letters = dead_letters_sql(store);
+    let dead_letter_bound = DEAD_LETTER_COUNT_LIMIT + 1;
+    let dead_letter_params: [(&(dyn ToSql + Sync), Type); 1] = [(&dead_letter_bound, Type::INT8)];
+    let head = format!(
+        "SELECT coalesce(max(global_position), 0) FROM {}",
+        store.statements().events
+    );
     within(store, options.timeout, "status", |mut session| async move {
-        let tx = session.begin(options.timeout).await?;
         let deadline = tokio::time::Instant::now() + options.timeout;
-        let slots = status_in(&*tx, store, projections, options, deadline).await?;
-        let workers = workers_in(&*tx, store).await?;
-        let watermark_held_by = watermark_holder_in(&*tx).await?;
-        let dead_letters = tx
-            .query(
-                &format!(
-                    "SELECT projection_name, count(*) FROM {} GROUP BY projection_name",
-                    store.statements().dead_letters
-                ),
-                &[],
+        let exact = options.exact_limit.is_some();
+        let rows = session
+            .pipelined(
+                options.timeout,
+                &[
+                    (&status, &status_params),
+                    (&workers, &[]),
+                    (WATERMARK_HOLDER_SQL, &[]),
+                    (&dead_letters, &dead_letter_params),
+                    (&head, &[]),
+                ],
+                !exact,
             )
-            .await?
-            .iter()
-            .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
-            .collect::<Result<_>>()?;
-        let log_head: i64 = tx
-            .query_one(
-                &format!(
-                    "SELECT coalesce(max(global_position), 0) FROM {}",
-                    store.statements().events
-                ),
-                &[],
-            )
-            .await?
-            .try_get(0)?;
-        tx.commit().await?;
+            .await?;
+        let mut slots = slots_from(&rows[0])?;
+        if exact {
+            let client: &tokio_postgres::Client = session.client()?;
+            count_all_exactly(client, store, projections, options, &mut slots, deadline).await?;
+            session.commit().await?;
+        }
         session.finish();
+        let mut dead_letters = std::collections::BTreeMap::new();
+        let mut dead_letters_capped = std::collections::BTreeMap::new();
+        for r in &rows[3] {
+            let name: String = r.try_get(0)?;
+            let n: i64 = r.try_get(1)?;
+            dead_letters_capped.insert(name.clone(), n > DEAD_LETTER_COUNT_LIMIT);
+            dead_letters.insert(name, n.min(DEAD_LETTER_COUNT_LIMIT));
+        }
+        let log_head: i64 = rows[4]
+            .first()
+            .ok_or_else(|| Error::new(Kind::Other, "the log head query returned no row"))?
+            .try_get(0)?;
         Ok(StatusReport {
             projections: slots,
-            workers,
-            watermark_held_by,
+            workers: workers_from(&rows[1])?,
+            watermark_held_by: holder_from(&rows[2])?,
             dead_letters,
+            dead_letters_capped,
             log_head,
         })
     })

@@ -688,7 +688,12 @@ impl App {
                         }
                     }
                     for (p, n) in &report.dead_letters {
-                        outln!("{p}: {n} dead letter(s): see `dlq list --projection {p}`");
+                        let more = if report.dead_letters_capped.get(p) == Some(&true) {
+                            "+"
+                        } else {
+                            ""
+                        };
+                        outln!("{p}: {n}{more} dead letter(s): see `dlq list --projection {p}`");
                     }
                 }
                 Ok(())

@@ -19,7 +19,7 @@ pub const DEFAULT_MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// Default time allowed for in-flight batches to finish on shutdown.
 pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Options of a [`Runner`], each with a documented default.
+/// Options of a [`Runner`](crate::Runner), each with a documented default.
 #[derive(Clone, Debug)]
 pub struct RunnerConfig {
     pub(crate) batch_size: i64,

@@ -48,7 +48,7 @@ pub mod testing;
 pub use admin::{
     explain_status, report, report_with, reset, status, status_with, watermark_holder, workers,
     SlotStatus, StatusOptions, StatusReport, WatermarkHolder, WorkerStatus,
-    DEFAULT_EXACT_LAG_LIMIT, DEFAULT_STATUS_TIMEOUT, LAG_SAMPLE_EVENTS,
+    DEAD_LETTER_COUNT_LIMIT, DEFAULT_EXACT_LAG_LIMIT, DEFAULT_STATUS_TIMEOUT, LAG_SAMPLE_EVENTS,
 };
 pub use checkpoint::{Checkpoint, CHECKPOINTS_CHANNEL};
 pub use cli::App;

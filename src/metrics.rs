@@ -111,7 +111,11 @@ fn build() -> Result<Metrics, prometheus::Error> {
         is_leader: IntGauge::new("projectionist_is_leader", "1 while this worker holds the leader lock.")?,
         slots_held: IntGauge::new("projectionist_slots_held", "Slots this process runs.")?,
         dead_letters: IntGaugeVec::new(
-            Opts::new("projectionist_dead_letters", "Entries in the dead-letter table."),
+            Opts::new(
+                "projectionist_dead_letters",
+                "Entries in the dead-letter table, counted up to 10000 per projection (a projection with more \
+                 shows 10000).",
+            ),
             &["projection"],
         )?,
         pool_connections: IntGaugeVec::new(

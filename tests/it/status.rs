@@ -596,3 +596,132 @@ async fn status_masks_passwords_in_the_holders_query_and_in_errors() {
         "{json}"
     );
 }
+
+/// Dead letters are counted through the index up to
+/// `DEAD_LETTER_COUNT_LIMIT` per projection: a projection with 10,001
+/// shows 10,000 and `dead_letters_capped` in the JSON, "10000+" in the
+/// table; one with fewer shows its exact count.
+#[tokio::test]
+async fn dead_letters_are_counted_up_to_the_limit() {
+    use projectionist::DEAD_LETTER_COUNT_LIMIT;
+    assert_eq!(DEAD_LETTER_COUNT_LIMIT, 10_000);
+    let env = env().await;
+    let o = run(&env.db, &["migrate"], &[]);
+    assert!(o.status.success(), "{}", text(&o));
+    let client = env.client().await;
+    client
+        .batch_execute(
+            "INSERT INTO dead_letters (projection_name, partition_key, global_position, transaction_id, \
+                                       event_id, aggregate_type, aggregate_id, event_type, error, attempts) \
+             SELECT p, 0, g, '1', gen_random_uuid(), 'Account', 'a', 'MoneyDeposited', 'boom', 3 \
+             FROM (VALUES ('account_balances', 10001), ('b_report', 7)) v(p, n), generate_series(1, v.n) g; \
+             ANALYZE dead_letters;",
+        )
+        .await
+        .unwrap();
+    let report = projectionist::report(&env.store, &account_balances())
+        .await
+        .unwrap();
+    assert_eq!(report.dead_letters.len(), 2, "{report:?}");
+    assert_eq!(
+        report.dead_letters["account_balances"],
+        DEAD_LETTER_COUNT_LIMIT
+    );
+    assert_eq!(report.dead_letters["b_report"], 7);
+    assert!(report.dead_letters_capped["account_balances"]);
+    assert!(!report.dead_letters_capped["b_report"]);
+
+    // One fewer: exact, not capped.
+    client
+        .execute(
+            "DELETE FROM dead_letters WHERE id = (SELECT min(id) FROM dead_letters \
+             WHERE projection_name = 'account_balances')",
+            &[],
+        )
+        .await
+        .unwrap();
+    let o = run(&env.db, &["status", "--json"], &[]);
+    assert!(o.status.success(), "{}", text(&o));
+    let json: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(json["dead_letters"]["account_balances"], 10_000, "{json:#}");
+    assert_eq!(
+        json["dead_letters_capped"]["account_balances"], false,
+        "{json:#}"
+    );
+    assert_eq!(json["dead_letters_capped"]["b_report"], false, "{json:#}");
+
+    // And one more again: the table says "10000+".
+    client
+        .batch_execute(
+            "INSERT INTO dead_letters (projection_name, partition_key, global_position, transaction_id, \
+                                       event_id, aggregate_type, aggregate_id, event_type, error, attempts) \
+             VALUES ('account_balances', 0, 0, '1', gen_random_uuid(), 'Account', 'a', 'MoneyDeposited', \
+                     'boom', 3)",
+        )
+        .await
+        .unwrap();
+    let o = run(&env.db, &["status", "--json"], &[]);
+    assert!(o.status.success(), "{}", text(&o));
+    let json: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(json["dead_letters"]["account_balances"], 10_000, "{json:#}");
+    assert_eq!(
+        json["dead_letters_capped"]["account_balances"], true,
+        "{json:#}"
+    );
+    let o = run(&env.db, &["status"], &[]);
+    assert!(o.status.success(), "{}", text(&o));
+    let table = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        table.contains("account_balances: 10000+ dead letter(s)"),
+        "{table}"
+    );
+    assert!(table.contains("b_report: 7 dead letter(s)"), "{table}");
+}
+
+/// The status statement is planned with JIT off even where the server
+/// would JIT compile everything: compiling it cost more than running it at
+/// 10M events (its cost estimate crosses `jit_above_cost`).
+#[tokio::test]
+async fn status_is_not_jit_compiled() {
+    let env = env().await;
+    let o = run(&env.db, &["migrate"], &[]);
+    assert!(o.status.success(), "{}", text(&o));
+    let client = env.client().await;
+    let jit: bool = client
+        .query_one("SELECT pg_jit_available()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    if !jit {
+        eprintln!("this server has no JIT provider: nothing to check");
+        return;
+    }
+    // Every later connection of this database would JIT compile any plan.
+    client
+        .batch_execute(&format!(
+            "ALTER DATABASE {} SET jit_above_cost = 0; \
+             INSERT INTO projection_checkpoints (projection_name, partition_key, total_partitions) \
+             VALUES ('account_balances', 0, 1)",
+            env.db.name()
+        ))
+        .await
+        .unwrap();
+    let fresh = env.client().await;
+    let plan: serde_json::Value = fresh
+        .query_one("EXPLAIN (FORMAT JSON) SELECT count(*) FROM events", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        plan[0].get("JIT").is_some(),
+        "the setting makes plans JIT compiled: {plan:#}"
+    );
+    let plan = projectionist::explain_status(&env.store, &account_balances())
+        .await
+        .unwrap();
+    assert!(plan[0].get("JIT").is_none(), "{plan:#}");
+    let slots = projectionist::status(&env.store, &account_balances())
+        .await
+        .unwrap();
+    assert_eq!(slots.len(), 1);
+}
