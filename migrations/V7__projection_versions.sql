@@ -32,3 +32,10 @@ CREATE UNIQUE INDEX projection_versions_one_live
 -- leader hands a slot only to workers that have it. NULL: a worker from
 -- before this column (it is trusted with every slot the leader knows).
 ALTER TABLE worker_nodes ADD COLUMN slots jsonb;
+
+-- Events per second the slot handles, a moving average over about the last
+-- 10 s of batches (status shows it with an ETA; NULL before the first
+-- batch).
+ALTER TABLE projection_checkpoints ADD COLUMN handle_rate double precision;
+-- When handle_rate was last updated (the wall clock of the update).
+ALTER TABLE projection_checkpoints ADD COLUMN rate_at timestamptz;

@@ -103,8 +103,17 @@ impl StatusOptions {
 /// The state of one (projection, partition) slot.
 #[derive(Clone, Debug, Serialize, PartialEq)]
 pub struct SlotStatus {
-    /// Projection name.
+    /// The checkpoint key: the projection's name for version 1,
+    /// `name@v<N>` above.
     pub projection: String,
+    /// The projection's name (the same for every version).
+    pub name: String,
+    /// The projection version of this slot.
+    pub version: i32,
+    /// The version's state (`live`, `building`, `previous`, `retired`), or
+    /// `None` when no version is recorded (a checkpoint from a binary
+    /// before versions, not started since).
+    pub version_state: Option<String>,
     /// Partition key.
     pub partition: i32,
     /// Partition count the checkpoint was made with.
@@ -168,6 +177,15 @@ pub struct SlotStatus {
     /// back to the last handled event within seconds (or `reset` the
     /// projection).
     pub skipped_events: i64,
+    /// Events this slot handles per second: a moving average over about
+    /// the last 10 s of its batches (time-weighted; it falls towards 0
+    /// while the slot is idle), as of its last checkpoint. `None` before
+    /// the first batch.
+    pub rate: Option<f64>,
+    /// Seconds until the slot has caught up at `rate`: `lag_events / rate`
+    /// (an estimate, as the lag may be); `None` when it has no lag or no
+    /// rate yet.
+    pub eta_seconds: Option<f64>,
     /// Concurrency mode: in_flight, running, gaps (complete but not yet
     /// committable), blocking_position (lowest incomplete event),
     /// blocked_seconds, fetch_paused — as of the last checkpoint.
@@ -476,9 +494,12 @@ fn status_sql(store: &EventStore) -> String {
                 s.n, s.m, s.min_pos, \
                 coalesce(extract(epoch FROM now() - s.oldest)::float8, 0), \
                 p.global_position, h.head, w.worker_id, a.worker_id, \
-                CASE WHEN f.projection IS NULL THEN 0 ELSE k.skipped END \
+                CASE WHEN f.projection IS NULL THEN 0 ELSE k.skipped END, \
+                v.state, extract(epoch FROM c.updated_at - c.created_at)::float8, c.handle_rate \
          FROM {cp} c \
          CROSS JOIN h \
+         LEFT JOIN {ver} v ON c.projection_name = \
+             v.projection_name || CASE WHEN v.version = 1 THEN '' ELSE '@v' || v.version END \
          LEFT JOIN f ON f.projection = c.projection_name \
          LEFT JOIN {asg} a ON a.projection_name = c.projection_name AND a.partition_key = c.partition_key \
          LEFT JOIN {wk} w ON w.worker_id = a.worker_id \
@@ -505,6 +526,7 @@ fn status_sql(store: &EventStore) -> String {
         cp = sql.checkpoints,
         asg = sql.assignments,
         wk = sql.workers,
+        ver = sql.versions,
     )
 }
 
@@ -534,8 +556,25 @@ fn slots_from(rows: &[tokio_postgres::Row]) -> Result<Vec<SlotStatus>> {
             let live: Option<String> = r.try_get(17)?;
             let assigned: Option<String> = r.try_get(18)?;
             let updated_at: chrono::DateTime<chrono::Utc> = r.try_get(8)?;
+            let key: String = r.try_get(0)?;
+            let (name, version) = crate::registered::split_key(&key);
+            let (name, version) = (name.to_owned(), version);
+            let events_handled: i64 = r.try_get(5)?;
+            let elapsed: f64 = r.try_get::<_, Option<f64>>(21)?.unwrap_or(0.0);
+            // The moving average over the last seconds of batches; the
+            // average since the slot started before there is one.
+            let rate = r
+                .try_get::<_, Option<f64>>(22)?
+                .or_else(|| (elapsed >= 1.0).then(|| events_handled as f64 / elapsed));
             Ok(SlotStatus {
-                projection: r.try_get(0)?,
+                projection: key,
+                name,
+                version,
+                version_state: r.try_get(20)?,
+                rate,
+                eta_seconds: rate
+                    .filter(|r| *r > 0.0 && lag_events > 0)
+                    .map(|r| lag_events as f64 / r),
                 partition: r.try_get(1)?,
                 total_partitions: r.try_get(2)?,
                 cursor_position: (position != i64::MAX).then_some(position),
@@ -545,7 +584,7 @@ fn slots_from(rows: &[tokio_postgres::Row]) -> Result<Vec<SlotStatus>> {
                 lag_exact,
                 lag_capped: false,
                 lag_seconds: r.try_get::<_, f64>(14)?.max(0.0),
-                events_handled: r.try_get(5)?,
+                events_handled,
                 state: r.try_get(6)?,
                 last_error: r
                     .try_get::<_, Option<String>>(7)?
@@ -624,6 +663,10 @@ async fn count_exactly<C: tokio_postgres::GenericClient>(
     slot.lag_capped = counted > limit;
     slot.lag_exact = !slot.lag_capped;
     slot.lag_events = counted.min(limit);
+    slot.eta_seconds = slot
+        .rate
+        .filter(|r| *r > 0.0 && slot.lag_events > 0)
+        .map(|r| slot.lag_events as f64 / r);
     // Capped: the oldest of the events counted, not necessarily of all.
     slot.lag_seconds = row.try_get::<_, f64>(1)?.max(0.0);
     Ok(())

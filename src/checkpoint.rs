@@ -69,10 +69,23 @@ impl Checkpoints {
     }
 
     pub(crate) fn with_assignments(table: &str, assignments: &str) -> Checkpoints {
+        // Events per second, a moving average over about the last 10 s
+        // (time-weighted: each batch counts by the time since the last
+        // one), for `status`'s rate and ETA.
+        // The wall clock at the update, not the transaction's start: the
+        // updates of one slot are serialised by its row, their transactions
+        // may overlap.
+        let dt = "greatest(extract(epoch FROM clock_timestamp() - coalesce(rate_at, created_at))::float8, 0.001)";
+        let rate = format!(
+            "CASE WHEN handle_rate IS NULL THEN $7::float8 / {dt} \
+                  ELSE handle_rate + (1 - exp(-{dt} / 10.0)) * ($7::float8 / {dt} - handle_rate) END, \
+             rate_at = clock_timestamp()"
+        );
         let update = format!(
             "UPDATE {table} SET last_transaction_id = $5, last_global_position = $6, \
              events_handled = events_handled + $7, last_event_transaction_id = $8, \
-             last_event_position = $9, epoch = coalesce($10, epoch), last_error = NULL, updated_at = now() \
+             last_event_position = $9, epoch = coalesce($10, epoch), last_error = NULL, \
+             handle_rate = {rate}, updated_at = now() \
              WHERE projection_name = $1 AND partition_key = $2 \
                AND last_transaction_id = $3 AND last_global_position = $4 AND status = 'running'"
         );

@@ -1070,7 +1070,7 @@ impl App {
         }
         if args.once {
             return tokio::select! {
-                r = run_once_with_progress(store, runner) => r,
+                r = run_once_with_progress(store, runner, args.partition_key) => r,
                 _ = shutdown => Err(Error::new(
                     crate::error::Kind::Other,
                     "interrupted: batches in flight were rolled back; run again to finish",
@@ -1081,14 +1081,44 @@ impl App {
     }
 }
 
-async fn run_once_with_progress(store: &EventStore, runner: &Runner) -> Result<()> {
+/// What `--once` has to do: the lag of every slot this process runs (the
+/// log head for a projection version without checkpoints yet).
+async fn remaining_for(
+    store: &EventStore,
+    projections: &[Registered],
+    partition: Option<i32>,
+) -> Result<u64> {
+    let slots = crate::admin::status(store, projections).await?;
+    let (head, _) = store.head().await?;
+    let mut total: u64 = 0;
+    for p in projections {
+        let mine: Vec<_> = slots
+            .iter()
+            .filter(|s| s.projection == p.key() && partition.is_none_or(|k| s.partition == k))
+            .collect();
+        total += if mine.is_empty() {
+            head.max(0) as u64
+        } else {
+            mine.iter().map(|s| s.lag_events.max(0) as u64).sum()
+        };
+    }
+    Ok(total)
+}
+
+async fn run_once_with_progress(
+    store: &EventStore,
+    runner: &Runner,
+    partition: Option<i32>,
+) -> Result<()> {
     let progress = runner.progress();
     let bar = if std::io::stderr().is_terminal() {
-        let (head, _) = store.head().await?;
-        let bar = indicatif::ProgressBar::new(head.max(0) as u64);
+        // The bar runs to the events remaining (status's estimate), with
+        // the rate and an ETA, like `status` shows for a rebuilding version.
+        let remaining = remaining_for(store, runner.projections(), partition).await?;
+        let bar = indicatif::ProgressBar::new(remaining.max(1));
         bar.set_style(
             indicatif::ProgressStyle::with_template(
-                "{spinner} {pos} events handled ({per_sec}) {elapsed}",
+                "{spinner} {wide_bar} {human_pos}/~{human_len} events ({per_sec}, eta {eta}) {elapsed}",
             )
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
         );
@@ -1213,15 +1243,28 @@ fn print_workers_table(workers: &[crate::admin::WorkerStatus]) -> Result<()> {
     Ok(())
 }
 
+/// `eta_seconds` as `45s`, `12m05s`, `3h20m`.
+fn format_eta(seconds: f64) -> String {
+    let s = seconds.max(0.0).round() as u64;
+    match s {
+        0..=59 => format!("{s}s"),
+        60..=3599 => format!("{}m{:02}s", s / 60, s % 60),
+        _ => format!("{}h{:02}m", s / 3600, (s % 3600) / 60),
+    }
+}
+
 fn print_status_table(rows: &[crate::admin::SlotStatus]) -> Result<()> {
     let mut table = comfy_table::Table::new();
     table.load_preset(comfy_table::presets::UTF8_FULL_CONDENSED);
     table.set_header([
         "projection",
+        "version",
         "partition",
         "position",
         "lag (events)",
         "lag (s)",
+        "rate (ev/s)",
+        "eta",
         "state",
         "worker",
         "last error",
@@ -1229,7 +1272,11 @@ fn print_status_table(rows: &[crate::admin::SlotStatus]) -> Result<()> {
     ]);
     for r in rows {
         table.add_row([
-            r.projection.clone(),
+            r.name.clone(),
+            match &r.version_state {
+                Some(state) => format!("{} ({state})", r.version),
+                None => r.version.to_string(),
+            },
             format!("{}/{}", r.partition, r.total_partitions),
             r.cursor_position
                 .map(|p| p.to_string())
@@ -1240,6 +1287,8 @@ fn print_status_table(rows: &[crate::admin::SlotStatus]) -> Result<()> {
                 if r.lag_exact || r.lag_capped { "" } else { "~" },
                 r.lag_seconds
             ),
+            r.rate.map(|v| format!("{v:.0}")).unwrap_or_default(),
+            r.eta_seconds.map(format_eta).unwrap_or_default(),
             match (r.registered, r.skipped_events) {
                 (false, _) => format!("{} (not in this binary)", r.state),
                 (true, 0) => r.state.clone(),

@@ -19,6 +19,8 @@ pub(crate) struct Metrics {
     pub(crate) lag_events: IntGaugeVec,
     pub(crate) skipped_events: IntGaugeVec,
     pub(crate) lag_seconds: GaugeVec,
+    pub(crate) eta_seconds: GaugeVec,
+    pub(crate) handle_rate: GaugeVec,
     pub(crate) cursor_position: IntGaugeVec,
     pub(crate) projection_state: IntGaugeVec,
     pub(crate) events_appended: IntCounter,
@@ -85,6 +87,23 @@ fn build() -> Result<Metrics, prometheus::Error> {
             ),
             &["projection", "partition"],
         )?,
+        eta_seconds: GaugeVec::new(
+            Opts::new(
+                "projectionist_catch_up_eta_seconds",
+                "Estimated seconds until the slot has caught up (a new projection version rebuilding, or a slot \
+                 behind): its lag over its rate (a moving average over about the last 10 s of batches); \
+                 0 when caught up or no rate is known yet. The projection label is the checkpoint key \
+                 (name, or name@vN above version 1).",
+            ),
+            &["projection", "partition"],
+        )?,
+        handle_rate: GaugeVec::new(
+            Opts::new(
+                "projectionist_handle_rate_events_per_second",
+                "Events the slot handles per second: a moving average over about the last 10 s of its batches, as of its last checkpoint.",
+            ),
+            &["projection", "partition"],
+        )?,
         cursor_position: IntGaugeVec::new(
             Opts::new(
                 "projectionist_cursor_position",
@@ -141,6 +160,8 @@ fn build() -> Result<Metrics, prometheus::Error> {
     m.registry.register(Box::new(m.batch_duration.clone()))?;
     m.registry.register(Box::new(m.lag_events.clone()))?;
     m.registry.register(Box::new(m.lag_seconds.clone()))?;
+    m.registry.register(Box::new(m.eta_seconds.clone()))?;
+    m.registry.register(Box::new(m.handle_rate.clone()))?;
     m.registry.register(Box::new(m.cursor_position.clone()))?;
     m.registry.register(Box::new(m.projection_state.clone()))?;
     m.registry.register(Box::new(m.events_appended.clone()))?;

@@ -52,7 +52,6 @@ pub(crate) fn slot_key(name: &str, version: i32) -> String {
 }
 
 /// Splits a checkpoint key into name and version.
-#[allow(dead_code)] // versions (issue 13) use it next
 pub(crate) fn split_key(key: &str) -> (&str, i32) {
     match key.rsplit_once("@v") {
         Some((name, v)) => match v.parse() {
@@ -63,7 +62,6 @@ pub(crate) fn split_key(key: &str) -> (&str, i32) {
     }
 }
 
-#[allow(dead_code)] // scope, tables, rewindable, migrate: versions (issue 13) use them next
 impl Registered {
     fn build(options: ProjectionOptions, handler: Handler) -> Result<Registered> {
         options.validate()?;

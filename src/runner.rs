@@ -138,6 +138,11 @@ impl Runner {
         Ok(self)
     }
 
+    /// The projections this runner runs.
+    pub fn projections(&self) -> &[Registered] {
+        &self.engine.projections
+    }
+
     /// Shared progress counters.
     pub fn progress(&self) -> Arc<Progress> {
         self.engine.progress.clone()

@@ -212,6 +212,12 @@ impl AdminState {
                 let labels = [s.projection.as_str(), partition.as_str()];
                 m.lag_events.with_label_values(&labels).set(s.lag_events);
                 m.lag_seconds.with_label_values(&labels).set(s.lag_seconds);
+                m.eta_seconds
+                    .with_label_values(&labels)
+                    .set(s.eta_seconds.unwrap_or(0.0));
+                m.handle_rate
+                    .with_label_values(&labels)
+                    .set(s.rate.unwrap_or(0.0));
                 m.skipped_events
                     .with_label_values(&labels)
                     .set(s.skipped_events);
@@ -229,6 +235,8 @@ impl AdminState {
                 let labels = [projection.as_str(), partition.as_str()];
                 let _ = m.lag_events.remove_label_values(&labels);
                 let _ = m.lag_seconds.remove_label_values(&labels);
+                let _ = m.eta_seconds.remove_label_values(&labels);
+                let _ = m.handle_rate.remove_label_values(&labels);
                 let _ = m.skipped_events.remove_label_values(&labels);
                 let _ = m.cursor_position.remove_label_values(&labels);
                 for state in ["running", "stopped", "failed"] {

@@ -581,3 +581,73 @@ async fn rewind_moves_the_cursor_back_and_the_events_are_handled_again() {
         .unwrap_err();
     assert!(e.is_config() && e.to_string().contains("--to-time"), "{e}");
 }
+
+/// `status` during a rebuild of 100,000 events: both versions, the new
+/// one `building` with a rate and an ETA that is within 50% of the time
+/// the rebuild actually took from then on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_shows_both_versions_and_an_eta_that_holds() {
+    let env = env().await;
+    let db = &env.db;
+    let o = run(db, &["migrate"], &[]);
+    assert!(o.status.success(), "{}", text(&o));
+    seed_accounts(db, 100_000, 5_000).await;
+    catch_up(db, &[], &[]).await;
+    // Small batches: a rebuild of several seconds, long enough to measure.
+    let _procs = Procs(vec![spawn_projections(
+        db,
+        Mode::Static,
+        "2",
+        &[("BATCH_SIZE", "50")],
+    )]);
+    let v2 = [("BANK_BALANCES_VERSION", "2")];
+    let slot = |s: &serde_json::Value, key: &str| -> Option<serde_json::Value> {
+        s["projections"]
+            .as_array()?
+            .iter()
+            .find(|r| r["projection"] == key)
+            .cloned()
+    };
+    let status = || {
+        let o = run(db, &["status", "--json"], &v2);
+        assert!(o.status.success(), "{}", text(&o));
+        serde_json::from_slice::<serde_json::Value>(&o.stdout).unwrap()
+    };
+    // Half way: the rate (a moving average over about 10 s) has settled;
+    // take the ETA.
+    let (eta, from) = loop {
+        let s = status();
+        if let Some(b) = slot(&s, "account_balances@v2") {
+            let handled = b["events_handled"].as_i64().unwrap_or(0);
+            assert_eq!(b["version"], 2);
+            if handled >= 50_000 && b["rate"].as_f64().is_some() {
+                let live = slot(&s, "account_balances").expect("version 1 listed");
+                assert_eq!(
+                    (live["version"].as_i64(), live["version_state"].as_str()),
+                    (Some(1), Some("live"))
+                );
+                assert_eq!(b["version_state"], "building");
+                assert!(b["rate"].as_f64().is_some_and(|r| r > 0.0), "{b}");
+                let eta = b["eta_seconds"]
+                    .as_f64()
+                    .unwrap_or_else(|| panic!("no ETA: {b}"));
+                assert!(
+                    handled < 90_000,
+                    "the rebuild was too quick to measure: {b}"
+                );
+                break (eta, std::time::Instant::now());
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    wait_until(Duration::from_secs(300), "version 2 caught up", || async {
+        slot(&status(), "account_balances@v2").is_some_and(|b| b["lag_events"] == 0)
+    })
+    .await;
+    let actual = from.elapsed().as_secs_f64();
+    eprintln!("ETA {eta:.1} s, actual {actual:.1} s");
+    assert!(
+        (eta - actual).abs() <= 0.5 * actual,
+        "ETA {eta:.1} s vs actual {actual:.1} s"
+    );
+}
