@@ -19,6 +19,8 @@ mod rebalance;
 mod status;
 mod store;
 mod tls;
+#[cfg(feature = "otel")]
+mod traces;
 mod two_schemas;
 mod wait;
 mod worker;
