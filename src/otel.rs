@@ -34,13 +34,13 @@ pub(crate) fn active() -> bool {
     }
 }
 
-/// Makes the engine create its `projectionist.batch` and
-/// `projectionist.event` spans. [`crate::cli::init_logging`] calls it when
-/// it installs the OTLP exporter; call it yourself when your binary
-/// installs its own `tracing-opentelemetry` layer instead.
+/// Switches the engine's `projectionist.batch` and `projectionist.event`
+/// spans on or off (off by default). [`crate::cli::init_logging`] switches
+/// them on when it installs the OTLP exporter; do it yourself when your
+/// binary installs its own `tracing-opentelemetry` layer instead.
 #[cfg(feature = "otel")]
-pub fn enable_spans() {
-    ACTIVE.store(true, std::sync::atomic::Ordering::Relaxed);
+pub fn set_spans_enabled(enabled: bool) {
+    ACTIVE.store(enabled, std::sync::atomic::Ordering::Relaxed);
 }
 
 /// What a batch span records when it starts.
@@ -353,7 +353,7 @@ mod imp {
         opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
         opentelemetry::global::set_tracer_provider(provider.clone());
         let provider = PROVIDER.get_or_init(|| provider);
-        super::enable_spans();
+        super::set_spans_enabled(true);
         Ok(Some(provider.tracer("projectionist")))
     }
 

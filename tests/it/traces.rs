@@ -506,7 +506,7 @@ fn concurrent_batches_and_events_continue_the_trace() {
         })
         .build()
         .unwrap();
-    projectionist::otel::enable_spans();
+    projectionist::otel::set_spans_enabled(true);
     let io = Arc::new(Io(Default::default()));
     let handled = io.clone();
     rt.block_on(async move {
