@@ -336,6 +336,18 @@ mod imp {
                  over http/protobuf only; unset it or set it to http/protobuf"
             ));
         }
+        for name in [
+            "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+            "OTEL_EXPORTER_OTLP_ENDPOINT",
+        ] {
+            let url = std::env::var(name).unwrap_or_default();
+            if url.trim().to_ascii_lowercase().starts_with("https://") {
+                return Err(format!(
+                    "{name}={url:?}: this build exports over plain HTTP only (no TLS); send to a \
+                     collector beside the process (a sidecar or in-cluster service) over http://"
+                ));
+            }
+        }
         use opentelemetry_otlp::WithExportConfig;
         let exporter = opentelemetry_otlp::SpanExporter::builder()
             .with_http()

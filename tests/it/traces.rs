@@ -179,8 +179,22 @@ fn event(event_type: &str, cents: i64) -> NewEvent {
 async fn the_append_trace_continues_into_batch_and_event_spans() {
     let receiver = Receiver::start().await;
     let db = TestDatabase::create().await.unwrap();
-    let o = run(&db, &["migrate"], &[]);
+    // An https endpoint is refused (no TLS in this build): said on stderr,
+    // and the command runs without traces.
+    let o = run(
+        &db,
+        &["migrate"],
+        &[(
+            "OTEL_EXPORTER_OTLP_ENDPOINT",
+            "https://collector.invalid:4318",
+        )],
+    );
     assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("plain HTTP only"),
+        "{}",
+        text(&o)
+    );
 
     // Appends that carry a known traceparent: a deposit (account_balances)
     // and a large withdrawal (also large_withdrawal_notifier, whose filter
