@@ -395,11 +395,29 @@ fn hostname() -> Option<String> {
 
 /// Installs the tracing subscriber for `LOG_FORMAT` / `LOG_LEVEL` /
 /// `RUST_LOG`. Safe to call more than once (later calls do nothing).
+///
+/// With the cargo feature `otel` and `OTEL_EXPORTER_OTLP_ENDPOINT` (or
+/// `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`) set, it also installs an
+/// OpenTelemetry layer that exports spans over OTLP/HTTP (protobuf) with a
+/// batch processor, configured by the standard `OTEL_*` variables; call
+/// [`flush_traces`] before the process exits ([`App::execute`] does).
+/// Unset, nothing is exported and the engine creates no spans.
 pub fn init_logging(format: &str, level: &str) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(level))
         .unwrap_or_else(|_| EnvFilter::new("info"));
+    #[cfg(feature = "otel")]
+    {
+        match crate::otel::install() {
+            Ok(Some(tracer)) => return init_with_otel(format, filter, tracer),
+            Ok(None) => {}
+            // Logging is not up yet: say it on stderr, and log without traces.
+            Err(e) => {
+                let _ = writeln!(std::io::stderr(), "warning: traces are not exported: {e}");
+            }
+        }
+    }
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
@@ -408,6 +426,48 @@ pub fn init_logging(format: &str, level: &str) {
     } else {
         builder.try_init()
     };
+}
+
+/// The subscriber with an OpenTelemetry layer beside the log lines: log
+/// lines keep `filter` (`LOG_LEVEL` / `RUST_LOG`); spans at `info` and above
+/// of every target are exported, whatever the log level.
+#[cfg(feature = "otel")]
+fn init_with_otel(
+    format: &str,
+    filter: tracing_subscriber::EnvFilter,
+    tracer: opentelemetry_sdk::trace::Tracer,
+) {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::Layer;
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let fmt = if format == "json" {
+        fmt.json().flatten_event(true).boxed()
+    } else {
+        fmt.boxed()
+    };
+    let otel = tracing_opentelemetry::layer()
+        .with_tracer(tracer)
+        .with_filter(tracing_subscriber::filter::LevelFilter::INFO);
+    let _ = tracing_subscriber::registry()
+        .with(fmt.with_filter(filter))
+        .with(otel)
+        .try_init();
+}
+
+/// Exports the spans ended so far, when [`init_logging`] installed the
+/// OTLP exporter (feature `otel`); otherwise does nothing. Call it before
+/// the process exits: the batch processor exports every few seconds, and
+/// what it still holds at exit is lost. Waits for the exporter (at most its
+/// timeout, `OTEL_EXPORTER_OTLP_TIMEOUT`, 10 s by default) on a blocking
+/// thread.
+pub async fn flush_traces() {
+    #[cfg(feature = "otel")]
+    {
+        if crate::otel::active() {
+            let _ = tokio::task::spawn_blocking(crate::otel::flush).await;
+        }
+    }
 }
 
 /// The user's binary: its name and projections.
@@ -489,7 +549,9 @@ impl App {
     /// them to exit codes: 2 for usage/configuration errors, 1 otherwise.
     pub async fn execute(&self, global: &GlobalArgs, command: Command) -> ExitCode {
         init_logging(&global.log_format, &global.log_level);
-        match self.execute_inner(global, command).await {
+        let result = self.execute_inner(global, command).await;
+        flush_traces().await;
+        match result {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 // A closed stderr is no reason to panic either.

@@ -23,6 +23,7 @@ mod event;
 mod ident;
 mod metrics;
 mod migrate;
+pub mod otel;
 mod parallel;
 mod partition_index;
 mod policy;

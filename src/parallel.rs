@@ -9,6 +9,7 @@
 use crate::dispatcher::Watermarks;
 use crate::error::{Error, Kind, Result};
 use crate::event::{Cursor, StoredEvent};
+use crate::otel;
 use crate::policy::OnFailure;
 use crate::processor::{guarded, Processor};
 use crate::progress::Progress;
@@ -17,6 +18,7 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
+use tracing::{Instrument, Span};
 
 /// An idle slot re-reads at least this often.
 const IDLE_RECHECK: Duration = Duration::from_secs(5);
@@ -38,8 +40,8 @@ struct Window {
     /// Fetched, not yet committed events: done or not.
     order: BTreeMap<Cursor, bool>,
     /// Events waiting for an earlier event of their aggregate (with the
-    /// error of a failed upcast).
-    waiting: HashMap<String, VecDeque<(StoredEvent, Option<String>)>>,
+    /// error of a failed upcast, and the span of the page that fetched them).
+    waiting: HashMap<String, VecDeque<Queued>>,
     /// Aggregates with an event running.
     busy: std::collections::HashSet<String>,
     /// The lowest incomplete event and since when it has been the lowest.
@@ -47,6 +49,11 @@ struct Window {
     /// Entries of `order` passed over, not handled (`UnknownEvents::Ignore`).
     passed: std::collections::HashSet<Cursor>,
 }
+
+/// An event to run: the event, the error of its failed upcast, and the
+/// batch span of the page that fetched it ([`Span::none`] when traces are
+/// off).
+type Queued = (StoredEvent, Option<String>, Span);
 
 fn key(e: &StoredEvent) -> String {
     format!("{}\u{0}{}", e.aggregate_type, e.aggregate_id)
@@ -154,12 +161,13 @@ pub(crate) async fn run(
     // everything before it is committed.
     let mut unknown: Option<(Box<StoredEvent>, String)> = None;
 
-    let spawn = |tasks: &mut JoinSet<(String, Cursor, Done)>,
-                 (event, broken): (StoredEvent, Option<String>)| {
+    let spawn = |tasks: &mut JoinSet<(String, Cursor, Done)>, (event, broken, batch): Queued| {
         let projection = projection.clone();
         let sink = sink.clone();
         let pool = pool.clone();
-        tasks.spawn(async move {
+        let span = otel::event_span(&batch, projection.name(), &event);
+        drop(batch);
+        let handled = async move {
             let k = key(&event);
             let cursor = event.cursor();
             let mut attempt = 1u32;
@@ -172,12 +180,18 @@ pub(crate) async fn run(
                 match outcome {
                     Ok(()) => return (k, cursor, Done::Complete),
                     Err(e) if broken.is_some() => {
+                        otel::fail(&Span::current(), &e);
                         return match policy.on_failure {
-                            OnFailure::DeadLetter => match sink.insert_fenced(&pool, &event, &e, attempt).await {
+                            OnFailure::DeadLetter => match sink
+                                .insert_fenced(&pool, &event, &e, attempt)
+                                .await
+                            {
                                 Ok(()) => (k, cursor, Done::Complete),
                                 Err(db) => (k, cursor, Done::Failed(db, attempt, Box::new(event))),
                             },
-                            OnFailure::Stop => (k, cursor, Done::Failed(e, attempt, Box::new(event))),
+                            OnFailure::Stop => {
+                                (k, cursor, Done::Failed(e, attempt, Box::new(event)))
+                            }
                         };
                     }
                     Err(e) if attempt < policy.attempts && !e.is_config() => {
@@ -185,6 +199,7 @@ pub(crate) async fn run(
                         tokio::time::sleep(policy.delay_before(attempt)).await;
                     }
                     Err(e) => {
+                        otel::fail(&Span::current(), &e);
                         return match policy.on_failure {
                             OnFailure::DeadLetter => {
                                 let stored = sink.insert_fenced(&pool, &event, &e, attempt).await;
@@ -194,15 +209,20 @@ pub(crate) async fn run(
                                             "event dead-lettered; processing continues");
                                         (k, cursor, Done::Complete)
                                     }
-                                    Err(db) => (k, cursor, Done::Failed(db, attempt, Box::new(event))),
+                                    Err(db) => {
+                                        (k, cursor, Done::Failed(db, attempt, Box::new(event)))
+                                    }
                                 }
                             }
-                            OnFailure::Stop => (k, cursor, Done::Failed(e, attempt, Box::new(event))),
+                            OnFailure::Stop => {
+                                (k, cursor, Done::Failed(e, attempt, Box::new(event)))
+                            }
                         };
                     }
                 }
             }
-        });
+        };
+        tasks.spawn(handled.instrument(span));
     };
 
     loop {
@@ -229,18 +249,34 @@ pub(crate) async fn run(
             marks.saw(page.watermark);
             caught_up = (page.events.len() as i64) < limit;
             let prepared = p.prepare(page.events);
+            // Feature `otel`: the page's batch span, open until its last
+            // event is handled (none when traces are off).
+            let batch = otel::batch_span(&otel::BatchStart {
+                projection: projection.name(),
+                partition,
+                version: projection.version(),
+                mode: "concurrent",
+                cursor_before: fetch_cursor,
+                watermark: page.watermark,
+                events: &prepared.events,
+            });
+            otel::finish_batch(&batch, page.next_cursor, prepared.events.len());
             let mut broken = prepared.broken.into_iter().peekable();
             for (i, event) in prepared.events.into_iter().enumerate() {
                 let why = broken.next_if(|(j, _)| *j == i).map(|(_, e)| e.to_string());
                 w.order.insert(event.cursor(), false);
                 let k = key(&event);
                 if w.busy.contains(&k) {
-                    w.waiting.entry(k).or_default().push_back((event, why));
+                    w.waiting
+                        .entry(k)
+                        .or_default()
+                        .push_back((event, why, batch.clone()));
                 } else {
                     w.busy.insert(k);
-                    spawn(&mut tasks, (event, why));
+                    spawn(&mut tasks, (event, why, batch.clone()));
                 }
             }
+            drop(batch);
             // Passed-over events are complete at once: the high-water mark
             // (and the last event dealt with) moves past them.
             for c in prepared.passed_over {

@@ -18,6 +18,7 @@
 use crate::checkpoint::Checkpoints;
 use crate::error::{Error, Kind, Result};
 use crate::event::{Cursor, StoredEvent, Xid8};
+use crate::otel;
 use crate::policy::OnFailure;
 use crate::projection::UnknownEvents;
 use crate::registered::Registered;
@@ -29,6 +30,7 @@ use deadpool_postgres::Pool;
 use futures_util::FutureExt;
 use std::future::Future;
 use std::sync::Arc;
+use tracing::{Instrument, Span};
 use uuid::Uuid;
 
 /// Runs a handler future, turning a panic into a handler error so that the
@@ -679,15 +681,31 @@ impl Processor {
             });
         }
         let last_event = dealt_with.unwrap_or(self.last_event);
+        // Feature `otel`: a batch span and one span per event (none when
+        // traces are off, or for a page with no event to handle).
+        let span = otel::batch_span(&otel::BatchStart {
+            projection: self.projection.name(),
+            partition: self.slot.partition,
+            version: self.projection.version(),
+            mode: "sequential",
+            cursor_before: self.cursor,
+            watermark: page.watermark,
+            events: &page.events,
+        });
         if !page.events.is_empty() {
             let handler_started = std::time::Instant::now();
-            let handled = guarded(self.projection.handle_batch(&page.events, &tx)).await;
+            let event_spans = otel::event_spans(&span, self.projection.name(), &page.events);
+            let handled = guarded(self.projection.handle_batch(&page.events, &tx))
+                .instrument(span.clone())
+                .await;
+            drop(event_spans);
             crate::metrics::with(|m| {
                 m.handler_duration
                     .with_label_values(&[self.name.as_str()])
                     .observe(handler_started.elapsed().as_secs_f64())
             });
             if let Err(e) = handled {
+                otel::fail(&span, &e);
                 if !is_handler_failure(&e) {
                     return Err(e);
                 }
@@ -695,12 +713,29 @@ impl Processor {
                 drop(client);
                 tracing::warn!(projection = %self.name, partition = self.slot.partition, error = %e,
                     events = page.events.len(), "batch failed; re-running its events one by one");
-                return self.isolate(page.events, page.watermark).await;
+                let outcome = self
+                    .isolate(page.events, page.watermark)
+                    .instrument(span.clone())
+                    .await;
+                if let Ok(o) = &outcome {
+                    otel::finish_batch(&span, o.cursor, o.handled);
+                }
+                return outcome;
             }
         }
         let handled = page.events.len();
-        self.advance(&tx, next, handled, last_event).await?;
-        tx.commit().await?;
+        let committed = async {
+            self.advance(&tx, next, handled, last_event).await?;
+            tx.commit().await?;
+            Ok::<(), Error>(())
+        }
+        .instrument(span.clone())
+        .await;
+        if let Err(e) = &committed {
+            otel::fail(&span, e);
+        }
+        committed?;
+        otel::finish_batch(&span, next, handled);
         self.moved_to(next, last_event);
         Ok(BatchOutcome {
             handled,
@@ -781,10 +816,12 @@ impl Processor {
         let mut poison: Option<(usize, Error)> = None;
         for (i, event) in events.iter().enumerate() {
             tx.batch_execute("SAVEPOINT projectionist_event").await?;
+            let span = otel::event_span(&Span::current(), self.projection.name(), event);
             match guarded(
                 self.projection
                     .handle_batch(std::slice::from_ref(event), &tx),
             )
+            .instrument(span.clone())
             .await
             {
                 Ok(()) => {
@@ -793,6 +830,7 @@ impl Processor {
                     done += 1;
                 }
                 Err(e) if is_handler_failure(&e) => {
+                    otel::fail(&span, &e);
                     tx.batch_execute("ROLLBACK TO SAVEPOINT projectionist_event")
                         .await?;
                     poison = Some((i, e));
@@ -835,10 +873,12 @@ impl Processor {
             tokio::time::sleep(policy.delay_before(attempts)).await;
             let mut client = self.pool.get().await?;
             let tx = client.transaction().await?;
+            let span = otel::event_span(&Span::current(), self.projection.name(), event);
             match guarded(
                 self.projection
                     .handle_batch(std::slice::from_ref(event), &tx),
             )
+            .instrument(span.clone())
             .await
             {
                 Ok(()) => {
@@ -855,6 +895,7 @@ impl Processor {
                     });
                 }
                 Err(e) if is_handler_failure(&e) => {
+                    otel::fail(&span, &e);
                     self.count("error", 1);
                     error = e
                 }

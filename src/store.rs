@@ -667,7 +667,14 @@ impl EventStore {
         let types: Vec<&str> = events.iter().map(|e| e.event_type.as_str()).collect();
         let versions: Vec<i32> = events.iter().map(|e| e.event_version).collect();
         let payloads: Vec<&str> = events.iter().map(|e| e.payload.as_str()).collect();
-        let metadata: Vec<&str> = events.iter().map(|e| e.metadata.as_str()).collect();
+        // Inside a traced span (feature `otel`), events without a
+        // `traceparent` get the span's, so the trace continues into the
+        // projections.
+        let stamped = crate::otel::stamp_metadata(events);
+        let metadata: Vec<&str> = match &stamped {
+            Some(m) => m.iter().map(String::as_str).collect(),
+            None => events.iter().map(|e| e.metadata.as_str()).collect(),
+        };
         let channel = self.config.notify_channel.as_ref().map(|c| c.as_str());
         let mut params: Vec<&(dyn ToSql + Sync)> = vec![
             &aggregate_type,

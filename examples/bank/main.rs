@@ -18,19 +18,23 @@
 //! - writers that append with expected versions and retry on conflicts;
 //! - read-your-writes: `deposit --account A --cents N --wait` appends, waits
 //!   until `account_balances` has handled the deposit (a [`projectionist::Waiter`],
-//!   woken by the checkpoint's NOTIFY), and prints the balance read from it.
+//!   woken by the checkpoint's NOTIFY), and prints the balance read from it;
+//! - traces (the cargo feature `otel`, which this example requires): with
+//!   `OTEL_EXPORTER_OTLP_ENDPOINT` set, `deposit` runs in a `bank.deposit`
+//!   span whose `traceparent` its append stores, and `run-projections`
+//!   exports batch and event spans that continue that trace.
 //!
 //! ## Running it
 //!
 //! ```sh
 //! createdb bank && export DATABASE_URL=postgres://postgres@localhost/bank
-//! cargo run --example bank -- migrate        # engine tables + the account_balances table
-//! cargo run --example bank -- run-projections &   # DISPATCHER=notify for instant wake-ups
-//! cargo run --example bank -- simulate --accounts 100 --events 20000 --writers 4
-//! cargo run --example bank -- deposit --account acct-1 --cents 500 --wait   # prints the new balance
-//! cargo run --example bank -- status         # until the lag is 0
+//! cargo run --features otel --example bank -- migrate        # engine tables + the account_balances table
+//! cargo run --features otel --example bank -- run-projections &   # DISPATCHER=notify for instant wake-ups
+//! cargo run --features otel --example bank -- simulate --accounts 100 --events 20000 --writers 4
+//! cargo run --features otel --example bank -- deposit --account acct-1 --cents 500 --wait   # prints the new balance
+//! cargo run --features otel --example bank -- status         # until the lag is 0
 //! psql "$DATABASE_URL" -c 'SELECT sum(balance), sum(event_count) FROM account_balances'
-//! cargo run --example bank -- run-projections --once   # catch up, then exit
+//! cargo run --features otel --example bank -- run-projections --once   # catch up, then exit
 //! ```
 //!
 //! The two sums equal the `net amount` and the event count `simulate`
@@ -62,6 +66,7 @@ use simulate::SimulateArgs;
 use std::io::Write;
 use std::process::ExitCode;
 use std::sync::Arc;
+use tracing::Instrument;
 
 /// An event-sourced bank on PostgreSQL (a projectionist example).
 #[derive(Parser, Debug)]
@@ -198,10 +203,16 @@ async fn main() -> ExitCode {
         }
         BankCommand::Deposit(args) => {
             projectionist::cli::init_logging(&global.log_format, &global.log_level);
+            // With OTEL_EXPORTER_OTLP_ENDPOINT set, the deposit is a traced
+            // request: its append stores the span's traceparent, and the
+            // projections' spans continue that trace.
+            let span =
+                tracing::info_span!("bank.deposit", account = %args.account, cents = args.cents);
             let result = match app.store(&global) {
-                Ok(store) => deposit::run(&store, &args).await,
+                Ok(store) => deposit::run(&store, &args).instrument(span).await,
                 Err(e) => Err(e),
             };
+            projectionist::cli::flush_traces().await;
             match result {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => fail(&e),
@@ -213,6 +224,7 @@ async fn main() -> ExitCode {
                 Ok(store) => simulate::run(&store, &args).await,
                 Err(e) => Err(e),
             };
+            projectionist::cli::flush_traces().await;
             match result {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => fail(&e),

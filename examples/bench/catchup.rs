@@ -16,7 +16,7 @@ use tokio_postgres::Client;
 impl Bench {
     /// `run_once` of `projection` from the start; loops if an open
     /// transaction elsewhere held the watermark back.
-    async fn library_catchup(
+    pub async fn library_catchup(
         &self,
         s: &Seeded,
         projection: Arc<dyn Projection>,

@@ -104,6 +104,7 @@ pub const CASES: &[&str] = &[
     "worker_failover_s",
     "worker_rebalance_s",
     "worker_rss_mb",
+    "catchup_traced",
 ];
 
 /// The cases an `--only` entry selects: itself, or every case it prefixes.

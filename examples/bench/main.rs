@@ -119,6 +119,14 @@
 //! * `worker_rss_mb`: peak RSS (VmHWM) of a child process (this binary,
 //!   re-executed with a hidden `--child-rss`) running eight light
 //!   projections through a catch-up of the seeded events.
+//! * `catchup_traced` (cargo feature `otel`; skipped without it): the
+//!   `catchup_noop` projection over the seeded events, each given a
+//!   `traceparent`, with the engine's spans exported over OTLP/HTTP (batch
+//!   span processor) to a dummy receiver in this process, against the same
+//!   catch-up with spans off (what a binary without
+//!   `OTEL_EXPORTER_OTLP_ENDPOINT` does). The "baseline" column is spans
+//!   off. Also reported: spans received and dropped by the processor's
+//!   queue, and the flush after the catch-up. See `traced.rs`.
 //!
 //! # Reading the ratios
 //!
@@ -143,7 +151,7 @@
 //! table and the JSON), and one module per case group: `append`, `catchup`,
 //! `upcast`, `wakeup`, `parallel`, `partitions`, `workers` (worker-mode
 //! failover and rebalance with real processes), `rss` (peak memory of a
-//! child) and `scale` (`--scale`).
+//! child), `traced` (traces on and off) and `scale` (`--scale`).
 
 mod append;
 mod catchup;
@@ -158,6 +166,7 @@ mod rss;
 mod scale;
 mod setup;
 mod stats;
+mod traced;
 mod upcast;
 mod wakeup;
 mod workers;
@@ -168,15 +177,37 @@ use cli::{matching, Args, CASES};
 use setup::Bench;
 use std::process::ExitCode;
 
-fn main() -> ExitCode {
-    let args = Args::parse();
+/// Log lines to stderr (`RUST_LOG`, default `warn`); with `traced` (the
+/// `catchup_traced` case, feature `otel`), also the layer exporting spans
+/// to that case's dummy receiver.
+#[cfg_attr(not(feature = "otel"), allow(unused_variables))]
+fn init_logging(traced: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    #[cfg(feature = "otel")]
+    if traced {
+        use tracing_subscriber::layer::SubscriberExt;
+        use tracing_subscriber::util::SubscriberInitExt;
+        use tracing_subscriber::Layer;
+        let _ = tracing_subscriber::registry()
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_writer(std::io::stderr)
+                    .with_filter(filter),
+            )
+            .with(traced::install().with_filter(tracing_subscriber::filter::LevelFilter::INFO))
+            .try_init();
+        return;
+    }
     let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
+        .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .try_init();
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    init_logging(!args.scale && cli::select(&args.only).contains(&"catchup_traced"));
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -227,6 +258,7 @@ impl Bench {
             "catchup_read_model_batch",
             "partitions",
             "worker_rss_mb",
+            "catchup_traced",
         ];
         if needs_seed.iter().any(|c| self.wants(c)) {
             let n = self.args.events;
@@ -242,6 +274,10 @@ impl Bench {
             }
             if self.wants("worker_rss_mb") {
                 self.worker_rss(&seeded).await;
+            }
+            // Last on these events: it adds a traceparent to each.
+            if self.wants("catchup_traced") {
+                self.catchup_traced(&seeded).await;
             }
             self.dbs.push(seeded.db);
         }

@@ -370,11 +370,13 @@ impl Bench {
                 .parent()
                 .and_then(|p| p.file_name())
                 .is_some_and(|n| n == "release");
-            self.progress("building the bank example (cargo build --example bank)");
+            self.progress("building the bank example (cargo build --features otel --example bank)");
             let mut cmd = tokio::process::Command::new(cargo);
             cmd.current_dir(env!("CARGO_MANIFEST_DIR")).args([
                 "build",
                 "--quiet",
+                "--features",
+                "otel",
                 "--example",
                 "bank",
             ]);
@@ -393,7 +395,7 @@ impl Bench {
             Ok(bank)
         } else {
             Err(format!(
-                "{} is missing: build it with `cargo build --release --example bank`",
+                "{} is missing: build it with `cargo build --release --features otel --example bank`",
                 bank.display()
             ))
         }

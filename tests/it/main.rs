@@ -22,6 +22,8 @@ mod status;
 mod store;
 mod testing_helper;
 mod tls;
+#[cfg(feature = "otel")]
+mod traces;
 mod two_schemas;
 mod versions;
 mod wait;
