@@ -651,3 +651,46 @@ async fn status_shows_both_versions_and_an_eta_that_holds() {
         "ETA {eta:.1} s vs actual {actual:.1} s"
     );
 }
+
+/// `--promote-when-caught-up`: the process building version 2 promotes it
+/// by itself once it has caught up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_caught_up_version_promotes_itself_when_asked() {
+    use projectionist::versions;
+    let env = env().await;
+    let store = env.store.clone();
+    append_n(&store, "a", 30).await;
+    run_once(&store, &tally(1, false)).await;
+    let runner = projectionist::Runner::new(
+        store.clone(),
+        projectionist::RunnerConfig::default()
+            .poll_interval(Duration::from_millis(50))
+            .unwrap()
+            .promote_when_caught_up(true),
+    )
+    .with_registered(tally(2, false))
+    .unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let running = tokio::spawn(async move {
+        runner
+            .run_until(async {
+                let _ = stopped.await;
+            })
+            .await
+    });
+    wait_until(Duration::from_secs(30), "version 2 live", || async {
+        versions::list(&store, Some("tally"))
+            .await
+            .unwrap()
+            .iter()
+            .any(|v| v.version == 2 && v.state == "live")
+    })
+    .await;
+    assert_eq!(
+        env.scalar_i64("SELECT sum(n + doubled)::int8 FROM tally")
+            .await,
+        30
+    );
+    let _ = stop.send(());
+    running.await.unwrap().unwrap();
+}
