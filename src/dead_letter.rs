@@ -139,8 +139,8 @@ pub struct RetryOutcome {
 /// store's registry) in a transaction:
 /// on success the read model change and the entry's removal commit
 /// together; on failure the entry's attempt count and error are updated.
-/// A concurrency-mode projection ([`Projection::concurrency`]) gets its
-/// [`Projection::handle_concurrent`], as in the engine: at-least-once (if
+/// A [`ConcurrentProjection`](crate::ConcurrentProjection) gets its own
+/// `handle`, as in the engine: at-least-once (if
 /// the removal fails to commit, a later retry handles the event again).
 pub async fn retry(
     store: &EventStore,

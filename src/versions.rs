@@ -2,7 +2,7 @@
 //! version's read-model tables (`<table>_v<N>`) and the reader views that
 //! keep one stable name per table.
 //!
-//! At start, [`prepare`] registers every projection's version under the
+//! At start, `prepare` registers every projection's version under the
 //! migration lock, in one transaction: the first version of a name is live,
 //! a later one is `building` beside it; a plain table left by a binary
 //! before versions is adopted as version 1's (`ALTER TABLE … RENAME`); the

@@ -118,7 +118,7 @@ impl WorkerConfig {
     }
 
     /// Overrides the partition count a projection declares
-    /// ([`Projection::partitions`]).
+    /// ([`ProjectionOptions::partitions`](crate::ProjectionOptions::partitions)).
     pub fn partitions(mut self, projection: &str, count: i32) -> Result<WorkerConfig> {
         if count < 1 {
             return Err(Error::config(format!(
