@@ -34,6 +34,19 @@ impl Projection for Balances {
     fn options(&self) -> ProjectionOptions {
         ProjectionOptions::new("quickstart_balances")
             .filter(Filter::all().aggregate_types(["Account"]))
+            // Readers query `quickstart_balances`; this version writes
+            // `ctx.table("quickstart_balances")` (`quickstart_balances_v1`).
+            .tables(["quickstart_balances"])
+    }
+
+    async fn migrate(&self, ctx: &Context<'_>) -> projectionist::Result<()> {
+        ctx.batch_execute(&format!(
+            "CREATE TABLE IF NOT EXISTS {} (account_id text PRIMARY KEY, owner text, \
+             balance bigint NOT NULL DEFAULT 0, event_count bigint NOT NULL DEFAULT 0)",
+            ctx.table("quickstart_balances")
+        ))
+        .await?;
+        Ok(())
     }
 
     async fn handle(&self, event: &StoredEvent, tx: &Context<'_>) -> projectionist::Result<()> {
@@ -44,12 +57,12 @@ impl Projection for Balances {
             _ => (None, 0),
         };
         let stmt = tx
-            .prepare_cached(
-                "INSERT INTO quickstart_balances (account_id, owner, balance, event_count) VALUES ($1, $2, $3, 1) \
-                 ON CONFLICT (account_id) DO UPDATE SET owner = coalesce(excluded.owner, quickstart_balances.owner), \
-                 balance = quickstart_balances.balance + excluded.balance, \
-                 event_count = quickstart_balances.event_count + 1",
-            )
+            .prepare_cached(&format!(
+                "INSERT INTO {} AS b (account_id, owner, balance, event_count) VALUES ($1, $2, $3, 1) \
+                 ON CONFLICT (account_id) DO UPDATE SET owner = coalesce(excluded.owner, b.owner), \
+                 balance = b.balance + excluded.balance, event_count = b.event_count + 1",
+                tx.table("quickstart_balances")
+            ))
             .await?;
         tx.execute(&stmt, &[&event.aggregate_id, &owner, &delta])
             .await?;
@@ -57,7 +70,11 @@ impl Projection for Balances {
     }
 
     async fn reset(&self, tx: &Context<'_>, _: Option<Partition>) -> projectionist::Result<()> {
-        tx.execute("DELETE FROM quickstart_balances", &[]).await?;
+        tx.execute(
+            &format!("DELETE FROM {}", tx.table("quickstart_balances")),
+            &[],
+        )
+        .await?;
         Ok(())
     }
 }
@@ -108,16 +125,9 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
             report.applied.join(", ")
         }
     );
+    // The read model's table comes from the projection's `migrate` hook,
+    // which the runner runs at start.
     let store = EventStore::connect_config(config.clone(), StoreConfig::default())?;
-    store
-        .pool()
-        .get()
-        .await?
-        .batch_execute(
-            "CREATE TABLE IF NOT EXISTS quickstart_balances (account_id text PRIMARY KEY, owner text, \
-             balance bigint NOT NULL DEFAULT 0, event_count bigint NOT NULL DEFAULT 0)",
-        )
-        .await?;
 
     // 3. Append: one stream per account, with an expected version.
     let account = format!("acct-{}", uuid::Uuid::new_v4().simple());
