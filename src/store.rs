@@ -308,13 +308,19 @@ pub(crate) fn gap_safe_query(
     // it passed over events (so a waiter for one of them sees the cursor
     // pass), never merely because the watermark moved. Uncorrelated, so
     // PostgreSQL evaluates it once per page (an InitPlan), one index probe.
+    // A scalar subquery in index order, not EXISTS: PostgreSQL drops the
+    // ORDER BY of an EXISTS, and under a generic plan it then chose a
+    // sequential scan from the start of the table, stopping at the first
+    // row after the cursor — a page cost that grew with the cursor's
+    // position (8 ms at 60,000 events, the whole table at the head).
     let passed = if conds.is_empty() {
         "false".to_owned()
     } else {
         format!(
-            "EXISTS (SELECT 1 FROM {events} x \
+            "coalesce((SELECT true FROM {events} x \
              WHERE (x.transaction_id, x.global_position) > ($1::xid8, $2::int8) \
-               AND x.transaction_id < pg_snapshot_xmin(pg_current_snapshot()))"
+               AND x.transaction_id < pg_snapshot_xmin(pg_current_snapshot()) \
+             ORDER BY x.transaction_id, x.global_position LIMIT 1), false)"
         )
     };
     let (epoch, checkpoint, join) = match slot {
