@@ -37,5 +37,7 @@ ALTER TABLE worker_nodes ADD COLUMN slots jsonb;
 -- 10 s of batches (status shows it with an ETA; NULL before the first
 -- batch).
 ALTER TABLE projection_checkpoints ADD COLUMN handle_rate double precision;
--- When handle_rate was last updated (the wall clock of the update).
+-- When handle_rate was last updated (the wall clock of the update), and the
+-- weight the average has gathered (it approaches 1 after about 10 s).
 ALTER TABLE projection_checkpoints ADD COLUMN rate_at timestamptz;
+ALTER TABLE projection_checkpoints ADD COLUMN rate_weight double precision;

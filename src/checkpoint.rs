@@ -69,16 +69,23 @@ impl Checkpoints {
     }
 
     pub(crate) fn with_assignments(table: &str, assignments: &str) -> Checkpoints {
-        // Events per second, a moving average over about the last 10 s
-        // (time-weighted: each batch counts by the time since the last
-        // one), for `status`'s rate and ETA.
-        // The wall clock at the update, not the transaction's start: the
-        // updates of one slot are serialised by its row, their transactions
-        // may overlap.
-        let dt = "greatest(extract(epoch FROM clock_timestamp() - coalesce(rate_at, created_at))::float8, 0.001)";
+        // Events per second, a moving average over about the last 10 s of
+        // batches, weighted by time: each batch's rate (its events over the
+        // time since the previous update) counts with 1 - e^(-dt/10s), and
+        // the weight is kept (`rate_weight`) so that the average is not
+        // biased towards 0 while the slot is young. The wall clock at the
+        // update, not the transaction's start: the updates of one slot are
+        // serialised by its row, their transactions may overlap. The first
+        // update only starts the clock (its interval would include the
+        // process's start).
+        let dt = "greatest(extract(epoch FROM clock_timestamp() - rate_at)::float8, 0.001)";
+        let keep = format!("exp(-{dt} / 10.0)");
+        let weight = "coalesce(rate_weight, 0)";
         let rate = format!(
-            "CASE WHEN handle_rate IS NULL THEN $7::float8 / {dt} \
-                  ELSE handle_rate + (1 - exp(-{dt} / 10.0)) * ($7::float8 / {dt} - handle_rate) END, \
+            "CASE WHEN rate_at IS NULL THEN NULL \
+                  ELSE ({keep} * {weight} * coalesce(handle_rate, 0) + (1 - {keep}) * ($7::float8 / {dt})) \
+                       / ({keep} * {weight} + (1 - {keep})) END, \
+             rate_weight = CASE WHEN rate_at IS NULL THEN 0 ELSE {keep} * {weight} + (1 - {keep}) END, \
              rate_at = clock_timestamp()"
         );
         let update = format!(
