@@ -561,8 +561,8 @@ fn slots_from(rows: &[tokio_postgres::Row]) -> Result<Vec<SlotStatus>> {
             let (name, version) = (name.to_owned(), version);
             let events_handled: i64 = r.try_get(5)?;
             let elapsed: f64 = r.try_get::<_, Option<f64>>(21)?.unwrap_or(0.0);
-            // The moving average over the last seconds of batches; the
-            // average since the slot started before there is one.
+            // The moving average over the last seconds of batches; before
+            // the second batch, the average since the slot started.
             let rate = r
                 .try_get::<_, Option<f64>>(22)?
                 .or_else(|| (elapsed >= 1.0).then(|| events_handled as f64 / elapsed));
