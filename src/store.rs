@@ -341,13 +341,19 @@ pub(crate) fn gap_safe_query(
             String::new(),
         ),
     };
+    // `OFFSET 0` keeps PostgreSQL from pulling the header subquery up into
+    // the outer query: pulled up, its expressions are computed again for
+    // every row of the page (`pg_current_snapshot()` copies and sorts the
+    // snapshot's transaction list each time), 1000 times a page instead of
+    // once. The values are the same either way (one statement, one
+    // snapshot); only the cost differs.
     format!(
         "SELECT w.*, {cols} \
          FROM (SELECT pg_snapshot_xmin(pg_current_snapshot()) AS xmin, \
                       coalesce((SELECT max(global_position) FROM {events}), 0) AS head, \
                       pg_postmaster_start_time() AS started, {epoch} AS epoch, {checkpoint}, \
                       {passed} AS passed \
-               FROM (SELECT) AS one{join}) w \
+               FROM (SELECT) AS one{join} OFFSET 0) w \
          LEFT JOIN LATERAL ( \
             SELECT * FROM {events} e \
             WHERE (e.transaction_id, e.global_position) > ($1::xid8, $2::int8) \

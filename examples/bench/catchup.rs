@@ -1,7 +1,8 @@
 //! The catch-up cases: `catchup_noop` (the engine's overhead over a raw
-//! keyset reader) and `catchup_read_model[_batch]` (a balances read model
-//! kept per event or per batch, against the same work in raw SQL), and the
-//! library catch-up loop the `parallel_io` case shares.
+//! keyset reader), `catchup_large_payload` (the same over 2 KB payloads)
+//! and `catchup_read_model[_batch]` (a balances read model kept per event
+//! or per batch, against the same work in raw SQL), and the library
+//! catch-up loop the `parallel_io` case shares.
 
 use crate::projections::{BalancesBatch, BalancesPerEvent, Noop};
 use crate::raw::{self, RAW_CHECKPOINT_NAME};
@@ -12,6 +13,11 @@ use serde_json::json;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio_postgres::Client;
+
+/// Events of the `catchup_large_payload` case (issue 15: 200,000).
+pub const LARGE_PAYLOAD_EVENTS: u64 = 200_000;
+/// Payload size of the `catchup_large_payload` case, in bytes of JSON text.
+pub const LARGE_PAYLOAD_BYTES: usize = 2_048;
 
 impl Bench {
     /// `run_once` of `projection` from the start; loops if an open
@@ -103,6 +109,54 @@ impl Bench {
 
     /// `catchup_noop`: the no-op projection against the raw keyset reader.
     pub async fn catchup_noop(&mut self, s: &Seeded) {
+        let (l, r) = self.noop_against_raw(s, "catchup_noop").await;
+        let ratio = l / r;
+        self.json.insert(
+            "catchup_noop".into(),
+            json!({"events_per_s": round(l, 0), "raw_events_per_s": round(r, 0),
+                   "ratio": round(ratio, 3), "events": s.events, "batch_size": self.batch}),
+        );
+        self.row(
+            "catchup_noop",
+            ev_s(l),
+            ev_s(r),
+            format!("{ratio:.2}"),
+            format!("ratio ≥ 0.9 {}", mark(ratio >= 0.9)),
+        );
+    }
+
+    /// `catchup_large_payload`: the no-op projection against the raw keyset
+    /// reader, like `catchup_noop`, over [`LARGE_PAYLOAD_EVENTS`] events of
+    /// [`LARGE_PAYLOAD_BYTES`]-byte payloads (stored out of line), seeded
+    /// into a database of its own.
+    pub async fn catchup_large_payload(&mut self) {
+        let s = self
+            .seeded_with(LARGE_PAYLOAD_EVENTS, LARGE_PAYLOAD_BYTES)
+            .await;
+        let (l, r) = self.noop_against_raw(&s, "catchup_large_payload").await;
+        let ratio = l / r;
+        let mb_s = |ev: f64| round(ev * LARGE_PAYLOAD_BYTES as f64 / 1e6, 1);
+        self.json.insert(
+            "catchup_large_payload".into(),
+            json!({"events_per_s": round(l, 0), "raw_events_per_s": round(r, 0),
+                   "ratio": round(ratio, 3), "events": s.events, "batch_size": self.batch,
+                   "payload_bytes": LARGE_PAYLOAD_BYTES,
+                   "payload_mb_per_s": mb_s(l), "raw_payload_mb_per_s": mb_s(r)}),
+        );
+        self.row(
+            &format!("catchup_large_payload ({LARGE_PAYLOAD_BYTES} B payloads)"),
+            ev_s(l),
+            ev_s(r),
+            format!("{ratio:.2}"),
+            format!("ratio ≥ 0.9 {}", mark(ratio >= 0.9)),
+        );
+        self.dbs.push(s.db);
+    }
+
+    /// The no-op projection's catch-up of `s` against the raw keyset
+    /// reader's, after an untimed warm-up of both, alternating which runs
+    /// first; the medians in events/s (library, raw).
+    async fn noop_against_raw(&mut self, s: &Seeded, case: &str) -> (f64, f64) {
         // Untimed warm-up of both sides (caches, connections, plans).
         let warm = Arc::new(Noop {
             name: "bench_noop".into(),
@@ -126,7 +180,7 @@ impl Bench {
                 }
             }
             self.progress(format!(
-                "catchup_noop rep {}/{}: projectionist {}, raw keyset {} ({} events, page {})",
+                "{case} rep {}/{}: projectionist {}, raw keyset {} ({} events, page {})",
                 rep + 1,
                 self.reps,
                 ev_s(lib[lib.len() - 1]),
@@ -135,20 +189,7 @@ impl Bench {
                 self.batch
             ));
         }
-        let (l, r) = (median(&lib), median(&raw));
-        let ratio = l / r;
-        self.json.insert(
-            "catchup_noop".into(),
-            json!({"events_per_s": round(l, 0), "raw_events_per_s": round(r, 0),
-                   "ratio": round(ratio, 3), "events": s.events, "batch_size": self.batch}),
-        );
-        self.row(
-            "catchup_noop",
-            ev_s(l),
-            ev_s(r),
-            format!("{ratio:.2}"),
-            format!("ratio ≥ 0.9 {}", mark(ratio >= 0.9)),
-        );
+        (median(&lib), median(&raw))
     }
 
     /// `catchup_read_model` (per-event handler) or, with `batch`,

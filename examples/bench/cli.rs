@@ -93,6 +93,7 @@ pub const CASES: &[&str] = &[
     "append_batch_100_8_writers",
     "append_copy_bulk",
     "catchup_noop",
+    "catchup_large_payload",
     "catchup_read_model",
     "catchup_read_model_batch",
     "catchup_upcast",

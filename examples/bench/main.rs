@@ -48,6 +48,12 @@
 //!   Every raw catch-up baseline commits its pages with `synchronous_commit
 //!   = off`, as the library's batch transactions do by default, so neither
 //!   side waits for a WAL flush per page.
+//! * `catchup_large_payload`: `catchup_noop` (the same projection, the same
+//!   raw keyset reader) over 200,000 events whose payloads are 2 KB of JSON
+//!   (a random 2 KB `note` beside the amount, which pglz cannot compress,
+//!   so every payload is stored out of line in TOAST and detoasted by both
+//!   sides), in a database of its own; `--events` does not change it.
+//!   Also reports the payload MB/s of both sides.
 //! * `catchup_read_model`: a balances read model kept by the per-event
 //!   handler (one prepared upsert per event, `pipelined() = true`: the
 //!   engine runs a batch's handlers together, so the upserts travel back to
@@ -280,6 +286,9 @@ impl Bench {
                 self.catchup_traced(&seeded).await;
             }
             self.dbs.push(seeded.db);
+        }
+        if self.wants("catchup_large_payload") {
+            self.catchup_large_payload().await;
         }
         if self.wants("catchup_read_model") {
             let n = (self.args.events / 4).max(1);

@@ -247,6 +247,14 @@ impl Bench {
     /// A fresh database with `n` events over `--accounts` accounts, the
     /// `bench_balances` table and the raw baseline's checkpoint row.
     pub async fn seeded(&mut self, n: u64) -> Seeded {
+        self.seeded_with(n, 0).await
+    }
+
+    /// Like [`Bench::seeded`]; with `payload_bytes` > 0 each payload is
+    /// padded to about that many bytes of JSON text with a `note` field of
+    /// random letters and digits (which pglz does not compress, so rows
+    /// this large are stored out of line, as real large payloads are).
+    pub async fn seeded_with(&mut self, n: u64, payload_bytes: usize) -> Seeded {
         let (db, store, client) = self.fresh_db().await;
         let started = Instant::now();
         let stmt = client
@@ -275,7 +283,22 @@ impl Bench {
                 ids.push(Uuid::now_v7());
                 aids.push(names[a].as_str());
                 vers.push(versions[a]);
-                payloads.push(format!(r#"{{"amount": {x}}}"#));
+                payloads.push(if payload_bytes == 0 {
+                    format!(r#"{{"amount": {x}}}"#)
+                } else {
+                    let head = format!(r#"{{"amount": {x}, "note": ""#);
+                    let pad = payload_bytes.saturating_sub(head.len() + 2);
+                    let mut p = String::with_capacity(payload_bytes);
+                    p.push_str(&head);
+                    p.extend(
+                        (&mut self.rng)
+                            .sample_iter(rand::distributions::Alphanumeric)
+                            .take(pad)
+                            .map(char::from),
+                    );
+                    p.push_str("\"}");
+                    p
+                });
             }
             client
                 .execute(
@@ -313,9 +336,14 @@ impl Bench {
             .await
             .expect("cannot insert the raw baseline's checkpoint row");
         self.progress(format!(
-            "seeded {n} events over {accounts} accounts in {:.1}s ({} rows per INSERT, then VACUUM ANALYZE)",
+            "seeded {n} events over {accounts} accounts in {:.1}s ({} rows per INSERT, then VACUUM ANALYZE){}",
             started.elapsed().as_secs_f64(),
-            SEED_CHUNK
+            SEED_CHUNK,
+            if payload_bytes > 0 {
+                format!(", payloads of {payload_bytes} bytes")
+            } else {
+                String::new()
+            }
         ));
         Seeded {
             db,
