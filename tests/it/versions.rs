@@ -426,13 +426,26 @@ async fn append_n(store: &projectionist::EventStore, id: &str, n: usize) {
         .unwrap();
 }
 
+/// `run_once` until the projection has no lag (other tests' open
+/// transactions on the shared server may hold the watermark back).
 async fn run_once(store: &projectionist::EventStore, p: &projectionist::Registered) {
-    projectionist::Runner::new(store.clone(), projectionist::RunnerConfig::default())
+    let runner = projectionist::Runner::new(store.clone(), projectionist::RunnerConfig::default())
         .with_registered(p.clone())
-        .unwrap()
-        .run_once()
-        .await
         .unwrap();
+    wait_until(
+        Duration::from_secs(60),
+        "the projection to catch up",
+        || async {
+            runner.run_once().await.unwrap();
+            projectionist::status(store, std::slice::from_ref(p))
+                .await
+                .unwrap()
+                .iter()
+                .filter(|s| s.name == p.name() && s.version == p.version())
+                .all(|s| s.lag_events == 0)
+        },
+    )
+    .await;
 }
 
 #[tokio::test]
