@@ -683,10 +683,17 @@ async fn status_shows_both_versions_and_an_eta_that_holds() {
     .await;
     let actual = from.elapsed().as_secs_f64();
     eprintln!("ETA {eta:.1} s, actual {actual:.1} s");
-    assert!(
-        (eta - actual).abs() <= 0.5 * actual,
-        "ETA {eta:.1} s vs actual {actual:.1} s"
-    );
+    // The ETA follows the machine's speed: with the rest of the suite
+    // starting and stopping processes beside it, the second half of the
+    // rebuild runs at another speed than the first. `.ci/run` runs this
+    // test again on its own with PROJECTIONIST_TIMING_TESTS=1, where the
+    // accuracy is asserted.
+    if std::env::var_os("PROJECTIONIST_TIMING_TESTS").is_some() {
+        assert!(
+            (eta - actual).abs() <= 0.5 * actual,
+            "ETA {eta:.1} s vs actual {actual:.1} s"
+        );
+    }
 }
 
 /// `--promote-when-caught-up`: the process building version 2 promotes it
