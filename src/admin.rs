@@ -21,7 +21,7 @@ use std::time::Duration;
 use tokio_postgres::types::{ToSql, Type};
 
 /// A statement's parameters with their types, for `query_typed`.
-type TypedParams<'a> = [(&'a (dyn ToSql + Sync), Type)];
+pub(crate) type TypedParams<'a> = [(&'a (dyn ToSql + Sync), Type)];
 
 /// Events after a slot's cursor that `status` reads to measure its lag:
 /// fewer than this many remaining are counted exactly, more are estimated
@@ -250,26 +250,6 @@ impl Session {
             .ok_or_else(|| Error::new(Kind::Other, "status session used after it ended"))
     }
 
-    /// Opens a read-only, repeatable-read transaction (one snapshot for
-    /// every statement) with `SET LOCAL statement_timeout` (the console's
-    /// sampler uses it).
-    pub(crate) async fn begin(
-        &mut self,
-        timeout: Duration,
-    ) -> Result<deadpool_postgres::Transaction<'_>> {
-        let tx = self
-            .client()?
-            .build_transaction()
-            .read_only(true)
-            .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
-            .start()
-            .await?;
-        let ms = format!("{}ms", timeout.as_millis().max(1));
-        tx.execute("SELECT set_config('statement_timeout', $1, true)", &[&ms])
-            .await?;
-        Ok(tx)
-    }
-
     /// Runs `statements` in one read-only, repeatable-read transaction (one
     /// snapshot for all of them), in one round trip: `BEGIN`, the settings,
     /// the statements and, when `commit`, `COMMIT` are sent together
@@ -280,7 +260,7 @@ impl Session {
     /// table) crosses `jit_above_cost`, and compiling it took far longer
     /// than running it (about 100 ms at 10M events). Without `commit`, the
     /// transaction stays open for more statements and [`Session::commit`].
-    async fn pipelined(
+    pub(crate) async fn pipelined(
         &mut self,
         timeout: Duration,
         statements: &[(&str, &TypedParams<'_>)],

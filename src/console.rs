@@ -167,21 +167,20 @@ async fn handled_per_slot(store: &EventStore) -> Result<Vec<(SlotKey, i64)>> {
         QUERY_TIMEOUT,
         "console sample",
         |mut session| async move {
-            let tx = session.begin(QUERY_TIMEOUT).await?;
-            let rows = tx
-                .query(
-                    &format!(
-                        "SELECT projection_name, partition_key, events_handled FROM {}",
-                        store.statements().checkpoints
-                    ),
-                    &[],
-                )
-                .await?;
+            let sql = format!(
+                "SELECT projection_name, partition_key, events_handled FROM {}",
+                store.statements().checkpoints
+            );
+            let rows = session
+                .pipelined(QUERY_TIMEOUT, &[(&sql, &[])], true)
+                .await?
+                .into_iter()
+                .next()
+                .unwrap_or_default();
             let handled = rows
                 .iter()
                 .map(|r| Ok(((r.try_get(0)?, r.try_get(1)?), r.try_get(2)?)))
                 .collect::<Result<Vec<_>>>()?;
-            tx.commit().await?;
             session.finish();
             Ok(handled)
         },
@@ -203,23 +202,30 @@ async fn newest_dead_letters(
         QUERY_TIMEOUT,
         "console dead letters",
         |mut session| async move {
-            let tx = session.begin(QUERY_TIMEOUT).await?;
-            let rows = tx
-                .query(
-                    &format!(
-                        "SELECT d.id, d.projection_name, d.partition_key, d.global_position, \
-                                d.aggregate_type, d.aggregate_id, d.event_type, d.error, d.attempts, \
-                                d.last_attempt_at \
-                         FROM unnest($1::text[]) AS p(name) \
-                         CROSS JOIN LATERAL ( \
-                             SELECT * FROM {} WHERE projection_name = p.name \
-                             ORDER BY global_position DESC LIMIT $2) d \
-                         ORDER BY d.projection_name, d.global_position DESC",
-                        store.statements().dead_letters
-                    ),
-                    &[&projections, &NEWEST_DEAD_LETTERS],
-                )
-                .await?;
+            let sql = format!(
+                "SELECT d.id, d.projection_name, d.partition_key, d.global_position, \
+                        d.aggregate_type, d.aggregate_id, d.event_type, d.error, d.attempts, \
+                        d.last_attempt_at \
+                 FROM unnest($1::text[]) AS p(name) \
+                 CROSS JOIN LATERAL ( \
+                     SELECT * FROM {} WHERE projection_name = p.name \
+                     ORDER BY global_position DESC LIMIT $2) d \
+                 ORDER BY d.projection_name, d.global_position DESC",
+                store.statements().dead_letters
+            );
+            let params: [(
+                &(dyn tokio_postgres::types::ToSql + Sync),
+                tokio_postgres::types::Type,
+            ); 2] = [
+                (&projections, tokio_postgres::types::Type::TEXT_ARRAY),
+                (&NEWEST_DEAD_LETTERS, tokio_postgres::types::Type::INT8),
+            ];
+            let rows = session
+                .pipelined(QUERY_TIMEOUT, &[(&sql, &params)], true)
+                .await?
+                .into_iter()
+                .next()
+                .unwrap_or_default();
             let letters = rows
                 .iter()
                 .map(|r| {
@@ -239,7 +245,6 @@ async fn newest_dead_letters(
                     }))
                 })
                 .collect::<Result<Vec<_>>>()?;
-            tx.commit().await?;
             session.finish();
             Ok(letters)
         },
