@@ -93,6 +93,15 @@ async fn versions_of(tx: &Transaction<'_>, table: &str, name: &str) -> Result<Ve
     rows.iter().map(info).collect()
 }
 
+/// A transaction holding the migration lock: read-model DDL and version
+/// states change only under it.
+async fn locked(client: &mut deadpool_postgres::Object, key: i64) -> Result<Transaction<'_>> {
+    let tx = client.transaction().await?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&key])
+        .await?;
+    Ok(tx)
+}
+
 /// The kind of the relation `name` resolves to on the search path
 /// (`r` table, `v` view, …), if any.
 async fn relkind(tx: &Transaction<'_>, name: &str) -> Result<Option<String>> {
@@ -136,9 +145,7 @@ pub(crate) async fn prepare(store: &EventStore, projections: &[Registered]) -> R
 async fn prepare_one(store: &EventStore, p: &Registered) -> Result<()> {
     let sql = store.statements();
     let mut client = store.pool().get().await?;
-    let tx = client.transaction().await?;
-    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&sql.migration_lock])
-        .await?;
+    let tx = locked(&mut client, sql.migration_lock).await?;
     let name = p.name();
     let version = p.version();
     let tables: Vec<String> = p.tables().to_vec();
@@ -390,9 +397,7 @@ pub async fn promote(
     check_caught_up(store, projections, &target, max_lag).await?;
     let sql = store.statements();
     let mut client = store.pool().get().await?;
-    let mut tx = client.transaction().await?;
-    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&sql.migration_lock])
-        .await?;
+    let mut tx = locked(&mut client, sql.migration_lock).await?;
     let now = versions_of(&tx, &sql.versions, name).await?;
     let still = now.iter().find(|r| r.version == target.version);
     if still.map(|r| r.state.as_str()) != Some(target.state.as_str()) {
@@ -657,9 +662,7 @@ pub async fn retire(
 ) -> Result<Retirement> {
     let sql = store.statements();
     let mut client = store.pool().get().await?;
-    let tx = client.transaction().await?;
-    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&sql.migration_lock])
-        .await?;
+    let tx = locked(&mut client, sql.migration_lock).await?;
     let rows = versions_of(&tx, &sql.versions, name).await?;
     let row = rows.iter().find(|r| r.version == version).ok_or_else(|| {
         Error::config(format!(
@@ -757,9 +760,7 @@ pub async fn forget(
     }
     let sql = store.statements();
     let mut client = store.pool().get().await?;
-    let tx = client.transaction().await?;
-    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&sql.migration_lock])
-        .await?;
+    let tx = locked(&mut client, sql.migration_lock).await?;
     let rows = versions_of(&tx, &sql.versions, name).await?;
     let owns = "(projection_name = $1 OR starts_with(projection_name, $1 || '@v'))";
     let keys: Vec<String> = tx
