@@ -23,7 +23,7 @@ use crate::store::EventStore;
 use http_body_util::Full;
 use hyper::body::Bytes;
 use hyper::{Response, StatusCode};
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::watch;
@@ -63,8 +63,26 @@ pub(crate) struct Console {
 struct Inner {
     /// Per slot: (seconds since the epoch, events handled), oldest first.
     samples: std::sync::Mutex<HashMap<SlotKey, VecDeque<(f64, i64)>>>,
-    /// The newest dead letters and when they were read.
-    dead_letters: tokio::sync::Mutex<Option<(Instant, DeadLetters)>>,
+    /// The newest dead letters, when they were read and the counts they
+    /// were read for.
+    dead_letters: tokio::sync::Mutex<Option<CachedLetters>>,
+}
+
+/// The newest dead letters as read at `at`, for the report's counts
+/// `counts`: reused for [`CACHE_FOR`] while the counts are the same.
+struct CachedLetters {
+    at: Instant,
+    counts: BTreeMap<String, i64>,
+    letters: DeadLetters,
+}
+
+impl CachedLetters {
+    /// The cached letters, if they are fresh and were read for `counts`
+    /// (a report that counts a new dead letter must list it: the count
+    /// and the list on one page never disagree for longer than a read).
+    fn reuse(&self, counts: &BTreeMap<String, i64>) -> Option<DeadLetters> {
+        (self.at.elapsed() < CACHE_FOR && &self.counts == counts).then(|| self.letters.clone())
+    }
 }
 
 /// The newest dead letters per projection, or why they could not be read.
@@ -121,20 +139,28 @@ impl Console {
             .collect()
     }
 
-    /// The newest dead letters, at most a second old.
-    async fn dead_letters(&self, store: &EventStore, projections: Vec<String>) -> DeadLetters {
+    /// The newest dead letters of the projections counted in `counts`
+    /// (the status report's), at most a second old and read again as soon
+    /// as a count changes.
+    async fn dead_letters(
+        &self,
+        store: &EventStore,
+        counts: &BTreeMap<String, i64>,
+    ) -> DeadLetters {
         let mut cache = self.inner.dead_letters.lock().await;
-        if let Some((at, v)) = cache.as_ref() {
-            if at.elapsed() < CACHE_FOR {
-                return v.clone();
-            }
+        if let Some(letters) = cache.as_ref().and_then(|c| c.reuse(counts)) {
+            return letters;
         }
-        let fresh = newest_dead_letters(store, projections)
+        let letters = newest_dead_letters(store, counts.keys().cloned().collect())
             .await
             .map(Arc::new)
             .map_err(|e| e.to_string());
-        *cache = Some((Instant::now(), fresh.clone()));
-        fresh
+        *cache = Some(CachedLetters {
+            at: Instant::now(),
+            counts: counts.clone(),
+            letters: letters.clone(),
+        });
+        letters
     }
 }
 
@@ -345,9 +371,7 @@ pub(crate) async fn feed(
             )
         }
     };
-    let letters = console
-        .dead_letters(store, report.dead_letters.keys().cloned().collect())
-        .await;
+    let letters = console.dead_letters(store, &report.dead_letters).await;
     respond(
         StatusCode::OK,
         JSON,
@@ -413,6 +437,26 @@ fn body(console: &Console, report: &StatusReport, letters: DeadLetters) -> serde
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cached_letters_are_read_again_when_a_count_changes() {
+        let counts = |n: i64| BTreeMap::from([("account_balances".to_owned(), n)]);
+        let cached = CachedLetters {
+            at: Instant::now(),
+            counts: BTreeMap::new(),
+            letters: Ok(Arc::new(Vec::new())),
+        };
+        // Read before the first dead letter: a report counting one must
+        // not show the empty list beside its count.
+        assert!(cached.reuse(&counts(1)).is_none());
+        assert!(cached.reuse(&BTreeMap::new()).is_some());
+        let old = CachedLetters {
+            at: Instant::now() - CACHE_FOR,
+            counts: counts(1),
+            letters: Ok(Arc::new(Vec::new())),
+        };
+        assert!(old.reuse(&counts(1)).is_none(), "at most CACHE_FOR old");
+    }
 
     #[test]
     fn base64_matches_the_standard() {
