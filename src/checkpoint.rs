@@ -65,10 +65,12 @@ fn fence_cte(assignments: &str, w: usize, g: usize) -> String {
 
 impl Checkpoints {
     pub(crate) fn new(table: &str) -> Checkpoints {
-        Checkpoints::with_assignments(table, "consumer_assignments")
+        Checkpoints::for_slots(table, "consumer_assignments", "projectionist_epoch")
     }
 
-    pub(crate) fn with_assignments(table: &str, assignments: &str) -> Checkpoints {
+    /// With the (schema-qualified) assignments table the worker-mode fence
+    /// reads and the crash sentinel the compare-and-set checks.
+    pub(crate) fn for_slots(table: &str, assignments: &str, epoch: &str) -> Checkpoints {
         // Events per second, a moving average over about the last 10 s of
         // batches, weighted by time: each batch's rate (its events over the
         // time since the previous update) counts with 1 - e^(-dt/10s), and
@@ -94,7 +96,8 @@ impl Checkpoints {
              last_event_position = $9, epoch = coalesce($10, epoch), last_error = NULL, \
              handle_rate = {rate}, updated_at = now() \
              WHERE projection_name = $1 AND partition_key = $2 \
-               AND last_transaction_id = $3 AND last_global_position = $4 AND status = 'running'"
+               AND last_transaction_id = $3 AND last_global_position = $4 AND status = 'running' \
+               AND ($10::uuid IS NULL OR $10 = (SELECT epoch FROM {epoch} WHERE id = 1))"
         );
         // Every advance tells waiters (`Waiter`) in the same transaction,
         // so the notification arrives exactly when the cursor committed.
@@ -112,7 +115,10 @@ impl Checkpoints {
 
     /// The compare-and-set: `$1` name, `$2` partition, `$3`/`$4` expected
     /// cursor, `$5`/`$6` new cursor, `$7` events handled, `$8`/`$9` the last
-    /// event handled, `$10` the crash epoch; with `fenced`, also `$11`
+    /// event handled, `$10` the crash epoch (the move is refused when the
+    /// crash sentinel no longer holds it: the page may have been read
+    /// before PostgreSQL lost commits, in another transaction — a
+    /// prefetched page, or concurrency mode's fetch); with `fenced`, also `$11`
     /// worker id and `$12` assignment generation. Only a `running` slot
     /// advances: a paused or failed one waits for `resume`.
     pub(crate) fn advance_sql(&self, fenced: bool) -> &str {

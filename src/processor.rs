@@ -239,6 +239,29 @@ pub(crate) struct Prepared {
     pub(crate) unknown: Option<(StoredEvent, String)>,
 }
 
+/// A page read ahead, on a connection of its own, while the batch before it
+/// is handled and commits: the engine's reads overlap its commits, which a
+/// read-handle-commit loop cannot do. Used only when that batch committed
+/// (the read cursor is then `after`); dropped, and its read cancelled,
+/// otherwise. Safe because nothing about the page is trusted without the
+/// batch's compare-and-set: it moves the checkpoint only from the cursor
+/// the processor holds, only while the slot runs, and only while the crash
+/// sentinel holds the epoch the page was read in.
+struct Prefetch {
+    /// The cursor the page is read after.
+    after: Cursor,
+    /// The stored cursor when the read started: the page's control columns
+    /// may show it, from before the processor's own commit moved it.
+    from: Cursor,
+    task: tokio::task::JoinHandle<Result<(ReadBatch, Control)>>,
+}
+
+impl Drop for Prefetch {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
 /// Processes one slot.
 pub(crate) struct Processor {
     projection: Registered,
@@ -274,6 +297,8 @@ pub(crate) struct Processor {
     /// The highest watermark read below; one lower than this means the
     /// server is not the one the cursors were read from.
     last_watermark: u64,
+    /// The next page, read ahead while the current batch commits.
+    prefetch: Option<Prefetch>,
 }
 
 impl Processor {
@@ -306,7 +331,7 @@ impl Processor {
             epoch: sql.epoch.clone(),
         };
         let read_sql = gap_safe_query(&sql.events, &filter, Some(&tables));
-        let checkpoints = Checkpoints::with_assignments(&sql.checkpoints, &sql.assignments);
+        let checkpoints = Checkpoints::for_slots(&sql.checkpoints, &sql.assignments, &sql.epoch);
         let client = pool.get().await?;
         refuse_retired(&**client, &sql.versions, &projection).await?;
         let cursor = checkpoints
@@ -336,6 +361,7 @@ impl Processor {
             epoch: None,
             server_started: None,
             last_watermark: 0,
+            prefetch: None,
         };
         p.reload(&client).await?;
         Ok(p)
@@ -598,19 +624,8 @@ impl Processor {
 
     async fn batch(&mut self) -> Result<BatchOutcome> {
         let mut client = self.pool.get().await?;
-        let read = client.prepare_cached(&self.read_sql).await?;
-        let tx = client.transaction().await?;
-        let (mut page, control) = read_page(
-            &*tx,
-            &read,
-            self.read_cursor,
-            self.batch_size,
-            Some((&self.name, self.slot.partition)),
-            &self.filter,
-        )
-        .await?;
+        let (mut page, control) = self.next_page(&client).await?;
         if let Some(why) = self.check(&page, &control) {
-            drop(tx);
             self.server_started = Some(page.server_started);
             self.resync(&client, why).await?;
             return Ok(BatchOutcome {
@@ -639,7 +654,6 @@ impl Processor {
             // An upcaster failed: handle what comes before the event, then
             // the failure policy decides about it (on the next batch).
             if index == 0 {
-                drop(tx);
                 drop(client);
                 self.count("error", 1);
                 let event = page.events.swap_remove(0);
@@ -658,7 +672,7 @@ impl Processor {
                     caught_up = false;
                 }
                 _ => {
-                    drop(tx);
+                    drop(client);
                     return Err(self.stop_unknown(&event, &message).await);
                 }
             }
@@ -671,7 +685,6 @@ impl Processor {
             // nothing either, so the stored cursor is behind no event; once
             // a page passes over one, the cursor is written past it, so that
             // waiters for it (`Waiter`) see the slot pass it.
-            drop(tx);
             self.read_cursor = next;
             return Ok(BatchOutcome {
                 handled: 0,
@@ -681,6 +694,12 @@ impl Processor {
             });
         }
         let last_event = dealt_with.unwrap_or(self.last_event);
+        if !caught_up {
+            // More follows: read the next page on another connection while
+            // this batch is handled and commits.
+            self.start_prefetch(next);
+        }
+        let tx = client.transaction().await?;
         // Feature `otel`: a batch span and one span per event (none when
         // traces are off, or for a page with no event to handle).
         let span = otel::batch_span(&otel::BatchStart {
@@ -745,6 +764,68 @@ impl Processor {
         })
     }
 
+    /// Starts reading the page after `after` on a connection of its own
+    /// (see [`Prefetch`]).
+    fn start_prefetch(&mut self, after: Cursor) {
+        let pool = self.pool.clone();
+        let sql = self.read_sql.clone();
+        let filter = self.filter.clone();
+        let name = self.name.clone();
+        let (partition, limit) = (self.slot.partition, self.batch_size);
+        let task = tokio::spawn(async move {
+            let client = pool.get().await?;
+            let read = client.prepare_cached(&sql).await?;
+            read_page(
+                &**client,
+                &read,
+                after,
+                limit,
+                Some((&name, partition)),
+                &filter,
+            )
+            .await
+        });
+        self.prefetch = Some(Prefetch {
+            after,
+            from: self.cursor,
+            task,
+        });
+    }
+
+    /// The page after the read cursor: the one read ahead when it was read
+    /// from there (its batch committed), otherwise read now on `client`.
+    async fn next_page(
+        &mut self,
+        client: &deadpool_postgres::Object,
+    ) -> Result<(ReadBatch, Control)> {
+        if let Some(mut ahead) = self.prefetch.take() {
+            if ahead.after == self.read_cursor {
+                if let Ok(Ok((page, mut control))) = (&mut ahead.task).await {
+                    // Read before this processor's own commit moved the
+                    // stored cursor from `from` to where it is now.
+                    if let Some(stored) = control.checkpoint.as_mut() {
+                        if stored.cursor == ahead.from {
+                            stored.cursor = self.cursor;
+                        }
+                    }
+                    return Ok((page, control));
+                }
+                // The read ahead failed: read again here, where a lasting
+                // error is reported.
+            }
+        }
+        let read = client.prepare_cached(&self.read_sql).await?;
+        read_page(
+            &***client,
+            &read,
+            self.read_cursor,
+            self.batch_size,
+            Some((&self.name, self.slot.partition)),
+            &self.filter,
+        )
+        .await
+    }
+
     /// Records a committed move of the checkpoint.
     fn moved_to(&mut self, next: Cursor, last_event: Cursor) {
         self.cursor = next;
@@ -787,12 +868,12 @@ impl Processor {
             let why = match &self.fence {
                 Some(f) => format!(
                     "the slot is no longer assigned to worker {} (generation {}), or its checkpoint moved \
-                     from {} or was paused",
+                     from {} or was paused, or PostgreSQL lost recent commits since the page was read",
                     f.worker_id, f.generation, self.cursor
                 ),
                 None => format!(
                     "the checkpoint is no longer at {} or no longer running (another runner moved it, a reset, \
-                     or a pause)",
+                     a pause), or PostgreSQL lost recent commits since the page was read",
                     self.cursor
                 ),
             };
