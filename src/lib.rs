@@ -24,6 +24,7 @@ mod ident;
 mod metrics;
 mod migrate;
 pub mod otel;
+mod page;
 mod parallel;
 mod partition_index;
 mod policy;
@@ -59,6 +60,7 @@ pub use dispatcher::DispatcherKind;
 pub use error::{Error, Result};
 pub use event::{Cursor, Metadata, NewEvent, StoredEvent};
 pub use migrate::{embedded_migrations, migrate, MigrationReport, HISTORY_TABLE};
+pub use page::ReadBatch;
 pub use policy::{FailurePolicy, OnFailure};
 pub use projection::{
     Concurrency, ConcurrentProjection, Filter, Partition, Projection, ProjectionOptions,
@@ -71,7 +73,7 @@ pub use runner::{
     DEFAULT_SHUTDOWN_TIMEOUT, MAX_BATCH_SIZE,
 };
 pub use store::{
-    AppendResult, EventStore, ExpectedVersion, ReadBatch, StoreConfig, DEFAULT_NOTIFY_CHANNEL,
+    AppendResult, EventStore, ExpectedVersion, StoreConfig, DEFAULT_NOTIFY_CHANNEL,
 };
 pub use typed::{Event, EventType};
 pub use wait::{WaitTarget, Waiter};

@@ -23,9 +23,10 @@ use crate::policy::OnFailure;
 use crate::projection::UnknownEvents;
 use crate::registered::Registered;
 use crate::registry::Registry;
-use crate::store::{
-    gap_safe_query, read_page, Control, ReadBatch, ReadFilter, SlotTables, Statements,
+use crate::page::{
+    gap_safe_query, read_page, Control, PageQuery, PageStatements, ReadBatch, ReadFilter, SlotTables,
 };
+use crate::store::Statements;
 use deadpool_postgres::Pool;
 use futures_util::FutureExt;
 use std::future::Future;
@@ -271,7 +272,7 @@ pub(crate) struct Processor {
     unknown_events: UnknownEvents,
     name: String,
     pool: Pool,
-    read_sql: String,
+    read_sql: PageQuery,
     filter: ReadFilter,
     checkpoints: Checkpoints,
     checkpoints_table: String,
@@ -774,9 +775,9 @@ impl Processor {
         let (partition, limit) = (self.slot.partition, self.batch_size);
         let task = tokio::spawn(async move {
             let client = pool.get().await?;
-            let read = client.prepare_cached(&sql).await?;
+            let read = PageStatements::on(&client, &sql).await?;
             read_page(
-                &**client,
+                &client,
                 &read,
                 after,
                 limit,
@@ -814,9 +815,9 @@ impl Processor {
                 // error is reported.
             }
         }
-        let read = client.prepare_cached(&self.read_sql).await?;
+        let read = PageStatements::on(client, &self.read_sql).await?;
         read_page(
-            &***client,
+            client,
             &read,
             self.read_cursor,
             self.batch_size,
@@ -1040,9 +1041,9 @@ impl Processor {
         limit: i64,
     ) -> Result<Option<(ReadBatch, bool)>> {
         let client = self.pool.get().await?;
-        let read = client.prepare_cached(&self.read_sql).await?;
+        let read = PageStatements::on(&client, &self.read_sql).await?;
         let (page, control) = read_page(
-            &**client,
+            &client,
             &read,
             after,
             limit,

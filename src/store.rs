@@ -9,6 +9,7 @@ use crate::db;
 use crate::error::{Error, Kind, Result};
 use crate::event::{Cursor, NewEvent, StoredEvent, Xid8};
 use crate::ident::Ident;
+use crate::page::{gap_safe_query, read_page, PageQuery, PageStatements, ReadBatch, ReadFilter};
 use crate::registry::Registry;
 use deadpool_postgres::Pool;
 use std::sync::Arc;
@@ -50,27 +51,6 @@ pub struct AppendResult {
     pub stream_version: i64,
     /// The appending transaction's id.
     pub transaction_id: u64,
-}
-
-/// A page of a gap-safe read of the whole log.
-#[derive(Clone, Debug)]
-pub struct ReadBatch {
-    /// Events after the cursor, in `(transaction_id, global_position)` order.
-    pub events: Vec<StoredEvent>,
-    /// Where to resume. When the page is not full it lies past every
-    /// transaction older than the snapshot's watermark, even if no event
-    /// was returned, so a reader never rescans what it has seen.
-    pub next_cursor: Cursor,
-    /// The watermark: the oldest transaction still running when the page
-    /// was read; nothing at or after it was returned.
-    pub watermark: u64,
-    /// The highest global position in the log at read time (0 when empty).
-    pub head: i64,
-    /// When the server last started. If it changes between two pages, the
-    /// server restarted: transaction ids above the durable state may be
-    /// handed out again, so a reader must resume from a cursor it stored
-    /// durably (the engine reloads its checkpoint), not from one in memory.
-    pub server_started: chrono::DateTime<chrono::Utc>,
 }
 
 /// Options for an [`EventStore`], with documented defaults.
@@ -173,7 +153,7 @@ pub(crate) struct Statements {
     /// from the store's notifier).
     append_quiet: String,
     read_stream: String,
-    read_all: String,
+    read_all: PageQuery,
     head: String,
     /// The store's event registry: every reader of these statements
     /// upcasts with it.
@@ -254,223 +234,6 @@ impl Statements {
     pub(crate) fn head(&self) -> &str {
         &self.head
     }
-}
-
-/// Which events a gap-safe read returns (built into the SQL text, so the
-/// database filters; parameters from `$4` on).
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub(crate) struct ReadFilter {
-    pub(crate) aggregate_types: Vec<String>,
-    pub(crate) event_types: Vec<String>,
-    /// `(partition, total_partitions)`.
-    pub(crate) partition: Option<(i32, i32)>,
-}
-
-impl ReadFilter {
-    /// The bind parameters `$4…` in the order [`gap_safe_query`] numbers them.
-    pub(crate) fn params(&self) -> Vec<&(dyn ToSql + Sync)> {
-        let mut p: Vec<&(dyn ToSql + Sync)> = Vec::new();
-        if !self.aggregate_types.is_empty() {
-            p.push(&self.aggregate_types);
-        }
-        if !self.event_types.is_empty() {
-            p.push(&self.event_types);
-        }
-        if let Some((k, _)) = &self.partition {
-            p.push(k);
-        }
-        p
-    }
-}
-
-/// The gap-safe page query: `$1` cursor transaction id, `$2` cursor
-/// position, `$3` limit; with `slot` also `$4` projection name and `$5`
-/// partition; then the filter's parameters. Returns the watermark, head,
-/// server start time, crash epoch, (with `slot`) the slot's stored
-/// checkpoint (cursor, status, epoch) and whether the range holds any
-/// event at all (see [`Control::passed`]) in columns 0 to
-/// [`CONTROL_COLUMNS`]` - 1` of every row (one row with null event columns
-/// when no event qualifies), the event columns after them.
-pub(crate) fn gap_safe_query(
-    events: &str,
-    filter: &ReadFilter,
-    slot: Option<&SlotTables>,
-) -> String {
-    let fixed = if slot.is_some() { 5 } else { 3 };
-    let conds = filter_conditions(filter, fixed);
-    let cols = StoredEvent::COLUMNS
-        .split(", ")
-        .map(|c| format!("e.{c}"))
-        .collect::<Vec<_>>()
-        .join(", ");
-    // Whether the read range holds any event at all, matching or not: a
-    // filtered slot whose page is empty moves its stored cursor only when
-    // it passed over events (so a waiter for one of them sees the cursor
-    // pass), never merely because the watermark moved. Uncorrelated, so
-    // PostgreSQL evaluates it once per page (an InitPlan), one index probe.
-    // A scalar subquery in index order, not EXISTS: PostgreSQL drops the
-    // ORDER BY of an EXISTS, and under a generic plan it then chose a
-    // sequential scan from the start of the table, stopping at the first
-    // row after the cursor — a page cost that grew with the cursor's
-    // position (8 ms at 60,000 events, the whole table at the head).
-    let passed = if conds.is_empty() {
-        "false".to_owned()
-    } else {
-        format!(
-            "coalesce((SELECT true FROM {events} x \
-             WHERE (x.transaction_id, x.global_position) > ($1::xid8, $2::int8) \
-               AND x.transaction_id < pg_snapshot_xmin(pg_current_snapshot()) \
-             ORDER BY x.transaction_id, x.global_position LIMIT 1), false)"
-        )
-    };
-    let (epoch, checkpoint, join) = match slot {
-        Some(t) => (
-            format!("(SELECT epoch FROM {} WHERE id = 1)", t.epoch),
-            "c.last_transaction_id AS cp_tx, c.last_global_position AS cp_pos, c.status AS cp_status, \
-             c.epoch AS cp_epoch"
-                .to_owned(),
-            format!(
-                " LEFT JOIN {} c ON c.projection_name = $4 AND c.partition_key = $5",
-                t.checkpoints
-            ),
-        ),
-        None => (
-            "NULL::uuid".to_owned(),
-            "NULL::xid8 AS cp_tx, NULL::int8 AS cp_pos, NULL::text AS cp_status, NULL::uuid AS cp_epoch"
-                .to_owned(),
-            String::new(),
-        ),
-    };
-    // `OFFSET 0` keeps PostgreSQL from pulling the header subquery up into
-    // the outer query: pulled up, its expressions are computed again for
-    // every row of the page (`pg_current_snapshot()` copies and sorts the
-    // snapshot's transaction list each time), 1000 times a page instead of
-    // once. The values are the same either way (one statement, one
-    // snapshot); only the cost differs.
-    format!(
-        "SELECT w.*, {cols} \
-         FROM (SELECT pg_snapshot_xmin(pg_current_snapshot()) AS xmin, \
-                      coalesce((SELECT max(global_position) FROM {events}), 0) AS head, \
-                      pg_postmaster_start_time() AS started, {epoch} AS epoch, {checkpoint}, \
-                      {passed} AS passed \
-               FROM (SELECT) AS one{join} OFFSET 0) w \
-         LEFT JOIN LATERAL ( \
-            SELECT * FROM {events} e \
-            WHERE (e.transaction_id, e.global_position) > ($1::xid8, $2::int8) \
-              AND e.transaction_id < w.xmin{conds} \
-            ORDER BY e.transaction_id, e.global_position \
-            LIMIT $3 \
-         ) e ON true"
-    )
-}
-
-/// The tables a slot's page query reads its control columns from.
-#[derive(Clone, Debug)]
-pub(crate) struct SlotTables {
-    pub(crate) checkpoints: String,
-    pub(crate) epoch: String,
-}
-
-/// Columns before the event columns in a [`gap_safe_query`] row.
-pub(crate) const CONTROL_COLUMNS: usize = 9;
-
-/// What a page query says besides the events: the crash epoch and the
-/// slot's stored checkpoint as of the page's snapshot.
-#[derive(Clone, Debug, PartialEq)]
-pub(crate) struct Control {
-    /// The crash sentinel's epoch; `None` when crash recovery emptied it.
-    pub(crate) epoch: Option<uuid::Uuid>,
-    /// The slot's checkpoint row; `None` when it does not exist (reset).
-    pub(crate) checkpoint: Option<StoredCheckpoint>,
-    /// The read range (after the cursor, below the watermark) holds an
-    /// event, whether the slot's filter matches it or not. Always `false`
-    /// for unfiltered reads (their page holds every such event).
-    pub(crate) passed: bool,
-}
-
-/// A checkpoint row's cursor, state and epoch, as a page query saw it.
-#[derive(Clone, Debug, PartialEq)]
-pub(crate) struct StoredCheckpoint {
-    pub(crate) cursor: Cursor,
-    pub(crate) status: String,
-    pub(crate) epoch: Option<uuid::Uuid>,
-}
-
-/// The SQL conditions (each starting with ` AND `, on table alias `e`) of
-/// `filter`, numbering its parameters after `$last_fixed`.
-pub(crate) fn filter_conditions(filter: &ReadFilter, last_fixed: usize) -> String {
-    let mut conds = String::new();
-    let mut n = last_fixed;
-    if !filter.aggregate_types.is_empty() {
-        n += 1;
-        conds.push_str(&format!(" AND e.aggregate_type = ANY(${n}::text[])"));
-    }
-    if !filter.event_types.is_empty() {
-        n += 1;
-        conds.push_str(&format!(" AND e.event_type = ANY(${n}::text[])"));
-    }
-    if let Some((_, total)) = filter.partition {
-        // aggregate_hash % n is projectionist_partition(aggregate_id, n),
-        // precomputed at insert (migration V4). The count is written into
-        // the text (an integer, not user text) so that the expression
-        // matches the partition index for that count (partition_index.rs).
-        conds.push_str(&format!(
-            " AND e.aggregate_hash % {total} = ${}::int4",
-            n + 1
-        ));
-    }
-    conds
-}
-
-/// Decodes the rows of a [`gap_safe_query`] into a page.
-pub(crate) fn decode_page(
-    rows: &[tokio_postgres::Row],
-    after: Cursor,
-    limit: i64,
-) -> Result<(ReadBatch, Control)> {
-    let first = rows
-        .first()
-        .ok_or_else(|| Error::new(Kind::Other, "the gap-safe read returned no watermark row"))?;
-    let watermark = first.try_get::<_, Xid8>(0)?.0;
-    let head: i64 = first.try_get(1)?;
-    let server_started = first.try_get(2)?;
-    let epoch: Option<uuid::Uuid> = first.try_get(3)?;
-    let checkpoint = match first.try_get::<_, Option<Xid8>>(4)? {
-        Some(tx) => Some(StoredCheckpoint {
-            cursor: Cursor::new(tx.0, first.try_get(5)?),
-            status: first.try_get(6)?,
-            epoch: first.try_get(7)?,
-        }),
-        None => None,
-    };
-    let passed: bool = first.try_get(8)?;
-    let mut events = Vec::with_capacity(rows.len());
-    for row in rows {
-        if row.try_get::<_, Option<i64>>(CONTROL_COLUMNS)?.is_none() {
-            continue;
-        }
-        events.push(StoredEvent::from_row_at(row, CONTROL_COLUMNS)?);
-    }
-    let last = events.last().map(StoredEvent::cursor).unwrap_or(after);
-    let next_cursor = if (events.len() as i64) < limit {
-        last.max(Cursor::below_watermark(watermark)).max(after)
-    } else {
-        last
-    };
-    Ok((
-        ReadBatch {
-            events,
-            next_cursor,
-            watermark,
-            head,
-            server_started,
-        },
-        Control {
-            epoch,
-            checkpoint,
-            passed,
-        },
-    ))
 }
 
 /// The event store. Cheap to clone; all clones share one pool.
@@ -820,9 +583,9 @@ impl EventStore {
             return Err(Error::config("read_all limit must be at least 1"));
         }
         let client = self.pool.get().await?;
-        let stmt = client.prepare_cached(&self.sql.read_all).await?;
+        let stmts = PageStatements::on(&client, &self.sql.read_all).await?;
         let (mut page, _) =
-            read_page(&**client, &stmt, after, limit, None, &ReadFilter::default()).await?;
+            read_page(&client, &stmts, after, limit, None, &ReadFilter::default()).await?;
         for e in &mut page.events {
             self.upcast(e)?;
         }
@@ -889,30 +652,6 @@ impl Notifier {
         });
         self.signal.notify_one();
     }
-}
-
-/// Runs a gap-safe page query (prepared from [`gap_safe_query`]) on `client`;
-/// `slot` is the (projection, partition) when the query was built with
-/// [`SlotTables`].
-pub(crate) async fn read_page<C: GenericClient>(
-    client: &C,
-    stmt: &tokio_postgres::Statement,
-    after: Cursor,
-    limit: i64,
-    slot: Option<(&str, i32)>,
-    filter: &ReadFilter,
-) -> Result<(ReadBatch, Control)> {
-    let tx = Xid8(after.transaction_id);
-    let mut params: Vec<&(dyn ToSql + Sync)> = vec![&tx, &after.global_position, &limit];
-    let (name, partition);
-    if let Some((n, p)) = slot {
-        (name, partition) = (n, p);
-        params.push(&name);
-        params.push(&partition);
-    }
-    params.extend(filter.params());
-    let rows = client.query(stmt, &params).await?;
-    decode_page(&rows, after, limit)
 }
 
 /// Parameter types of the append statement, in order.
