@@ -13,9 +13,9 @@
 use crate::checkpoint::Checkpoints;
 use crate::error::{Error, Kind, Result};
 use crate::event::Xid8;
+use crate::page::{filter_conditions, ReadFilter};
 use crate::projection::Partition;
 use crate::registered::Registered;
-use crate::page::{filter_conditions, ReadFilter};
 use crate::store::EventStore;
 use serde::Serialize;
 use std::time::Duration;

@@ -19,13 +19,14 @@ use crate::checkpoint::Checkpoints;
 use crate::error::{Error, Kind, Result};
 use crate::event::{Cursor, StoredEvent, Xid8};
 use crate::otel;
+use crate::page::{
+    gap_safe_query, read_page, Control, PageQuery, PageStatements, ReadBatch, ReadFilter,
+    SlotTables,
+};
 use crate::policy::OnFailure;
 use crate::projection::UnknownEvents;
 use crate::registered::Registered;
 use crate::registry::Registry;
-use crate::page::{
-    gap_safe_query, read_page, Control, PageQuery, PageStatements, ReadBatch, ReadFilter, SlotTables,
-};
 use crate::store::Statements;
 use deadpool_postgres::Pool;
 use futures_util::FutureExt;
