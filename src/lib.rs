@@ -72,7 +72,10 @@ pub use runner::{
     Progress, Runner, RunnerConfig, DEFAULT_BATCH_SIZE, DEFAULT_MAX_BACKOFF, DEFAULT_POLL_INTERVAL,
     DEFAULT_SHUTDOWN_TIMEOUT, MAX_BATCH_SIZE,
 };
-pub use store::{AppendResult, EventStore, ExpectedVersion, StoreConfig, DEFAULT_NOTIFY_CHANNEL};
+pub use store::{
+    AppendResult, EventStore, ExpectedVersion, StoreConfig, DEFAULT_NOTIFY_CHANNEL,
+    DEFAULT_NOTIFY_INTERVAL,
+};
 pub use typed::{Event, EventType};
 pub use wait::{WaitTarget, Waiter};
 pub use worker::{

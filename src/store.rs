@@ -61,7 +61,11 @@ pub struct StoreConfig {
     pub(crate) pool_size: usize,
     pub(crate) ca_file: Option<std::path::PathBuf>,
     pub(crate) registry: Option<Arc<Registry>>,
+    pub(crate) notify_interval: std::time::Duration,
 }
+
+/// The default of [`StoreConfig::notify_interval`]: 1 ms.
+pub const DEFAULT_NOTIFY_INTERVAL: std::time::Duration = std::time::Duration::from_millis(1);
 
 impl Default for StoreConfig {
     fn default() -> StoreConfig {
@@ -74,6 +78,7 @@ impl Default for StoreConfig {
             pool_size: db::DEFAULT_POOL_SIZE,
             ca_file: None,
             registry: None,
+            notify_interval: DEFAULT_NOTIFY_INTERVAL,
         }
     }
 }
@@ -95,6 +100,21 @@ impl StoreConfig {
             .map(|c| Ident::new("NOTIFY channel", c))
             .transpose()?;
         Ok(self)
+    }
+
+    /// After each after-commit notification, wait this long before the
+    /// next one: appends committed meanwhile share it (the newest one's
+    /// transaction id covers them all). An append after a quiet spell is
+    /// announced at once; during a burst of appends a projection learns of
+    /// them up to this much later (it is busy reading them anyway), and the
+    /// server handles one NOTIFY per interval instead of one per append —
+    /// 10-15% of a single-event append on the benchmark machine. Zero sends
+    /// one notification per append (still coalescing what commits while one
+    /// is sent). Appends in a caller's transaction notify inside it and are
+    /// not affected. Default: [`DEFAULT_NOTIFY_INTERVAL`] (1 ms).
+    pub fn notify_interval(mut self, interval: std::time::Duration) -> StoreConfig {
+        self.notify_interval = interval;
+        self
     }
 
     /// A PEM file of CA certificates to verify the server's TLS certificate
@@ -171,34 +191,37 @@ impl Statements {
         let epoch = format!("{s}.projectionist_epoch");
         let versions = format!("{s}.projection_versions");
         let notify_col = if notify {
-            ", CASE WHEN count(*) > 0 THEN pg_notify($9, pg_current_xact_id()::text)::text END"
+            // Every row asks for the same notification; PostgreSQL sends one
+            // per transaction (identical notifications are folded).
+            ", pg_notify($9, transaction_id::text)"
         } else {
             ""
         };
+        // One INSERT: the stream head (its version and its writer's
+        // transaction id, for the expected version and the per-stream order
+        // rule) joined in laterally; no row qualifies, and none is written,
+        // when either check fails. The caller reads the positions from the
+        // returned rows (a CTE and an aggregate over them cost more than
+        // the rows).
         let append_sql = |notify_col: &str| {
             format!(
-            "WITH head AS ( \
-                SELECT aggregate_version AS v, transaction_id AS tx FROM {events} \
-                WHERE aggregate_type = $1 AND aggregate_id = $2 \
-                ORDER BY aggregate_version DESC LIMIT 1 \
-             ), base AS ( \
-                SELECT coalesce((SELECT v FROM head), 0) AS v \
-                WHERE ($3::bigint IS NULL OR coalesce((SELECT v FROM head), 0) = $3::bigint) \
-                  AND coalesce((SELECT tx FROM head) <= pg_current_xact_id(), true) \
-             ), ins AS ( \
-                INSERT INTO {events} (event_id, aggregate_type, aggregate_id, aggregate_version, \
-                                      event_type, event_version, payload, metadata) \
-                SELECT e.event_id, $1, $2, base.v + e.n, e.event_type, e.event_version, \
-                       e.payload::jsonb, e.metadata::jsonb \
-                FROM base, unnest($4::uuid[], $5::text[], $6::int4[], $7::text[], $8::text[]) \
-                     WITH ORDINALITY AS e(event_id, event_type, event_version, payload, metadata, n) \
-                ORDER BY e.n \
-                RETURNING global_position, aggregate_version \
-             ) \
-             SELECT count(*), coalesce(min(global_position), 0), coalesce(max(global_position), 0), \
-                    coalesce(max(aggregate_version), 0), pg_current_xact_id(){notify_col} \
-             FROM ins"
-        )
+                "INSERT INTO {events} (event_id, aggregate_type, aggregate_id, aggregate_version, \
+                                       event_type, event_version, payload, metadata) \
+                 SELECT e.event_id, $1, $2, coalesce(h.v, 0) + e.n, e.event_type, e.event_version, \
+                        e.payload::jsonb, e.metadata::jsonb \
+                 FROM (SELECT) AS one \
+                 LEFT JOIN LATERAL ( \
+                    SELECT aggregate_version AS v, transaction_id AS tx FROM {events} \
+                    WHERE aggregate_type = $1 AND aggregate_id = $2 \
+                    ORDER BY aggregate_version DESC LIMIT 1 \
+                 ) h ON true \
+                 CROSS JOIN unnest($4::uuid[], $5::text[], $6::int4[], $7::text[], $8::text[]) \
+                      WITH ORDINALITY AS e(event_id, event_type, event_version, payload, metadata, n) \
+                 WHERE ($3::bigint IS NULL OR coalesce(h.v, 0) = $3::bigint) \
+                   AND (h.tx IS NULL OR h.tx <= pg_current_xact_id()) \
+                 ORDER BY e.n \
+                 RETURNING global_position, aggregate_version, transaction_id{notify_col}"
+            )
         };
         let append = append_sql(notify_col);
         let append_quiet = append_sql("");
@@ -303,6 +326,7 @@ impl EventStore {
                 pending: std::sync::atomic::AtomicU64::new(0),
                 signal: tokio::sync::Notify::new(),
                 started: std::sync::OnceLock::new(),
+                interval: config.notify_interval,
             })
         });
         EventStore {
@@ -478,21 +502,24 @@ impl EventStore {
             }
         };
         let rows = result.map_err(|e| map_append_error(e, aggregate_type, aggregate_id))?;
-        let row = rows
-            .first()
-            .ok_or_else(|| Error::new(Kind::Other, "the append statement returned no row"))?;
-        let count: i64 = row.try_get(0)?;
-        if count == 0 {
+        let Some(first) = rows.first() else {
             return Err(self
                 .describe_conflict(client, aggregate_type, aggregate_id, expected)
                 .await);
+        };
+        let (mut first_position, mut last_position, mut stream_version) = (i64::MAX, 0, 0);
+        for row in &rows {
+            let position: i64 = row.try_get(0)?;
+            first_position = first_position.min(position);
+            last_position = last_position.max(position);
+            stream_version = stream_version.max(row.try_get::<_, i64>(1)?);
         }
         crate::metrics::with(|m| m.events_appended.inc_by(events.len() as u64));
         Ok(AppendResult {
-            first_position: row.try_get(1)?,
-            last_position: row.try_get(2)?,
-            stream_version: row.try_get(3)?,
-            transaction_id: row.try_get::<_, Xid8>(4)?.0,
+            first_position,
+            last_position,
+            stream_version,
+            transaction_id: first.try_get::<_, Xid8>(2)?.0,
         })
     }
 
@@ -613,6 +640,9 @@ struct Notifier {
     pending: std::sync::atomic::AtomicU64,
     signal: tokio::sync::Notify,
     started: std::sync::OnceLock<()>,
+    /// The quiet time after each notification (see
+    /// [`StoreConfig::notify_interval`]).
+    interval: std::time::Duration,
 }
 
 impl Notifier {
@@ -637,12 +667,19 @@ impl Notifier {
                     }
                     let sent = async {
                         let client = pool.get().await?;
+                        // Prepared once per connection: one round trip.
+                        let notify = client.prepare_cached("SELECT pg_notify($1, $2)").await?;
                         client
-                            .execute("SELECT pg_notify($1, $2)", &[&n.channel, &tx.to_string()])
+                            .execute(&notify, &[&n.channel, &tx.to_string()])
                             .await?;
                         Ok::<_, Error>(())
                     }
                     .await;
+                    // Appends committed while this one was sent, or within
+                    // the interval after it, share the next notification.
+                    if !n.interval.is_zero() {
+                        tokio::time::sleep(n.interval).await;
+                    }
                     if let Err(e) = sent {
                         // Readers also poll: a lost notification only delays them.
                         tracing::debug!(error = %e, "could not send the append notification");

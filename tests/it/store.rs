@@ -506,3 +506,70 @@ async fn nul_bytes_and_large_payloads() {
     let back = env.store.read_stream("Account", "big", 1, 1).await.unwrap();
     assert_eq!(back[0].decode::<Deposited>().unwrap(), big);
 }
+
+/// After-commit notifications of a burst of appends are shared (one per
+/// `notify_interval`), and the last one always names the newest append's
+/// transaction: a listener never misses the end of a burst.
+#[tokio::test]
+async fn a_burst_of_appends_shares_notifications_and_the_last_one_arrives() {
+    use futures_util::StreamExt;
+    let env = env().await;
+    let store = projectionist::EventStore::connect_config(
+        env.db.config(),
+        projectionist::StoreConfig::default()
+            .notify_channel(Some("burst_test"))
+            .unwrap()
+            .notify_interval(Duration::from_millis(50)),
+    )
+    .unwrap();
+    let (listener, mut connection) = env
+        .db
+        .config()
+        .connect(tokio_postgres::NoTls)
+        .await
+        .expect("LISTEN connection");
+    let (tx, mut heard) = tokio::sync::mpsc::unbounded_channel::<u64>();
+    tokio::spawn(async move {
+        let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+        while let Some(Ok(m)) = messages.next().await {
+            if let tokio_postgres::AsyncMessage::Notification(n) = m {
+                let _ = tx.send(n.payload().parse().expect("a transaction id"));
+            }
+        }
+    });
+    listener.batch_execute("LISTEN burst_test").await.unwrap();
+    const APPENDS: usize = 40;
+    let mut last = 0;
+    for i in 0..APPENDS {
+        let r = store
+            .append(
+                "Account",
+                &format!("burst-{}", i % 4),
+                ExpectedVersion::Any,
+                &[deposit(i as i64)],
+            )
+            .await
+            .unwrap();
+        last = r.transaction_id;
+    }
+    let mut payloads = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while let Some(p) = heard.recv().await {
+            payloads.push(p);
+            if p == last {
+                break;
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("no notification named the last append ({last}): {payloads:?}"));
+    assert!(
+        payloads.windows(2).all(|w| w[0] < w[1]),
+        "each notification names a newer transaction: {payloads:?}"
+    );
+    assert!(
+        payloads.len() < APPENDS,
+        "{} notifications for {APPENDS} appends: bursts are not shared",
+        payloads.len()
+    );
+}
