@@ -1,6 +1,8 @@
 //! One projection slot's durable state and its sequential batch: read a
 //! page gap-safely after the cursor, hand it to the projection, move the
-//! checkpoint with a compare-and-set, commit — all in one transaction.
+//! checkpoint with a compare-and-set, commit — the handler's writes and the
+//! checkpoint in one transaction. While a batch is handled and commits, the
+//! next page is read ahead on another connection ([`Prefetch`]).
 //!
 //! Every page also reads the crash sentinel and the slot's own checkpoint
 //! row, so the processor notices, before it handles anything, that the
