@@ -5,7 +5,12 @@
 //! compare-and-set refuses the move because the crash sentinel no longer
 //! holds the epoch the page was read in, so the new events are handled.
 //!
-//! In-process (library `Runner`), on a private cluster.
+//! In-process (library `Runner`), on a private cluster. The window is
+//! reached deterministically: the page fills the concurrency window, so the
+//! slot reads nothing more while its handlers are held at a gate; the first
+//! thing it does after the gate opens (after the crash) is the commit.
+//! Without the epoch condition in the compare-and-set, the cursor moves to
+//! the lost page and the new events are skipped for ever.
 
 use crate::common::wait_until;
 use projectionist::testing::{TestDatabase, TestServer};
@@ -27,7 +32,10 @@ const CRASH_SETTINGS: &str = "wal_writer_delay = '10s'\nautovacuum = off\n";
 const WINDOW: usize = 3;
 
 /// Transaction ids burnt asynchronously before the page's transaction, so
-/// that the ids handed out again after the crash are below the page's.
+/// that the ids handed out again after the crash are below the page's. (Only
+/// the transaction ids matter: global positions after the crash jump ahead,
+/// since a sequence logs 32 values in advance, so a new event with the
+/// page's own transaction id would sort after the page's cursor.)
 const BURNT: usize = 20;
 
 /// Records every event it handles in `crash_window_seen` (how many times,
