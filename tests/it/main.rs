@@ -9,6 +9,7 @@ mod commands;
 mod common;
 mod console;
 mod crash;
+mod crash_window;
 mod engine;
 mod events;
 mod failure;
