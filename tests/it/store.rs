@@ -573,3 +573,72 @@ async fn a_burst_of_appends_shares_notifications_and_the_last_one_arrives() {
         payloads.len()
     );
 }
+
+/// Small appends report their rows, large ones a summary row (a speed
+/// choice inside the store): both report the same positions, version and
+/// transaction, both refuse a wrong expected version without writing, in
+/// autocommit and in a caller's transaction.
+#[tokio::test]
+async fn appends_of_every_size_report_what_they_wrote() {
+    let env = env().await;
+    for (i, n) in [1usize, 10, 32, 33, 100].into_iter().enumerate() {
+        let stream = format!("sized-{n}");
+        let batch: Vec<NewEvent> = (0..n).map(|k| deposit(k as i64)).collect();
+        let r = env
+            .store
+            .append("Account", &stream, ExpectedVersion::NoStream, &batch)
+            .await
+            .unwrap();
+        let e = env
+            .store
+            .append(
+                "Account",
+                &stream,
+                ExpectedVersion::Exact(n as i64 + 1),
+                &batch[..1],
+            )
+            .await
+            .unwrap_err();
+        assert!(e.is_conflict(), "{n} events: {e:?}");
+        let mut c = env.client().await;
+        let tx = c.transaction().await.unwrap();
+        let more: Vec<NewEvent> = (0..n).map(|k| deposit(1000 + k as i64)).collect();
+        let r2 = env
+            .store
+            .append_in(
+                &tx,
+                "Account",
+                &stream,
+                ExpectedVersion::Exact(n as i64),
+                &more,
+            )
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+        for (r, from) in [(r, 1), (r2, n as i64 + 1)] {
+            let rows = c
+                .query(
+                    "SELECT global_position, aggregate_version, transaction_id::text::int8 FROM events \
+                     WHERE aggregate_id = $1 AND aggregate_version >= $2 AND aggregate_version < $3 \
+                     ORDER BY aggregate_version",
+                    &[&stream, &from, &(from + n as i64)],
+                )
+                .await
+                .unwrap();
+            assert_eq!(rows.len(), n, "{n} events, case {i}");
+            let positions: Vec<i64> = rows.iter().map(|r| r.get(0)).collect();
+            assert_eq!(r.first_position, positions[0], "{n} events");
+            assert_eq!(r.last_position, positions[n - 1], "{n} events");
+            assert_eq!(r.stream_version, from + n as i64 - 1, "{n} events");
+            assert!(
+                rows.iter()
+                    .all(|row| row.get::<_, i64>(2) as u64 == r.transaction_id),
+                "{n} events: one transaction, the one reported"
+            );
+        }
+    }
+    assert_eq!(
+        env.scalar_i64("SELECT count(*) FROM events").await,
+        2 * (1 + 10 + 32 + 33 + 100)
+    );
+}
