@@ -627,8 +627,14 @@ impl Processor {
     }
 
     async fn batch(&mut self) -> Result<BatchOutcome> {
+        // The read ahead first, holding no connection: it may be waiting
+        // for one itself.
+        let ahead = self.take_read_ahead().await;
         let mut client = self.pool.get().await?;
-        let (mut page, control) = self.next_page(&client).await?;
+        let (mut page, control) = match ahead {
+            Some(page) => page,
+            None => self.read_now(&client).await?,
+        };
         if let Some(why) = self.check(&page, &control) {
             self.server_started = Some(page.server_started);
             self.resync(&client, why).await?;
@@ -796,28 +802,29 @@ impl Processor {
         });
     }
 
-    /// The page after the read cursor: the one read ahead when it was read
-    /// from there (its batch committed), otherwise read now on `client`.
-    async fn next_page(
-        &mut self,
-        client: &deadpool_postgres::Object,
-    ) -> Result<(ReadBatch, Control)> {
-        if let Some(mut ahead) = self.prefetch.take() {
-            if ahead.after == self.read_cursor {
-                if let Ok(Ok((page, mut control))) = (&mut ahead.task).await {
-                    // Read before this processor's own commit moved the
-                    // stored cursor from `from` to where it is now.
-                    if let Some(stored) = control.checkpoint.as_mut() {
-                        if stored.cursor == ahead.from {
-                            stored.cursor = self.cursor;
-                        }
-                    }
-                    return Ok((page, control));
-                }
-                // The read ahead failed: read again here, where a lasting
-                // error is reported.
+    /// The page read ahead, if it was read from the read cursor (its batch
+    /// committed) and the read succeeded; a failed read ahead is read again
+    /// by [`Processor::read_now`], where a lasting error is reported.
+    async fn take_read_ahead(&mut self) -> Option<(ReadBatch, Control)> {
+        let mut ahead = self.prefetch.take()?;
+        if ahead.after != self.read_cursor {
+            return None;
+        }
+        let Ok(Ok((page, mut control))) = (&mut ahead.task).await else {
+            return None;
+        };
+        // Read before this processor's own commit moved the stored cursor
+        // from `from` to where it is now.
+        if let Some(stored) = control.checkpoint.as_mut() {
+            if stored.cursor == ahead.from {
+                stored.cursor = self.cursor;
             }
         }
+        Some((page, control))
+    }
+
+    /// Reads the page after the read cursor on `client`.
+    async fn read_now(&self, client: &deadpool_postgres::Object) -> Result<(ReadBatch, Control)> {
         let read = PageStatements::on(client, &self.read_sql).await?;
         read_page(
             client,

@@ -963,3 +963,40 @@ async fn a_filtered_page_never_scans_the_events_table() {
         after.0 - before.0
     );
 }
+
+/// More slots than pooled connections: each slot reads its next page
+/// ahead on a second connection, so a slot must never hold a connection
+/// while it waits for its read ahead (which may be waiting for one).
+#[tokio::test]
+async fn more_slots_than_pooled_connections_still_catch_up() {
+    let env = env().await;
+    seed(&env, 600, 12).await;
+    let store = projectionist::EventStore::connect_config(
+        env.db.config(),
+        projectionist::StoreConfig::default().pool_size(2),
+    )
+    .unwrap();
+    let tallies: Vec<Arc<Tally>> = (0..4)
+        .map(|i| Arc::new(Tally::new(&format!("tight{i}"))))
+        .collect();
+    let mut runner = Runner::new(store, RunnerConfig::default().batch_size(10).unwrap());
+    for t in &tallies {
+        t.create_table(&env).await;
+        runner = runner.with_projection(t.clone()).unwrap();
+    }
+    let want = expected(&env).await;
+    tokio::time::timeout(Duration::from_secs(60), async {
+        loop {
+            runner.run_once().await.unwrap();
+            let mut done = true;
+            for t in &tallies {
+                done &= read_model(&env, &t.table()).await == want;
+            }
+            if done {
+                break;
+            }
+        }
+    })
+    .await
+    .expect("4 slots on a pool of 2 connections never caught up: a slot waits for a connection it holds");
+}
