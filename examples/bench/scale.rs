@@ -98,7 +98,11 @@ impl projectionist::Projection for AccountBalancesShape {
 }
 
 fn err(what: &str) -> impl Fn(tokio_postgres::Error) -> String + '_ {
-    move |e| format!("{what}: {e}")
+    // The server's message, not only "db error".
+    move |e| match e.as_db_error() {
+        Some(db) => format!("{what}: {} ({})", db.message(), db.code().code()),
+        None => format!("{what}: {e}"),
+    }
 }
 
 /// Peak RSS of a process in MB (VmHWM), while it runs.
@@ -1006,7 +1010,7 @@ impl Bench {
         .await?;
         c.batch_execute(
             "DELETE FROM consumer_assignments; DELETE FROM worker_nodes; \
-             DELETE FROM projection_checkpoints; TRUNCATE account_balances",
+             DELETE FROM projection_checkpoints; DELETE FROM account_balances",
         )
         .await
         .map_err(err("clearing the worker-mode state"))?;
@@ -1022,7 +1026,7 @@ impl Bench {
         let mut results = Map::new();
         for total in STATIC_COUNTS {
             let mut fig = Map::new();
-            c.batch_execute("DELETE FROM projection_checkpoints; TRUNCATE account_balances")
+            c.batch_execute("DELETE FROM projection_checkpoints; DELETE FROM account_balances")
                 .await
                 .map_err(err("resetting the read model"))?;
             if total > 1 {

@@ -359,7 +359,7 @@ impl Bench {
 /// `DATABASE_URL` when set (the benchmark's documented switch; the role
 /// needs CREATEDB), otherwise the testing module's shared server (a
 /// throwaway cluster, or `PROJECTIONIST_TEST_DATABASE_URL`).
-fn bench_server() -> Result<&'static TestServer, projectionist::testing::TestingError> {
+pub fn bench_server() -> Result<&'static TestServer, projectionist::testing::TestingError> {
     static SERVER: std::sync::OnceLock<Result<TestServer, projectionist::testing::TestingError>> =
         std::sync::OnceLock::new();
     match std::env::var("DATABASE_URL") {

@@ -5,7 +5,7 @@
 
 use crate::setup::Bench;
 use crate::stats::{mark, median, round};
-use projectionist::testing::{TestDatabase, TestServer};
+use projectionist::testing::TestDatabase;
 use rand::Rng;
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
@@ -403,7 +403,10 @@ impl Bench {
 
     /// A fresh database migrated by `bank migrate`.
     pub async fn bank_db(&self, bank: &Path) -> Result<TestDatabase, String> {
-        let server = TestServer::shared().map_err(|e| format!("no PostgreSQL server: {e}"))?;
+        // The benchmark's server: DATABASE_URL's when set (not the test
+        // harness's, which only reads PROJECTIONIST_TEST_DATABASE_URL).
+        let server =
+            crate::setup::bench_server().map_err(|e| format!("no PostgreSQL server: {e}"))?;
         let db = server
             .create_database()
             .await
