@@ -425,3 +425,145 @@ async fn sigterm_moves_slots_within_one_rebalance_interval() {
     );
     wait_balanced(&c, 2).await;
 }
+
+/// Sum of `events_handled` over every partition of `projection`.
+async fn handled(c: &tokio_postgres::Client, projection: &str) -> i64 {
+    c.query_one(
+        "SELECT coalesce(sum(events_handled), 0)::int8 FROM projection_checkpoints \
+         WHERE projection_name = $1",
+        &[&projection],
+    )
+    .await
+    .unwrap()
+    .get(0)
+}
+
+#[tokio::test]
+async fn rewind_in_worker_mode_restarts_the_slot_and_handles_the_events_again() {
+    const NOTIFIER: &str = "large_withdrawal_notifier";
+    let (db, c) = migrated().await;
+    let workers: Vec<Worker> = (0..2).map(|_| Worker::spawn(&db, &[])).collect();
+    wait_balanced(&c, 2).await;
+    finish(simulate(&db, 1_500)).await;
+    // Every slot has handled exactly its events, once.
+    wait_exact(&db).await;
+    let balances_before = handled(&c, "account_balances").await;
+    let notifier_before = handled(&c, NOTIFIER).await;
+    // The notifier receives the MoneyWithdrawn events: rewind to the median
+    // one's position.
+    let (position, after): (i64, i64) = {
+        let r = c
+            .query_one(
+                "WITH p AS (SELECT percentile_disc(0.5) WITHIN GROUP (ORDER BY global_position) AS p \
+                            FROM events WHERE event_type = 'MoneyWithdrawn') \
+                 SELECT p.p, (SELECT count(*) FROM events \
+                              WHERE event_type = 'MoneyWithdrawn' AND global_position >= p.p) FROM p",
+                &[],
+            )
+            .await
+            .unwrap();
+        (r.get(0), r.get(1))
+    };
+    assert!(
+        after > 0 && after < notifier_before,
+        "P={position} is inside the notifier's events: {after} of {notifier_before} after it"
+    );
+
+    // While both workers run.
+    let o = run(
+        &db,
+        &[
+            "rewind",
+            NOTIFIER,
+            "--to-position",
+            &position.to_string(),
+            "--yes",
+        ],
+        &[],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    // "rewound large_withdrawal_notifier: N event(s) will be handled again in M partition(s); …"
+    let printed: i64 = out
+        .split_once(": ")
+        .and_then(|(head, rest)| {
+            assert!(head.starts_with("rewound"), "{out}");
+            rest.split_whitespace().next()?.parse().ok()
+        })
+        .unwrap_or_else(|| panic!("rewind prints what it moved: {}", text(&o)));
+    assert!(
+        printed >= after,
+        "rewind counts {printed} event(s), at least the {after} MoneyWithdrawn events from {position}: {out}"
+    );
+    assert!(out.contains("1 partition(s)"), "{out}");
+
+    // The owner's next checkpoint is fenced, the slot stops and the next
+    // reconcile restarts it from the rewound cursor: the events are handled
+    // again, and the slot is back at the head, running.
+    wait_until(
+        Duration::from_secs(30),
+        "the notifier to handle the rewound events again and catch up",
+        || async {
+            if handled(&c, NOTIFIER).await < notifier_before + printed {
+                return false;
+            }
+            let s = run(&db, &["status", "--json"], &[]);
+            assert!(s.status.success(), "{}", text(&s));
+            let status: serde_json::Value =
+                serde_json::from_slice(&s.stdout).expect("status --json is JSON");
+            status["projections"]
+                .as_array()
+                .expect("projections array")
+                .iter()
+                .filter(|r| r["projection"] == NOTIFIER)
+                .all(|r| r["lag_events"] == 0)
+        },
+    )
+    .await;
+    let rows = c
+        .query(
+            "SELECT partition_key, status, last_error FROM projection_checkpoints \
+             WHERE projection_name = $1 ORDER BY partition_key",
+            &[&NOTIFIER],
+        )
+        .await
+        .unwrap();
+    assert!(!rows.is_empty());
+    for r in &rows {
+        let (partition, status, error): (i32, String, Option<String>) =
+            (r.get(0), r.get(1), r.get(2));
+        assert_eq!(
+            status, "running",
+            "{NOTIFIER} partition {partition}: {error:?}"
+        );
+    }
+    let notifier_after = handled(&c, NOTIFIER).await;
+    assert_eq!(
+        notifier_after - notifier_before,
+        printed,
+        "the notifier handled again exactly the events rewind counted"
+    );
+    // Only the named projection moved.
+    assert_eq!(handled(&c, "account_balances").await, balances_before);
+    assert_read_model_exact(&db).await;
+    // Both workers are alive and still hold all the slots.
+    wait_balanced(&c, 2).await;
+    // The path taken: the owner's checkpoint compare-and-set failed (the
+    // cursor moved under it), it stopped the slot, and a reconcile started
+    // it again; no worker failed.
+    let mut logs = String::new();
+    for w in workers {
+        w.signal("TERM");
+        let (code, err) = w.wait().await;
+        assert_eq!(code, Some(0), "{err}");
+        logs.push_str(&err);
+    }
+    assert!(
+        logs.contains("slot fenced; stopping it") && logs.contains(NOTIFIER),
+        "the owner saw the moved cursor as a fence: {logs}"
+    );
+    assert!(
+        !logs.contains("ERROR") && !logs.contains("panicked"),
+        "{logs}"
+    );
+}
