@@ -10,7 +10,10 @@
 //! sorts after it (a later position can commit in an earlier transaction).
 //! Each checkpoint moves with a compare-and-set on its cursor, so a batch
 //! committing at the same moment is never overwritten silently: a running
-//! process sees the moved cursor on its next page and continues from it.
+//! static process sees the moved cursor on its next page and continues from
+//! it; in worker mode the slot's owner finds its compare-and-set refused,
+//! stops the slot as fenced, and the next reconcile restarts it from the
+//! moved cursor (`worker::rewind_in_worker_mode_…` in the tests).
 
 use crate::error::{Error, Kind, Result};
 use crate::event::Xid8;
