@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 /// A long WAL writer delay widens the window in which asynchronous commits
 /// are not yet written; autovacuum off keeps its commits from flushing the
 /// WAL at a random moment.
-const CRASH_SETTINGS: &str = "wal_writer_delay = '10s'\nautovacuum = off\n";
+pub const CRASH_SETTINGS: &str = "wal_writer_delay = '10s'\nautovacuum = off\n";
 
 /// A `bank run-projections` process whose stderr is collected (for failure
 /// messages) and which is killed on drop.
@@ -106,9 +106,72 @@ impl Drop for BankProcess {
 /// Server processes stopped with SIGSTOP; continued on drop (a failing
 /// test must not leave stopped processes behind, which would keep the
 /// server from shutting down).
-struct Frozen<'a> {
+pub struct Frozen<'a> {
     server: &'a TestServer,
     pids: Vec<i32>,
+}
+
+impl<'a> Frozen<'a> {
+    /// Freezes the WAL writer and the background writer, so that nothing
+    /// writes the WAL of asynchronous commits made after this before the
+    /// crash (the WAL writer would within `wal_writer_delay`; the
+    /// background writer flushes WAL before it writes out a dirty page).
+    pub async fn wal_writers(server: &'a TestServer, c: &tokio_postgres::Client) -> Frozen<'a> {
+        let pids: Vec<i32> = c
+            .query(
+                "SELECT pid FROM pg_stat_activity WHERE backend_type IN ('walwriter', 'background writer')",
+                &[],
+            )
+            .await
+            .expect("auxiliary processes")
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        assert_eq!(pids.len(), 2, "walwriter and background writer: {pids:?}");
+        let frozen = Frozen { server, pids };
+        for pid in &frozen.pids {
+            server.signal_backend(*pid, "STOP").expect("SIGSTOP");
+        }
+        frozen
+    }
+
+    /// Asserts that the WAL up to `lsn` (the end of the asynchronous
+    /// commits) is still only in shared memory: the crash will lose it.
+    pub async fn assert_unwritten(c: &tokio_postgres::Client, lsn: &str) {
+        let unwritten: bool = c
+            .query_one("SELECT pg_current_wal_lsn() < $1::text::pg_lsn", &[&lsn])
+            .await
+            .expect("write lsn")
+            .get(0);
+        assert!(
+            unwritten,
+            "test precondition: the WAL of the asynchronous commits (up to {lsn}) was written \
+             before the crash, so nothing would be lost; something wrote the WAL despite the frozen \
+             WAL writer"
+        );
+    }
+
+    /// The crash: SIGKILLs the oldest client backend of `c`'s database
+    /// other than `c`'s, then the frozen processes (which could not answer
+    /// the postmaster's SIGQUIT). PostgreSQL then reinitialises in place.
+    pub async fn crash(mut self, c: &tokio_postgres::Client) {
+        let victim: i32 = c
+            .query_one(
+                "SELECT pid FROM pg_stat_activity WHERE datname = current_database() \
+                   AND backend_type = 'client backend' AND pid <> pg_backend_pid() \
+                 ORDER BY backend_start LIMIT 1",
+                &[],
+            )
+            .await
+            .expect("a victim")
+            .get(0);
+        self.server.kill_backend(victim).expect("SIGKILL a backend");
+        for pid in std::mem::take(&mut self.pids) {
+            self.server
+                .kill_backend(pid)
+                .expect("SIGKILL a frozen process");
+        }
+    }
 }
 
 impl Drop for Frozen<'_> {
@@ -209,7 +272,10 @@ async fn reconnect(db: &TestDatabase) -> tokio_postgres::Client {
 /// After a SIGKILL: waits until `c` is cut off (crash recovery ends every
 /// session; until then the server may still answer as if nothing happened),
 /// then until the server answers again, and returns a new connection.
-async fn await_recovery(db: &TestDatabase, c: tokio_postgres::Client) -> tokio_postgres::Client {
+pub async fn await_recovery(
+    db: &TestDatabase,
+    c: tokio_postgres::Client,
+) -> tokio_postgres::Client {
     let deadline = Instant::now() + Duration::from_secs(30);
     while c.simple_query("SELECT 1").await.is_ok() {
         assert!(
@@ -311,28 +377,8 @@ async fn deposit_after_a_crash_that_reuses_transaction_ids_is_projected(dispatch
         .expect("start time")
         .get(0);
 
-    // 2. Freeze the WAL writer and the background writer, so that nothing
-    // writes the WAL of the asynchronous commits below before the crash
-    // (the WAL writer would within wal_writer_delay; the background writer
-    // flushes WAL before it writes out a dirty page).
-    let aux: Vec<i32> = c
-        .query(
-            "SELECT pid FROM pg_stat_activity WHERE backend_type IN ('walwriter', 'background writer')",
-            &[],
-        )
-        .await
-        .expect("auxiliary processes")
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
-    assert_eq!(aux.len(), 2, "walwriter and background writer: {aux:?}");
-    let mut frozen = Frozen {
-        server: &server,
-        pids: aux.clone(),
-    };
-    for pid in &aux {
-        server.signal_backend(*pid, "STOP").expect("SIGSTOP");
-    }
+    // 2. Freeze the WAL writer and the background writer.
+    let frozen = Frozen::wal_writers(&server, &c).await;
 
     // 3. Asynchronous commits: 20 transactions that only take an id, and
     // an event no projection of the bank reads. Committed (visible), not
@@ -395,38 +441,10 @@ async fn deposit_after_a_crash_that_reuses_transaction_ids_is_projected(dispatch
     )
     .await;
     // Precondition: their WAL is still only in shared memory.
-    let unwritten: bool = c
-        .query_one(
-            "SELECT pg_current_wal_lsn() < $1::text::pg_lsn",
-            &[&async_end],
-        )
-        .await
-        .expect("write lsn")
-        .get(0);
-    assert!(
-        unwritten,
-        "test precondition: the WAL of the asynchronous commits (up to {async_end}) was written \
-         before the crash, so nothing would be lost; something wrote the WAL despite the frozen \
-         WAL writer"
-    );
+    Frozen::assert_unwritten(&c, &async_end).await;
 
-    // 5. The crash: SIGKILL a client backend of this database (then the two
-    // frozen processes, which could not answer the postmaster's SIGQUIT).
-    let victim: i32 = c
-        .query_one(
-            "SELECT pid FROM pg_stat_activity WHERE datname = current_database() \
-               AND backend_type = 'client backend' AND pid <> pg_backend_pid() \
-             ORDER BY backend_start LIMIT 1",
-            &[],
-        )
-        .await
-        .expect("a victim")
-        .get(0);
-    server.kill_backend(victim).expect("SIGKILL a backend");
-    for pid in &aux {
-        server.kill_backend(*pid).expect("SIGKILL a frozen process");
-    }
-    frozen.pids.clear();
+    // 5. The crash.
+    frozen.crash(&c).await;
     drop(writer);
     let c = await_recovery(&db, c).await;
     let started_after: chrono::DateTime<chrono::Utc> = c

@@ -13,7 +13,8 @@
 //! the lost page and the new events are skipped for ever.
 
 use crate::common::wait_until;
-use projectionist::testing::{TestDatabase, TestServer};
+use crate::crash::{await_recovery, Frozen, CRASH_SETTINGS};
+use projectionist::testing::TestServer;
 use projectionist::{
     Concurrency, ConcurrentProjection, EventStore, Registered, Runner, RunnerConfig, Scope,
     StoreConfig, StoredEvent,
@@ -22,10 +23,6 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
-
-/// As in `crash.rs`: a long WAL writer delay and no autovacuum, so nothing
-/// writes the WAL of asynchronous commits at a random moment.
-const CRASH_SETTINGS: &str = "wal_writer_delay = '10s'\nautovacuum = off\n";
 
 /// Events in one page: the window, so that the slot reads nothing more
 /// while the page's handlers are held (backpressure).
@@ -101,49 +98,6 @@ impl ConcurrentProjection for Recorder {
             }
         }
     }
-}
-
-/// Server processes stopped with SIGSTOP; continued on drop, so that a
-/// failing test never leaves a stopped process behind.
-struct Frozen<'a> {
-    server: &'a TestServer,
-    pids: Vec<i32>,
-}
-
-impl Drop for Frozen<'_> {
-    fn drop(&mut self) {
-        for pid in &self.pids {
-            let _ = self.server.signal_backend(*pid, "CONT");
-        }
-    }
-}
-
-/// After a SIGKILL: waits until `c` is cut off (crash recovery ends every
-/// session), then until the server answers again on a new connection.
-async fn await_recovery(db: &TestDatabase, c: tokio_postgres::Client) -> tokio_postgres::Client {
-    wait_until(
-        Duration::from_secs(30),
-        "crash recovery to end the test's session",
-        || async { c.simple_query("SELECT 1").await.is_err() },
-    )
-    .await;
-    let fresh: Arc<tokio::sync::Mutex<Option<tokio_postgres::Client>>> = Arc::default();
-    wait_until(
-        Duration::from_secs(60),
-        "the server to accept connections after crash recovery",
-        || async {
-            match db.connect().await {
-                Ok(c) if c.simple_query("SELECT 1").await.is_ok() => {
-                    *fresh.lock().await = Some(c);
-                    true
-                }
-                _ => false,
-            }
-        },
-    )
-    .await;
-    let c = fresh.lock().await.take();
-    c.expect("a connection after recovery")
 }
 
 /// Per event id: (global position, transaction id, times recorded).
@@ -282,24 +236,7 @@ async fn concurrent_page_read_before_a_crash_is_not_committed_past_after_it() {
 
     // 2. Freeze the WAL writer and the background writer: nothing writes
     // the WAL of the asynchronous commits below before the crash.
-    let aux: Vec<i32> = c
-        .query(
-            "SELECT pid FROM pg_stat_activity WHERE backend_type IN ('walwriter', 'background writer')",
-            &[],
-        )
-        .await
-        .expect("auxiliary processes")
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
-    assert_eq!(aux.len(), 2, "walwriter and background writer: {aux:?}");
-    let mut frozen = Frozen {
-        server: &server,
-        pids: aux.clone(),
-    };
-    for pid in &aux {
-        server.signal_backend(*pid, "STOP").expect("SIGSTOP");
-    }
+    let frozen = Frozen::wal_writers(&server, &c).await;
 
     // 3. Asynchronous commits: transactions that only take an id, then the
     // page's events, in one transaction above them.
@@ -340,37 +277,11 @@ async fn concurrent_page_read_before_a_crash_is_not_committed_past_after_it() {
         },
     )
     .await;
-    let unwritten: bool = c
-        .query_one(
-            "SELECT pg_current_wal_lsn() < $1::text::pg_lsn",
-            &[&async_end],
-        )
-        .await
-        .expect("write lsn")
-        .get(0);
-    assert!(
-        unwritten,
-        "test precondition: the WAL of the asynchronous commits (up to {async_end}) was written \
-         before the crash, so nothing would be lost"
-    );
+    Frozen::assert_unwritten(&c, &async_end).await;
 
     // 5. The crash: SIGKILL a client backend (then the two frozen
     // processes, which cannot answer the postmaster's SIGQUIT).
-    let victim: i32 = c
-        .query_one(
-            "SELECT pid FROM pg_stat_activity WHERE datname = current_database() \
-               AND backend_type = 'client backend' AND pid <> pg_backend_pid() \
-             ORDER BY backend_start LIMIT 1",
-            &[],
-        )
-        .await
-        .expect("a victim")
-        .get(0);
-    server.kill_backend(victim).expect("SIGKILL a backend");
-    for pid in &aux {
-        server.kill_backend(*pid).expect("SIGKILL a frozen process");
-    }
-    frozen.pids.clear();
+    frozen.crash(&c).await;
     drop(writer);
     let c = await_recovery(&db, c).await;
     let started_after: chrono::DateTime<chrono::Utc> = c
