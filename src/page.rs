@@ -78,25 +78,21 @@ pub(crate) struct SlotTables {
 
 /// A gap-safe read's two statements (see the module documentation).
 #[derive(Clone, Debug)]
-pub(crate) struct PageQuery {
+struct PageQuery {
     /// The control row: watermark, head, server start time, crash epoch,
     /// (for a slot) the stored checkpoint's cursor, status and epoch, and
     /// whether the range holds any event (see [`Control::passed`]).
     /// Parameters: for a filtered read `$1` cursor transaction id and `$2`
     /// cursor position; for a slot then its name and partition.
-    pub(crate) header: String,
+    header: String,
     /// The events: `$1` cursor transaction id, `$2` cursor position, `$3`
     /// limit, then the filter's parameters ([`ReadFilter::params`]).
-    pub(crate) page: String,
+    page: String,
 }
 
 /// Builds the gap-safe read of `events` for `filter`; with `slot`, the
 /// control row also reads the slot's checkpoint and the crash sentinel.
-pub(crate) fn gap_safe_query(
-    events: &str,
-    filter: &ReadFilter,
-    slot: Option<&SlotTables>,
-) -> PageQuery {
+fn gap_safe_query(events: &str, filter: &ReadFilter, slot: Option<&SlotTables>) -> PageQuery {
     let mut n = 0;
     let mut param = || {
         n += 1;
@@ -165,22 +161,72 @@ pub(crate) fn gap_safe_query(
     PageQuery { header, page }
 }
 
-/// A [`PageQuery`] prepared on one connection.
-pub(crate) struct PageStatements {
-    header: tokio_postgres::Statement,
-    page: tokio_postgres::Statement,
+/// A gap-safe read bound to what it reads: its statements, its filter and,
+/// for a slot, the (projection, partition) whose checkpoint row the control
+/// row shows. Every page of the store (`read_all`) and of the processors
+/// (sequential, read ahead, concurrency mode) is read through one.
+#[derive(Debug)]
+pub(crate) struct PageReader {
+    query: PageQuery,
+    filter: ReadFilter,
+    slot: Option<(String, i32)>,
 }
 
-impl PageStatements {
-    /// Prepares `query` on `client` (from its statement cache).
-    pub(crate) async fn on(
+impl PageReader {
+    /// Reads `events` for `filter`; with `slot`, the control row also
+    /// reads that slot's checkpoint (projection key, partition) in `tables`
+    /// and the crash sentinel.
+    pub(crate) fn new(
+        events: &str,
+        filter: ReadFilter,
+        slot: Option<(&SlotTables, &str, i32)>,
+    ) -> PageReader {
+        PageReader {
+            query: gap_safe_query(events, &filter, slot.map(|(t, _, _)| t)),
+            filter,
+            slot: slot.map(|(_, name, partition)| (name.to_owned(), partition)),
+        }
+    }
+
+    /// Reads up to `limit` events after `after` on `client`, a pooled
+    /// connection outside any transaction (the read opens and ends its own).
+    pub(crate) async fn read(
+        &self,
         client: &deadpool_postgres::Object,
-        query: &PageQuery,
-    ) -> Result<PageStatements> {
-        Ok(PageStatements {
-            header: client.prepare_cached(&query.header).await?,
-            page: client.prepare_cached(&query.page).await?,
-        })
+        after: Cursor,
+        limit: i64,
+    ) -> Result<(ReadBatch, Control)> {
+        let header = client.prepare_cached(&self.query.header).await?;
+        let page = client.prepare_cached(&self.query.page).await?;
+        let tx = Xid8(after.transaction_id);
+        let mut header_params: Vec<&(dyn ToSql + Sync)> = Vec::new();
+        if !self.filter.is_everything() {
+            header_params.push(&tx);
+            header_params.push(&after.global_position);
+        }
+        if let Some((name, partition)) = &self.slot {
+            header_params.push(name);
+            header_params.push(partition);
+        }
+        let mut page_params: Vec<&(dyn ToSql + Sync)> = vec![&tx, &after.global_position, &limit];
+        page_params.extend(self.filter.params());
+        // Polled together, the four are sent back to back: one round trip.
+        // A failed statement makes the COMMIT a rollback; the connection is
+        // outside a transaction either way.
+        let (begun, header, rows, committed) = tokio::join!(
+            client.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY"),
+            client.query(&header, &header_params),
+            client.query(&page, &page_params),
+            client.batch_execute("COMMIT"),
+        );
+        begun?;
+        let header = header?;
+        let rows = rows?;
+        committed?;
+        let header = header
+            .first()
+            .ok_or_else(|| Error::new(Kind::Other, "the gap-safe read returned no control row"))?;
+        decode_page(header, &rows, after, limit)
     }
 }
 
@@ -233,7 +279,7 @@ pub(crate) fn filter_conditions(filter: &ReadFilter, last_fixed: usize) -> Strin
 }
 
 /// Decodes a page read: the control row and the event rows.
-pub(crate) fn decode_page(
+fn decode_page(
     header: &tokio_postgres::Row,
     rows: &[tokio_postgres::Row],
     after: Cursor,
@@ -276,49 +322,4 @@ pub(crate) fn decode_page(
             passed,
         },
     ))
-}
-
-/// Reads the page after `after` with `query` (prepared from a
-/// [`gap_safe_query`]) on `client`, a plain client outside any
-/// transaction; `slot` is the (projection, partition) when the query was
-/// built with [`SlotTables`].
-pub(crate) async fn read_page(
-    client: &tokio_postgres::Client,
-    query: &PageStatements,
-    after: Cursor,
-    limit: i64,
-    slot: Option<(&str, i32)>,
-    filter: &ReadFilter,
-) -> Result<(ReadBatch, Control)> {
-    let tx = Xid8(after.transaction_id);
-    let mut header_params: Vec<&(dyn ToSql + Sync)> = Vec::new();
-    if !filter.is_everything() {
-        header_params.push(&tx);
-        header_params.push(&after.global_position);
-    }
-    let (name, partition);
-    if let Some((n, p)) = slot {
-        (name, partition) = (n, p);
-        header_params.push(&name);
-        header_params.push(&partition);
-    }
-    let mut page_params: Vec<&(dyn ToSql + Sync)> = vec![&tx, &after.global_position, &limit];
-    page_params.extend(filter.params());
-    // Polled together, the four are sent back to back: one round trip.
-    // A failed statement makes the COMMIT a rollback; the connection is
-    // outside a transaction either way.
-    let (begun, header, rows, committed) = tokio::join!(
-        client.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY"),
-        client.query(&query.header, &header_params),
-        client.query(&query.page, &page_params),
-        client.batch_execute("COMMIT"),
-    );
-    begun?;
-    let header = header?;
-    let rows = rows?;
-    committed?;
-    let header = header
-        .first()
-        .ok_or_else(|| Error::new(Kind::Other, "the gap-safe read returned no control row"))?;
-    decode_page(header, &rows, after, limit)
 }

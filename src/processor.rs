@@ -21,10 +21,7 @@ use crate::checkpoint::Checkpoints;
 use crate::error::{Error, Kind, Result};
 use crate::event::{Cursor, StoredEvent, Xid8};
 use crate::otel;
-use crate::page::{
-    gap_safe_query, read_page, Control, PageQuery, PageStatements, ReadBatch, ReadFilter,
-    SlotTables,
-};
+use crate::page::{Control, PageReader, ReadBatch, ReadFilter, SlotTables};
 use crate::policy::OnFailure;
 use crate::projection::UnknownEvents;
 use crate::registered::Registered;
@@ -275,8 +272,8 @@ pub(crate) struct Processor {
     unknown_events: UnknownEvents,
     name: String,
     pool: Pool,
-    read_sql: PageQuery,
-    filter: ReadFilter,
+    /// Reads this slot's pages (shared with its read-ahead task).
+    reader: Arc<PageReader>,
     checkpoints: Checkpoints,
     checkpoints_table: String,
     assignments_table: String,
@@ -334,7 +331,11 @@ impl Processor {
             checkpoints: sql.checkpoints.clone(),
             epoch: sql.epoch.clone(),
         };
-        let read_sql = gap_safe_query(&sql.events, &filter, Some(&tables));
+        let reader = Arc::new(PageReader::new(
+            &sql.events,
+            filter,
+            Some((&tables, &name, slot.partition)),
+        ));
         let checkpoints = Checkpoints::for_slots(&sql.checkpoints, &sql.assignments, &sql.epoch);
         let client = pool.get().await?;
         refuse_retired(&**client, &sql.versions, &projection).await?;
@@ -348,8 +349,7 @@ impl Processor {
             unknown_events,
             name,
             pool: pool.clone(),
-            read_sql,
-            filter,
+            reader,
             checkpoints,
             checkpoints_table: sql.checkpoints.clone(),
             assignments_table: sql.assignments.clone(),
@@ -777,24 +777,8 @@ impl Processor {
     /// Starts reading the page after `after` on a connection of its own
     /// (see [`Prefetch`]).
     fn start_prefetch(&mut self, after: Cursor) {
-        let pool = self.pool.clone();
-        let sql = self.read_sql.clone();
-        let filter = self.filter.clone();
-        let name = self.name.clone();
-        let (partition, limit) = (self.slot.partition, self.batch_size);
-        let task = tokio::spawn(async move {
-            let client = pool.get().await?;
-            let read = PageStatements::on(&client, &sql).await?;
-            read_page(
-                &client,
-                &read,
-                after,
-                limit,
-                Some((&name, partition)),
-                &filter,
-            )
-            .await
-        });
+        let (pool, reader, limit) = (self.pool.clone(), self.reader.clone(), self.batch_size);
+        let task = tokio::spawn(async move { reader.read(&pool.get().await?, after, limit).await });
         self.prefetch = Some(Prefetch {
             after,
             from: self.cursor,
@@ -825,16 +809,9 @@ impl Processor {
 
     /// Reads the page after the read cursor on `client`.
     async fn read_now(&self, client: &deadpool_postgres::Object) -> Result<(ReadBatch, Control)> {
-        let read = PageStatements::on(client, &self.read_sql).await?;
-        read_page(
-            client,
-            &read,
-            self.read_cursor,
-            self.batch_size,
-            Some((&self.name, self.slot.partition)),
-            &self.filter,
-        )
-        .await
+        self.reader
+            .read(client, self.read_cursor, self.batch_size)
+            .await
     }
 
     /// Records a committed move of the checkpoint.
@@ -1051,16 +1028,7 @@ impl Processor {
         limit: i64,
     ) -> Result<Option<(ReadBatch, bool)>> {
         let client = self.pool.get().await?;
-        let read = PageStatements::on(&client, &self.read_sql).await?;
-        let (page, control) = read_page(
-            &client,
-            &read,
-            after,
-            limit,
-            Some((&self.name, self.slot.partition)),
-            &self.filter,
-        )
-        .await?;
+        let (page, control) = self.reader.read(&client, after, limit).await?;
         self.server_started = Some(page.server_started);
         if let Some(why) = self.check(&page, &control) {
             self.resync(&client, why).await?;

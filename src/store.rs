@@ -9,7 +9,7 @@ use crate::db;
 use crate::error::{Error, Kind, Result};
 use crate::event::{Cursor, NewEvent, StoredEvent, Xid8};
 use crate::ident::Ident;
-use crate::page::{gap_safe_query, read_page, PageQuery, PageStatements, ReadBatch, ReadFilter};
+use crate::page::{PageReader, ReadBatch, ReadFilter};
 use crate::registry::Registry;
 use deadpool_postgres::Pool;
 use std::sync::Arc;
@@ -173,7 +173,7 @@ pub(crate) struct Statements {
     /// from the store's notifier), by [`Report`].
     append_quiet: [String; 2],
     read_stream: String,
-    read_all: PageQuery,
+    read_all: PageReader,
     head: String,
     /// The store's event registry: every reader of these statements
     /// upcasts with it.
@@ -245,7 +245,7 @@ impl Statements {
              WHERE aggregate_type = $1 AND aggregate_id = $2 AND aggregate_version >= $3 \
              ORDER BY aggregate_version LIMIT $4"
         );
-        let read_all = gap_safe_query(&events, &ReadFilter::default(), None);
+        let read_all = PageReader::new(&events, ReadFilter::default(), None);
         let head = format!(
             "SELECT coalesce((SELECT max(global_position) FROM {events}), 0), \
                     pg_snapshot_xmin(pg_current_snapshot())"
@@ -622,9 +622,7 @@ impl EventStore {
             return Err(Error::config("read_all limit must be at least 1"));
         }
         let client = self.pool.get().await?;
-        let stmts = PageStatements::on(&client, &self.sql.read_all).await?;
-        let (mut page, _) =
-            read_page(&client, &stmts, after, limit, None, &ReadFilter::default()).await?;
+        let (mut page, _) = self.sql.read_all.read(&client, after, limit).await?;
         for e in &mut page.events {
             self.upcast(e)?;
         }
