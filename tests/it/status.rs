@@ -462,9 +462,7 @@ async fn status_marks_stale_owners_unregistered_projections_and_the_passed_posit
         row("0/3").contains("w-live") && !row("0/3").contains("stale"),
         "{table}"
     );
-    let o = run(&env.db, &["status", "--json"], &[]);
-    assert!(o.status.success(), "{}", text(&o));
-    let json: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let json = crate::crash::status_json(&env.db.url(), &[]);
     let legacy = json["projections"]
         .as_array()
         .unwrap()
@@ -640,9 +638,7 @@ async fn dead_letters_are_counted_up_to_the_limit() {
         )
         .await
         .unwrap();
-    let o = run(&env.db, &["status", "--json"], &[]);
-    assert!(o.status.success(), "{}", text(&o));
-    let json: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let json = crate::crash::status_json(&env.db.url(), &[]);
     assert_eq!(json["dead_letters"]["account_balances"], 10_000, "{json:#}");
     assert_eq!(
         json["dead_letters_capped"]["account_balances"], false,
@@ -660,9 +656,7 @@ async fn dead_letters_are_counted_up_to_the_limit() {
         )
         .await
         .unwrap();
-    let o = run(&env.db, &["status", "--json"], &[]);
-    assert!(o.status.success(), "{}", text(&o));
-    let json: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let json = crate::crash::status_json(&env.db.url(), &[]);
     assert_eq!(json["dead_letters"]["account_balances"], 10_000, "{json:#}");
     assert_eq!(
         json["dead_letters_capped"]["account_balances"], true,
