@@ -11,6 +11,7 @@ mod admin;
 mod assign;
 mod checkpoint;
 pub mod cli;
+mod combine;
 mod config;
 mod console;
 mod context;
@@ -73,8 +74,8 @@ pub use runner::{
     DEFAULT_SHUTDOWN_TIMEOUT, MAX_BATCH_SIZE,
 };
 pub use store::{
-    AppendResult, EventStore, ExpectedVersion, StoreConfig, DEFAULT_NOTIFY_CHANNEL,
-    DEFAULT_NOTIFY_INTERVAL,
+    AppendResult, EventStore, ExpectedVersion, StoreConfig, DEFAULT_APPEND_LANES,
+    DEFAULT_NOTIFY_CHANNEL, DEFAULT_NOTIFY_INTERVAL,
 };
 pub use typed::{Event, EventType};
 pub use wait::{WaitTarget, Waiter};

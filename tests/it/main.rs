@@ -5,6 +5,7 @@
 
 mod catalogue;
 mod cli;
+mod combine;
 mod commands;
 mod common;
 mod console;
