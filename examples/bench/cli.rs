@@ -62,6 +62,11 @@ pub struct Args {
     /// notification costs an append.
     #[arg(long)]
     pub no_append_notify: bool,
+    /// Diagnostic: the append cases' store shares concurrent appends over
+    /// this many lanes (`StoreConfig::append_lanes`; 0 = every append its
+    /// own statement). Default: the library's default.
+    #[arg(long)]
+    pub append_lanes: Option<usize>,
     /// Run the scale benchmark instead of the cases (issue 12; not in CI):
     /// seeds `--scale-events` events with SQL, then measures status,
     /// /metrics and /readyz with the whole log as lag over 16 slots,

@@ -35,9 +35,11 @@ pub struct Batch {
 }
 
 /// Per writer, its batches: `total` events split evenly, batches of `batch`
-/// events rotating over the writer's own streams.
+/// events rotating over the writer's own streams (named after `prefix`, so
+/// that two plans can be written into one table side by side).
 pub fn append_plan(
     rng: &mut StdRng,
+    prefix: &str,
     writers: usize,
     batch: usize,
     total: usize,
@@ -49,7 +51,7 @@ pub fn append_plan(
             (0..batches_per_writer)
                 .map(|k| {
                     let s = k % STREAMS_PER_WRITER;
-                    let stream = format!("w{w}-s{s}");
+                    let stream = format!("{prefix}w{w}-s{s}");
                     let expected = versions[s];
                     versions[s] += batch as i64;
                     let payloads: Vec<String> = (0..batch)
@@ -84,4 +86,24 @@ pub fn append_plan(
 /// The number of events in a plan.
 pub fn plan_events(plan: &[Vec<Batch>]) -> usize {
     plan.iter().flatten().map(|b| b.events.len()).sum()
+}
+
+/// Part `index` of `parts` equal parts of each writer's batches: the
+/// append cases run the library's and the raw plan part by part,
+/// alternately, so that both see the same disk and the same load.
+#[derive(Clone, Copy, Debug)]
+pub struct Part {
+    pub index: usize,
+    pub parts: usize,
+}
+
+impl Part {
+    /// The whole plan.
+    pub const ALL: Part = Part { index: 0, parts: 1 };
+
+    /// This part of `batches`.
+    pub fn of<'a>(&self, batches: &'a [Batch]) -> &'a [Batch] {
+        let n = batches.len();
+        &batches[n * self.index / self.parts..n * (self.index + 1) / self.parts]
+    }
 }

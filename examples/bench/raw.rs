@@ -2,7 +2,7 @@
 //! compared with, the column codecs they decode with (the library has its
 //! own, private ones), and the raw append and catch-up loops.
 
-use crate::events::Batch;
+use crate::events::{Batch, Part};
 use crate::projections::{Amount, UPSERT_ONE};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -140,17 +140,19 @@ impl RawEvent {
     }
 }
 
-/// Runs a plan through the raw INSERT, one client per writer.
+/// Runs part `part` (see [`crate::events::Part`]) of a plan through the
+/// raw INSERT, one client per writer.
 pub async fn raw_appends(
     clients: &[(Arc<Client>, Statement)],
     plan: &Arc<Vec<Vec<Batch>>>,
+    part: Part,
 ) -> Duration {
     let start = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
     for (w, (client, stmt)) in clients.iter().enumerate().take(plan.len()) {
         let (client, stmt, plan) = (client.clone(), stmt.clone(), plan.clone());
         tasks.spawn(async move {
-            for b in &plan[w] {
+            for b in part.of(&plan[w]) {
                 client
                     .execute(
                         &stmt,

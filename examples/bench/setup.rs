@@ -144,13 +144,16 @@ impl Bench {
                     .unwrap_or_else(|e| panic!("{sql} failed: {e}"));
             }
         }
-        let store_config = if self.args.no_append_notify {
+        let mut store_config = if self.args.no_append_notify {
             StoreConfig::default()
                 .notify_channel(None)
                 .expect("no channel is valid")
         } else {
             StoreConfig::default()
         };
+        if let Some(lanes) = self.args.append_lanes {
+            store_config = store_config.append_lanes(lanes);
+        }
         let store = EventStore::connect_config(self.lib_config(&db), store_config)
             .unwrap_or_else(|e| panic!("cannot build the store: {e}"));
         let client = db
