@@ -3,7 +3,10 @@
 //!
 //! Architecture invariant: appends are a single SQL statement, so an append
 //! in "its own transaction" is an autocommit statement, and an append in a
-//! caller's transaction adds exactly one statement to it.
+//! caller's transaction adds exactly one statement to it. Concurrent
+//! autocommit appends may share one statement (see [`crate::combine`] and
+//! [`StoreConfig::append_lanes`]); when the server refuses a shared
+//! statement, nothing was written and each append runs again alone.
 
 use crate::combine::Combiner;
 use crate::db;

@@ -21,6 +21,7 @@ pub const APPEND_CASES: &[(&str, usize, usize)] = &[
     ("append_batch_1000", 1000, 1),
     ("append_batch_1_8_writers", 1, 8),
     ("append_batch_100_8_writers", 100, 8),
+    ("append_batch_1_32_writers", 1, 32),
 ];
 
 /// How many parts the library's and the raw plan are run in, alternately.
@@ -64,7 +65,8 @@ impl Bench {
                 .expect("TRUNCATE events failed");
         };
         let mut raw_clients = Vec::new();
-        for _ in 0..8 {
+        let most_writers = APPEND_CASES.iter().map(|c| c.2).max().unwrap_or(1);
+        for _ in 0..most_writers {
             let c = db
                 .connect()
                 .await

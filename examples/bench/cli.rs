@@ -96,6 +96,7 @@ pub const CASES: &[&str] = &[
     "append_batch_1000",
     "append_batch_1_8_writers",
     "append_batch_100_8_writers",
+    "append_batch_1_32_writers",
     "append_copy_bulk",
     "catchup_noop",
     "catchup_large_payload",

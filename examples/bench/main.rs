@@ -34,8 +34,14 @@
 //!   `INSERT … SELECT … FROM unnest(…)` of exactly the same rows, one
 //!   autocommit statement per batch. The event count is sized by a probe so
 //!   that the library side runs about two seconds.
-//! * `append_batch_1_8_writers`, `append_batch_100_8_writers`: the same with
-//!   eight concurrent writers, each on its own streams and connection.
+//! * `append_batch_1_8_writers`, `append_batch_100_8_writers`,
+//!   `append_batch_1_32_writers`: the same with eight (32) concurrent
+//!   writers, each on its own streams; the raw side gives each writer its
+//!   own connection, the library shares its store (and its pool of 16), so
+//!   concurrent appends share statements (`StoreConfig::append_lanes`).
+//!   Each repetition writes the library's and the raw plan alternately in
+//!   8 parts into one table; the ratio is the median of the repetitions'
+//!   ratios (slow and fast spells of the disk weigh on both sides alike).
 //! * `append_copy_bulk`: the library's 1000-event batches (the
 //!   `append_batch_1000` figure) against a raw binary `COPY events FROM
 //!   STDIN` of the same rows: the ceiling for bulk loading.
