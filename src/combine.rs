@@ -127,12 +127,17 @@ impl<F: Flush> Combiner<F> {
 
     /// The next batch from the queue: front to back, skipping (and
     /// keeping, in order) requests whose key is already in the batch, up to
-    /// `max_size`.
+    /// `max_size`; requests whose caller is gone are dropped.
     fn take_batch(&self, s: &mut State<F>) -> Vec<Waiting<F>> {
         let mut batch: Vec<Waiting<F>> = Vec::new();
         let mut size = 0;
         let mut kept = VecDeque::new();
         while let Some(w) = s.queue.pop_front() {
+            if w.1.is_closed() {
+                // Its caller gave up (dropped the future) before a lane
+                // took it: it is not run.
+                continue;
+            }
             let n = F::size(&w.0);
             if !batch.is_empty() && size + n > self.max_size {
                 s.queue.push_front(w);
@@ -363,6 +368,39 @@ mod tests {
         c.flush.gate.add_permits(1);
         assert_eq!(stuck.await.unwrap().unwrap(), "stuck");
         assert_eq!(c.lock().in_flight, 0);
+    }
+
+    #[tokio::test]
+    async fn a_request_whose_caller_gave_up_while_queued_is_not_run() {
+        let c = Combiner::new(echo(0), 1, 100, Duration::from_secs(60));
+        let first = tokio::spawn({
+            let c = c.clone();
+            async move { c.submit("first".to_string()).await }
+        });
+        while c.flush.running.load(Ordering::SeqCst) == 0 {
+            tokio::task::yield_now().await;
+        }
+        let abandoned = tokio::spawn({
+            let c = c.clone();
+            async move { c.submit("abandoned".to_string()).await }
+        });
+        let kept = tokio::spawn({
+            let c = c.clone();
+            async move { c.submit("kept".to_string()).await }
+        });
+        while c.lock().queue.len() < 2 {
+            tokio::task::yield_now().await;
+        }
+        abandoned.abort();
+        assert!(abandoned.await.unwrap_err().is_cancelled());
+        c.flush.gate.add_permits(1000);
+        assert_eq!(first.await.unwrap().unwrap(), "first");
+        assert_eq!(kept.await.unwrap().unwrap(), "kept");
+        let batches = c.flush.batches.lock().unwrap().clone();
+        assert_eq!(
+            batches,
+            vec![vec!["first".to_string()], vec!["kept".into()]]
+        );
     }
 
     #[tokio::test]

@@ -145,7 +145,10 @@ impl StoreConfig {
     /// statement have in common is visible: the same `transaction_id`, and
     /// readers see them at the same moment. A queued append that waited 20
     /// ms (a lane stuck on a lock, a slow disk) opens another lane, so one
-    /// slow append does not hold the others back. `0` turns sharing off:
+    /// slow append does not hold the others back. An append whose caller
+    /// gives up (drops the future, e.g. a timeout) while it is queued is not
+    /// written; once its statement is sent it may be, as any append whose
+    /// reply is lost. `0` turns sharing off:
     /// every append is its own statement on its own pooled connection.
     /// Appends in a caller's transaction ([`EventStore::append_in`]) are
     /// never shared. Default: [`DEFAULT_APPEND_LANES`] (1; on the benchmark
