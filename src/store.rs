@@ -1070,7 +1070,9 @@ impl Notifier {
             .fetch_max(transaction_id, std::sync::atomic::Ordering::SeqCst);
         self.started.get_or_init(|| {
             let me = Arc::downgrade(self);
-            let pool = pool.clone();
+            // Weak: the store's pool closes when the last store clone goes,
+            // not when this task next looks.
+            let pool = pool.weak();
             tokio::spawn(async move {
                 loop {
                     let Some(n) = me.upgrade() else { return };
@@ -1084,6 +1086,7 @@ impl Notifier {
                         }
                         continue;
                     }
+                    let Some(pool) = pool.upgrade() else { return };
                     let sent = async {
                         let client = pool.get().await?;
                         // Prepared once per connection: one round trip.
@@ -1094,6 +1097,7 @@ impl Notifier {
                         Ok::<_, Error>(())
                     }
                     .await;
+                    drop(pool);
                     // Appends committed while this one was sent, or within
                     // the interval after it, share the next notification.
                     if !n.interval.is_zero() {

@@ -642,3 +642,55 @@ async fn appends_of_every_size_report_what_they_wrote() {
         2 * (1 + 10 + 32 + 33 + 100)
     );
 }
+
+/// Dropping the last clone of a store closes its connections, also after
+/// appends started the after-commit notifier (which used to keep the pool
+/// alive until it next looked, up to 5 s later, so a database dropped
+/// meanwhile logged connection errors).
+#[tokio::test]
+async fn dropping_the_store_closes_its_connections() {
+    let env = env().await;
+    let check = env.db.connect().await.expect("connect");
+    let ours = "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+                AND pid <> pg_backend_pid() AND application_name = 'dropped-store'";
+    let mut pg = env.db.config();
+    pg.application_name("dropped-store");
+    let store =
+        projectionist::EventStore::connect_config(pg, projectionist::StoreConfig::default())
+            .expect("store");
+    let mut tasks = Vec::new();
+    for w in 0..4 {
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move {
+            for k in 0..10 {
+                store
+                    .append(
+                        "Account",
+                        &format!("d-{w}"),
+                        ExpectedVersion::Exact(k),
+                        &[deposit(k)],
+                    )
+                    .await
+                    .expect("append");
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.expect("writer panicked");
+    }
+    let open: i64 = check.query_one(ours, &[]).await.expect("count").get(0);
+    assert!(open > 0, "the store had no connection open");
+    drop(store);
+    let started = std::time::Instant::now();
+    loop {
+        let open: i64 = check.query_one(ours, &[]).await.expect("count").get(0);
+        if open == 0 {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "{open} connections of a dropped store still open after 3 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
