@@ -25,6 +25,11 @@ struct Outcomes {
     conflicts: usize,
     duplicates: usize,
     races: usize,
+    /// Appends made to fail, by kind.
+    meant_conflicts: usize,
+    meant_duplicates: usize,
+    /// Successful appends.
+    ok: usize,
 }
 
 /// 16 writers on one store with one lane, so nearly every statement is
@@ -58,12 +63,22 @@ async fn shared_appends_keep_each_appends_checks_and_outcome() {
                 let (stream, expected, events, bad) = match k % 4 {
                     // A wrong expected version: must fail alone.
                     1 => (own.clone(), ExpectedVersion::Exact(version + 5), vec![event(1)], "conflict"),
-                    // An event id stored before, among good ones: must fail alone.
-                    2 => (
+                    // An event id stored before, among good ones, in every
+                    // eighth append: must fail alone (the others of its
+                    // statement then run alone too, so it is not in every
+                    // statement).
+                    2 if k % 8 == 2 => (
                         format!("dup-{w}-{k}"),
                         ExpectedVersion::NoStream,
                         vec![event(2), event(3).with_event_id(reused)],
                         "duplicate",
+                    ),
+                    // A new stream.
+                    2 => (
+                        format!("new-{w}-{k}"),
+                        ExpectedVersion::NoStream,
+                        vec![event(5), event(6)],
+                        "",
                     ),
                     // The shared stream, any version: concurrent appends to
                     // one stream may still race (a conflict, as without
@@ -77,8 +92,14 @@ async fn shared_appends_keep_each_appends_checks_and_outcome() {
                     ),
                 };
                 let ids: Vec<uuid::Uuid> = events.iter().map(|e| e.event_id()).collect();
+                match bad {
+                    "conflict" => seen.meant_conflicts += 1,
+                    "duplicate" => seen.meant_duplicates += 1,
+                    _ => {}
+                }
                 match (store.append("Account", &stream, expected, &events).await, bad) {
                     (Ok(r), "" | "race") => {
+                        seen.ok += 1;
                         if stream == own {
                             assert_eq!(
                                 r.stream_version,
@@ -122,9 +143,14 @@ async fn shared_appends_keep_each_appends_checks_and_outcome() {
         all.conflicts += o.conflicts;
         all.duplicates += o.duplicates;
         all.races += o.races;
+        all.meant_conflicts += o.meant_conflicts;
+        all.meant_duplicates += o.meant_duplicates;
+        all.ok += o.ok;
     }
+    assert_eq!(all.conflicts, all.meant_conflicts);
     assert_eq!(all.conflicts, WRITERS * APPENDS / 4);
-    assert_eq!(all.duplicates, WRITERS * APPENDS / 4);
+    assert_eq!(all.duplicates, all.meant_duplicates);
+    assert!(all.duplicates >= WRITERS * APPENDS / 8);
 
     // Exactly the successful appends are stored, each event once, at the
     // version its append reported; every stream is 1..n without holes.
@@ -175,7 +201,7 @@ async fn shared_appends_keep_each_appends_checks_and_outcome() {
         per_tx.entry(*tx).or_default().insert(s);
     }
     let shared = per_tx.values().filter(|streams| streams.len() > 1).count();
-    let appends = WRITERS * APPENDS / 2 - all.races;
+    let appends = all.ok;
     assert!(
         shared > 0 && per_tx.len() < appends,
         "{appends} successful appends in {} transactions, {shared} of them shared: nothing was combined",
