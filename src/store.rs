@@ -954,9 +954,17 @@ impl AppendFlush {
         client: &deadpool_postgres::Client,
         batch: &[AppendRequest],
     ) -> std::result::Result<Vec<Option<AppendResult>>, tokio_postgres::Error> {
-        let types: Vec<&str> = batch.iter().map(|r| r.aggregate_type.as_str()).collect();
-        let ids: Vec<&str> = batch.iter().map(|r| r.aggregate_id.as_str()).collect();
-        let expected: Vec<Option<i64>> = batch.iter().map(|r| r.expected.as_param()).collect();
+        // Streams in one order (by stream) in every process's statements,
+        // so two shared statements never wait for each other's stream
+        // versions in a cycle (a deadlock costs `deadlock_timeout`, 1 s by
+        // default, before the server breaks it).
+        let mut sorted: Vec<&AppendRequest> = batch.iter().collect();
+        sorted.sort_by(|a, b| {
+            (&a.aggregate_type, &a.aggregate_id).cmp(&(&b.aggregate_type, &b.aggregate_id))
+        });
+        let types: Vec<&str> = sorted.iter().map(|r| r.aggregate_type.as_str()).collect();
+        let ids: Vec<&str> = sorted.iter().map(|r| r.aggregate_id.as_str()).collect();
+        let expected: Vec<Option<i64>> = sorted.iter().map(|r| r.expected.as_param()).collect();
         let n: usize = batch.iter().map(|r| r.ids.len()).sum();
         let (
             mut group,
@@ -975,7 +983,7 @@ impl AppendFlush {
             Vec::with_capacity(n),
             Vec::with_capacity(n),
         );
-        for (g, r) in batch.iter().enumerate() {
+        for (g, r) in sorted.iter().enumerate() {
             for i in 0..r.ids.len() {
                 group.push(g as i32 + 1);
                 event_ids.push(r.ids[i]);
