@@ -1060,7 +1060,9 @@ fn rolled_back(e: &tokio_postgres::Error) -> bool {
 /// A transaction that NOTIFYs holds a database-wide lock from its commit
 /// until the commit is flushed, so notifying inside the append would make
 /// concurrent writers commit one at a time (no group commit). A bare
-/// `SELECT pg_notify(...)` has no transaction id and waits for no flush.
+/// `SELECT pg_notify(...)` writes no data, so its commit waits for no WAL
+/// flush (pgbench on the benchmark machine: 0.11 ms a call, 0.07 ms for
+/// `SELECT 1`).
 struct Notifier {
     channel: String,
     /// The newest committed appending transaction not yet announced.
