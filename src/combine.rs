@@ -4,7 +4,8 @@
 //!
 //! A request runs at once, on its caller's task, while fewer than `lanes`
 //! batches are in flight. Otherwise it queues; whenever a lane finishes a
-//! batch it takes what queued meanwhile (up to a size limit, never two
+//! batch it answers its callers, lets them run (they usually request again
+//! at once), and takes what queued meanwhile (up to a size limit, never two
 //! requests with the same key) as its next batch, on a spawned task. So a
 //! lone caller pays nothing (no task, no channel), and under load each
 //! commit carries many requests.
