@@ -86,7 +86,9 @@ pub fn describe(config: &tokio_postgres::Config) -> String {
 }
 
 /// Builds a pool of at most `size` connections. Connections are opened
-/// lazily, on first use.
+/// lazily, on first use, and handed out last returned first: a lone user
+/// keeps one warm connection (and one server process) instead of rotating
+/// through every connection the pool ever opened.
 pub fn pool(config: &tokio_postgres::Config, tls: &MakeRustlsConnect, size: usize) -> Result<Pool> {
     let manager = Manager::from_config(
         config.clone(),
@@ -97,6 +99,7 @@ pub fn pool(config: &tokio_postgres::Config, tls: &MakeRustlsConnect, size: usiz
     );
     Pool::builder(manager)
         .max_size(size.max(1))
+        .queue_mode(deadpool_postgres::QueueMode::Lifo)
         .runtime(deadpool_postgres::Runtime::Tokio1)
         .build()
         .map_err(|e| {

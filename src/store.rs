@@ -101,7 +101,8 @@ impl StoreConfig {
 
     /// NOTIFY this channel for every append, so `notify` dispatchers wake
     /// at once: appends in their own transaction notify right after the
-    /// commit (coalesced, from a background task); appends in a caller's
+    /// commit (coalesced, from a background task on a connection of its
+    /// own, opened on the first append); appends in a caller's
     /// transaction notify inside it. `None` appends without NOTIFY.
     /// Default: [`DEFAULT_NOTIFY_CHANNEL`].
     pub fn notify_channel(mut self, channel: Option<&str>) -> Result<StoreConfig> {
@@ -182,7 +183,10 @@ impl StoreConfig {
     }
 
     /// Maximum pooled connections when the store builds its own pool.
-    /// Default: 16.
+    /// Pools hand out the connection returned last (so a lone writer keeps
+    /// one connection and one server process). With a NOTIFY channel the
+    /// store opens one more connection, its own, for the after-commit
+    /// notifications. Default: 16.
     pub fn pool_size(mut self, size: usize) -> StoreConfig {
         self.pool_size = size;
         self
@@ -406,15 +410,10 @@ impl EventStore {
         let mut sql = Statements::new(&config.schema, config.notify_channel.as_ref());
         sql.registry = config.registry.clone();
         let sql = Arc::new(sql);
-        let notifier = config.notify_channel.as_ref().map(|c| {
-            Arc::new(Notifier {
-                channel: c.as_str().to_owned(),
-                pending: std::sync::atomic::AtomicU64::new(0),
-                signal: tokio::sync::Notify::new(),
-                started: std::sync::OnceLock::new(),
-                interval: config.notify_interval,
-            })
-        });
+        let notifier = config
+            .notify_channel
+            .as_ref()
+            .map(|c| Arc::new(Notifier::new(c, config.notify_interval, &pg, &tls, &pool)));
         let mut store = EventStore {
             pool,
             pg,
@@ -530,7 +529,7 @@ impl EventStore {
         let result = append_one(&**client, &self.sql, Some(&stmt), &request).await?;
         drop(client);
         if let Some(n) = &self.notifier {
-            n.announce(&self.pool, result.transaction_id);
+            n.announce(result.transaction_id);
         }
         Ok(result)
     }
@@ -871,7 +870,7 @@ impl crate::combine::Flush for AppendFlush {
                     .map(|r| r.transaction_id)
                     .max()
                 {
-                    n.announce(&self.pool, tx);
+                    n.announce(tx);
                 }
             }
             results
@@ -1067,31 +1066,70 @@ struct Notifier {
     channel: String,
     /// The newest committed appending transaction not yet announced.
     pending: std::sync::atomic::AtomicU64,
-    signal: tokio::sync::Notify,
+    /// Wakes the task: an append to announce, or the notifier is gone.
+    signal: Arc<tokio::sync::Notify>,
     started: std::sync::OnceLock<()>,
     /// The quiet time after each notification (see
     /// [`StoreConfig::notify_interval`]).
     interval: std::time::Duration,
+    /// A pool of one connection of its own. On the store's pool, each
+    /// notification took the connection the writer had just returned, and
+    /// the writer's next append ran on another one (another server
+    /// process): writers and notifier swapped connections after every
+    /// notification. Dropped with the notifier (the task holds it weakly),
+    /// so the connection closes when the last store clone goes.
+    pool: Pool,
+}
+
+impl Drop for Notifier {
+    fn drop(&mut self) {
+        // The task ends at once instead of at its next look.
+        self.signal.notify_one();
+    }
 }
 
 impl Notifier {
-    fn announce(self: &Arc<Self>, pool: &Pool, transaction_id: u64) {
+    fn new(
+        channel: &Ident,
+        interval: std::time::Duration,
+        pg: &tokio_postgres::Config,
+        tls: &crate::tls::MakeRustlsConnect,
+        store_pool: &Pool,
+    ) -> Notifier {
+        Notifier {
+            channel: channel.as_str().to_owned(),
+            pending: std::sync::atomic::AtomicU64::new(0),
+            signal: Arc::new(tokio::sync::Notify::new()),
+            started: std::sync::OnceLock::new(),
+            interval,
+            // Building a pool only fails on an invalid size; 1 is valid.
+            // Should it fail, sharing the store's pool still works.
+            pool: db::pool(pg, tls, 1).unwrap_or_else(|_| store_pool.clone()),
+        }
+    }
+
+    fn announce(self: &Arc<Self>, transaction_id: u64) {
         self.pending
             .fetch_max(transaction_id, std::sync::atomic::Ordering::SeqCst);
         self.started.get_or_init(|| {
+            // Weak: the notifier (and its connection) goes with the last
+            // store clone, not when this task next looks.
             let me = Arc::downgrade(self);
-            // Weak: the store's pool closes when the last store clone goes,
-            // not when this task next looks.
-            let pool = pool.weak();
+            let pool = self.pool.weak();
+            let signal = self.signal.clone();
+            let channel = self.channel.clone();
+            let interval = self.interval;
             tokio::spawn(async move {
                 loop {
-                    let Some(n) = me.upgrade() else { return };
-                    let tx = n.pending.swap(0, std::sync::atomic::Ordering::SeqCst);
+                    let tx = match me.upgrade() {
+                        Some(n) => n.pending.swap(0, std::sync::atomic::Ordering::SeqCst),
+                        None => return,
+                    };
                     if tx == 0 {
-                        // Wake on the next append; look again now and then
-                        // so the task ends once the store is dropped.
+                        // Wake on the next append or when the notifier is
+                        // dropped; look again now and then regardless.
                         tokio::select! {
-                            _ = n.signal.notified() => {}
+                            _ = signal.notified() => {}
                             _ = tokio::time::sleep(std::time::Duration::from_secs(5)) => {}
                         }
                         continue;
@@ -1102,7 +1140,7 @@ impl Notifier {
                         // Prepared once per connection: one round trip.
                         let notify = client.prepare_cached("SELECT pg_notify($1, $2)").await?;
                         client
-                            .execute(&notify, &[&n.channel, &tx.to_string()])
+                            .execute(&notify, &[&channel, &tx.to_string()])
                             .await?;
                         Ok::<_, Error>(())
                     }
@@ -1110,8 +1148,8 @@ impl Notifier {
                     drop(pool);
                     // Appends committed while this one was sent, or within
                     // the interval after it, share the next notification.
-                    if !n.interval.is_zero() {
-                        tokio::time::sleep(n.interval).await;
+                    if !interval.is_zero() {
+                        tokio::time::sleep(interval).await;
                     }
                     if let Err(e) = sent {
                         // Readers also poll: a lost notification only delays them.

@@ -694,3 +694,30 @@ async fn dropping_the_store_closes_its_connections() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// A lone writer's appends all run on one connection of the store's pool:
+/// the after-commit notifications have a connection of their own. (On the
+/// store's pool, each notification took the connection the writer had just
+/// returned, so the writer's next append ran on another one, and another
+/// server process, after every notification.)
+#[tokio::test]
+async fn notifications_do_not_take_the_writers_connection() {
+    let env = env().await;
+    let store = projectionist::EventStore::connect_config(
+        env.db.config(),
+        projectionist::StoreConfig::default().notify_interval(Duration::ZERO),
+    )
+    .expect("store");
+    for k in 0..200 {
+        store
+            .append("Account", "lone", ExpectedVersion::Exact(k), &[deposit(k)])
+            .await
+            .expect("append");
+    }
+    let status = store.pool().status();
+    assert_eq!(
+        status.size, 1,
+        "a lone writer's appends opened {} connections of the store's pool",
+        status.size
+    );
+}
