@@ -67,6 +67,11 @@ pub struct Args {
     /// own statement). Default: the library's default.
     #[arg(long)]
     pub append_lanes: Option<usize>,
+    /// Diagnostic: the quiet time after each after-commit notification, in
+    /// milliseconds (`StoreConfig::notify_interval`), for the append cases'
+    /// store and the wake-up cases' writer. Default: the library's default.
+    #[arg(long)]
+    pub notify_interval_ms: Option<f64>,
     /// Run the scale benchmark instead of the cases (issue 12; not in CI):
     /// seeds `--scale-events` events with SQL, then measures status,
     /// /metrics and /readyz with the whole log as lag over 16 slots,

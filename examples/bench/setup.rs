@@ -11,7 +11,7 @@ use projectionist::{EventStore, RunnerConfig, StoreConfig, DEFAULT_BATCH_SIZE};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Map, Value};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use tokio_postgres::Client;
 use uuid::Uuid;
 
@@ -153,6 +153,9 @@ impl Bench {
         };
         if let Some(lanes) = self.args.append_lanes {
             store_config = store_config.append_lanes(lanes);
+        }
+        if let Some(ms) = self.args.notify_interval_ms {
+            store_config = store_config.notify_interval(Duration::from_secs_f64(ms / 1000.0));
         }
         let store = EventStore::connect_config(self.lib_config(&db), store_config)
             .unwrap_or_else(|e| panic!("cannot build the store: {e}"));
