@@ -54,6 +54,11 @@
 //!   Every raw catch-up baseline commits its pages with `synchronous_commit
 //!   = off`, as the library's batch transactions do by default, so neither
 //!   side waits for a WAL flush per page.
+//!   Each repetition runs four catch-ups of each side, alternately; its
+//!   ratio is that of the two sides' totals, and the reported ratio the
+//!   median of the repetitions' (also for `catchup_large_payload` and
+//!   `catchup_read_model_batch`): one catch-up takes under a second here,
+//!   too short for one run per side to average out the machine.
 //! * `catchup_large_payload`: `catchup_noop` (the same projection, the same
 //!   raw keyset reader) over 200,000 events whose payloads are 2 KB of JSON
 //!   (a random 2 KB `note` beside the amount, which pglz cannot compress,
