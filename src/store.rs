@@ -391,7 +391,9 @@ impl EventStore {
     }
 
     /// Uses an existing pool; `pg` must point at the same database (it is
-    /// used for the few dedicated connections, such as LISTEN).
+    /// used for the few dedicated connections, such as LISTEN, and for
+    /// the after-commit notifier's one connection when a NOTIFY channel is
+    /// configured).
     pub fn from_parts(
         pool: Pool,
         pg: tokio_postgres::Config,
