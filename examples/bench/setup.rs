@@ -93,6 +93,16 @@ impl Bench {
         config
     }
 
+    /// A writer's store configuration: the library's defaults, with
+    /// `--notify-interval-ms` when given.
+    pub fn writer_store_config(&self) -> StoreConfig {
+        let config = StoreConfig::default();
+        match self.args.notify_interval_ms {
+            Some(ms) => config.notify_interval(Duration::from_secs_f64(ms / 1000.0)),
+            None => config,
+        }
+    }
+
     /// The runner configuration of the catch-up cases (`--batch-size`).
     pub fn catchup_config(&self) -> RunnerConfig {
         RunnerConfig::default()
@@ -145,17 +155,14 @@ impl Bench {
             }
         }
         let mut store_config = if self.args.no_append_notify {
-            StoreConfig::default()
+            self.writer_store_config()
                 .notify_channel(None)
                 .expect("no channel is valid")
         } else {
-            StoreConfig::default()
+            self.writer_store_config()
         };
         if let Some(lanes) = self.args.append_lanes {
             store_config = store_config.append_lanes(lanes);
-        }
-        if let Some(ms) = self.args.notify_interval_ms {
-            store_config = store_config.notify_interval(Duration::from_secs_f64(ms / 1000.0));
         }
         let store = EventStore::connect_config(self.lib_config(&db), store_config)
             .unwrap_or_else(|e| panic!("cannot build the store: {e}"));

@@ -138,11 +138,7 @@ impl Bench {
         let label = format!("{kind:?}").to_lowercase();
         let runner_store = EventStore::connect_config(self.lib_config(db), StoreConfig::default())
             .expect("cannot build the runner's store");
-        let mut writer_config = StoreConfig::default();
-        if let Some(ms) = self.args.notify_interval_ms {
-            writer_config = writer_config.notify_interval(Duration::from_secs_f64(ms / 1000.0));
-        }
-        let writer = EventStore::connect_config(self.lib_config(db), writer_config)
+        let writer = EventStore::connect_config(self.lib_config(db), self.writer_store_config())
             .expect("cannot build the writer's store");
         let (seen_tx, mut seen) = mpsc::unbounded_channel();
         let runner = Runner::new(runner_store, RunnerConfig::default().dispatcher(kind))
