@@ -421,7 +421,18 @@ impl StoredEvent {
     }
 
     /// The metadata (correlation id, causation id, traceparent, extras).
+    ///
+    /// An error for events handed to a projection that declares
+    /// `ProjectionOptions::reads_metadata(false)`: the engine did not read
+    /// their metadata.
     pub fn metadata(&self) -> Result<Metadata> {
+        if self.metadata.is_empty() {
+            return Err(Error::config(format!(
+                "the metadata of the event at global position {} was not read: the projection declares \
+                 ProjectionOptions::reads_metadata(false); remove that declaration to receive metadata",
+                self.global_position
+            )));
+        }
         serde_json::from_str(&self.metadata).map_err(|e| {
             Error::new(
                 Kind::Payload,
@@ -433,7 +444,8 @@ impl StoredEvent {
         })
     }
 
-    /// The metadata as JSON text.
+    /// The metadata as JSON text; empty (not valid JSON) for events handed
+    /// to a projection that declares `ProjectionOptions::reads_metadata(false)`.
     pub fn metadata_json(&self) -> &str {
         &self.metadata
     }
@@ -455,7 +467,11 @@ impl StoredEvent {
             event_type: row.try_get(at + 6)?,
             event_version: row.try_get(at + 7)?,
             payload: row.try_get::<_, RawJson>(at + 8)?.0,
-            metadata: row.try_get::<_, RawJson>(at + 9)?.0,
+            // NULL only where the page did not read the column (the
+            // column itself is NOT NULL): `reads_metadata(false)`.
+            metadata: row
+                .try_get::<_, Option<RawJson>>(at + 9)?
+                .map_or_else(String::new, |m| m.0),
             created_at: row.try_get(at + 10)?,
         })
     }

@@ -92,7 +92,14 @@ struct PageQuery {
 
 /// Builds the gap-safe read of `events` for `filter`; with `slot`, the
 /// control row also reads the slot's checkpoint and the crash sentinel.
-fn gap_safe_query(events: &str, filter: &ReadFilter, slot: Option<&SlotTables>) -> PageQuery {
+/// Without `metadata`, the page reads a NULL in place of the `metadata`
+/// column (see [`StoredEvent::from_row_at`]).
+fn gap_safe_query(
+    events: &str,
+    filter: &ReadFilter,
+    slot: Option<&SlotTables>,
+    metadata: bool,
+) -> PageQuery {
     let mut n = 0;
     let mut param = || {
         n += 1;
@@ -146,7 +153,11 @@ fn gap_safe_query(events: &str, filter: &ReadFilter, slot: Option<&SlotTables>) 
     let conds = filter_conditions(filter, 3);
     let cols = StoredEvent::COLUMNS
         .split(", ")
-        .map(|c| format!("e.{c}"))
+        .map(|c| match c {
+            // A constant: the server neither reads nor converts the column.
+            "metadata" if !metadata => "NULL::jsonb".to_owned(),
+            c => format!("e.{c}"),
+        })
         .collect::<Vec<_>>()
         .join(", ");
     // The watermark is computed once per statement (a stable function in
@@ -175,14 +186,16 @@ pub(crate) struct PageReader {
 impl PageReader {
     /// Reads `events` for `filter`; with `slot`, the control row also
     /// reads that slot's checkpoint (projection key, partition) in `tables`
-    /// and the crash sentinel.
+    /// and the crash sentinel. Without `metadata` the events come without
+    /// their metadata (`ProjectionOptions::reads_metadata`).
     pub(crate) fn new(
         events: &str,
         filter: ReadFilter,
         slot: Option<(&SlotTables, &str, i32)>,
+        metadata: bool,
     ) -> PageReader {
         PageReader {
-            query: gap_safe_query(events, &filter, slot.map(|(t, _, _)| t)),
+            query: gap_safe_query(events, &filter, slot.map(|(t, _, _)| t), metadata),
             filter,
             slot: slot.map(|(_, name, partition)| (name.to_owned(), partition)),
         }

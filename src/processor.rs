@@ -335,6 +335,7 @@ impl Processor {
             &sql.events,
             filter,
             Some((&tables, &name, slot.partition)),
+            projection.reads_metadata(),
         ));
         let checkpoints = Checkpoints::for_slots(&sql.checkpoints, &sql.assignments, &sql.epoch);
         let client = pool.get().await?;

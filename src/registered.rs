@@ -136,6 +136,10 @@ impl Registered {
         self.0.options.rewindable
     }
 
+    pub(crate) fn reads_metadata(&self) -> bool {
+        self.0.options.reads_metadata
+    }
+
     /// `Some` for a concurrent projection.
     pub(crate) fn concurrency(&self) -> Option<Concurrency> {
         match &self.0.handler {

@@ -317,7 +317,7 @@ impl Statements {
              WHERE aggregate_type = $1 AND aggregate_id = $2 AND aggregate_version >= $3 \
              ORDER BY aggregate_version LIMIT $4"
         );
-        let read_all = PageReader::new(&events, ReadFilter::default(), None);
+        let read_all = PageReader::new(&events, ReadFilter::default(), None, true);
         let head = format!(
             "SELECT coalesce((SELECT max(global_position) FROM {events}), 0), \
                     pg_snapshot_xmin(pg_current_snapshot())"

@@ -105,7 +105,8 @@ pub struct BalancesBatch;
 #[projectionist::async_trait]
 impl projectionist::Projection for BalancesBatch {
     fn options(&self) -> projectionist::ProjectionOptions {
-        projectionist::ProjectionOptions::new("bench_balances_batch")
+        // Like the raw one-statement baseline, it never looks at metadata.
+        projectionist::ProjectionOptions::new("bench_balances_batch").reads_metadata(false)
     }
 
     async fn handle(

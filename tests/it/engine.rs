@@ -1000,3 +1000,78 @@ async fn more_slots_than_pooled_connections_still_catch_up() {
     .await
     .expect("4 slots on a pool of 2 connections never caught up: a slot waits for a connection it holds");
 }
+
+/// Records what each event's metadata looked like in the handler.
+struct MetadataSeen {
+    name: String,
+    reads_metadata: bool,
+    seen: std::sync::Mutex<Vec<(String, Result<projectionist::Metadata, String>)>>,
+}
+
+#[projectionist::async_trait]
+impl projectionist::Projection for MetadataSeen {
+    fn options(&self) -> projectionist::ProjectionOptions {
+        projectionist::ProjectionOptions::new(&self.name).reads_metadata(self.reads_metadata)
+    }
+
+    async fn handle(
+        &self,
+        event: &StoredEvent,
+        _: &projectionist::Context<'_>,
+    ) -> projectionist::Result<()> {
+        let decoded = event.metadata().map_err(|e| e.to_string());
+        self.seen
+            .lock()
+            .unwrap()
+            .push((event.metadata_json().to_owned(), decoded));
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn a_projection_that_reads_no_metadata_gets_none_and_is_told_why() {
+    let env = env().await;
+    let md = projectionist::Metadata::new().with_correlation_id("c-7");
+    env.store
+        .append(
+            "Account",
+            "acc-md",
+            ExpectedVersion::Any,
+            &[amount_event(5).with_metadata(&md), amount_event(6)],
+        )
+        .await
+        .unwrap();
+    for reads_metadata in [true, false] {
+        let p = Arc::new(MetadataSeen {
+            name: format!("metadata_seen_{reads_metadata}"),
+            reads_metadata,
+            seen: Default::default(),
+        });
+        let runner = Runner::new(env.store.clone(), RunnerConfig::default())
+            .with_projection(p.clone())
+            .unwrap();
+        wait_until(Duration::from_secs(30), "both events handled", || async {
+            runner.run_once().await.unwrap();
+            p.seen.lock().unwrap().len() >= 2
+        })
+        .await;
+        let seen = p.seen.lock().unwrap();
+        assert_eq!(seen.len(), 2, "each event handled once: {seen:?}");
+        if reads_metadata {
+            assert_eq!(seen[0].1.as_ref().unwrap(), &md);
+            assert_eq!(
+                seen[1].1.as_ref().unwrap(),
+                &projectionist::Metadata::default()
+            );
+        } else {
+            for (json, decoded) in seen.iter() {
+                assert_eq!(json, "", "no metadata is read");
+                let e = decoded.as_ref().unwrap_err();
+                assert!(
+                    e.contains("reads_metadata(false)") && e.contains("was not read"),
+                    "the error names the option: {e}"
+                );
+            }
+        }
+    }
+}
