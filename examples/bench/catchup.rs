@@ -19,9 +19,9 @@ pub const LARGE_PAYLOAD_EVENTS: u64 = 200_000;
 /// Payload size of the `catchup_large_payload` case, in bytes of JSON text.
 pub const LARGE_PAYLOAD_BYTES: usize = 2_048;
 /// Catch-ups of each side per repetition of `catchup_noop`,
-/// `catchup_large_payload` and `catchup_read_model_batch`, library and raw
+/// `catchup_large_payload`, `catchup_read_model_batch` and `catchup_upcast`, library and raw
 /// alternately (see [`Bench::noop_against_raw`]).
-const PASSES: usize = 4;
+pub const PASSES: usize = 4;
 
 impl Bench {
     /// `run_once` of `projection` from the start; loops if an open
