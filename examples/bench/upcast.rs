@@ -16,6 +16,7 @@ use projectionist::{EventStore, Registered, Registry, StoredEvent, UpcastResult}
 use serde_json::json;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 use tokio_postgres::Client;
 
 #[derive(serde::Serialize, serde::Deserialize)]
@@ -112,7 +113,7 @@ async fn seed(client: &Client, n: u64, version: i32) -> i64 {
 
 impl Bench {
     /// One timed catch-up; checks the sum.
-    async fn upcast_run(&self, store: &EventStore, client: &Client, n: u64, want: i64) -> f64 {
+    async fn upcast_run(&self, store: &EventStore, client: &Client, n: u64, want: i64) -> Duration {
         let p = Arc::new(TypedSum {
             sum: AtomicI64::new(0),
         });
@@ -130,7 +131,7 @@ impl Bench {
             want,
             "catchup_upcast: the typed sum is wrong"
         );
-        rate(n, d)
+        d
     }
 
     /// `catchup_upcast`: old shapes through a one-step upcaster against
@@ -160,18 +161,18 @@ impl Bench {
         // 0.74 and 0.86 in two runs of one build on the throwaway cluster).
         let (mut upcast, mut plain, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
         for rep in 0..self.reps {
-            let (mut u_sum, mut p_sum) = (0.0, 0.0);
+            let (mut u_time, mut p_time) = (Duration::ZERO, Duration::ZERO);
             for pass in 0..PASSES {
                 for side in 0..2 {
                     if (side == 0) == ((rep as usize + pass) % 2 == 0) {
-                        u_sum += 1.0 / self.upcast_run(&old_store, &old, n, want).await;
+                        u_time += self.upcast_run(&old_store, &old, n, want).await;
                     } else {
-                        p_sum += 1.0 / self.upcast_run(&current_store, &current, n, want).await;
+                        p_time += self.upcast_run(&current_store, &current, n, want).await;
                     }
                 }
             }
-            // Rates over the PASSES catch-ups' total time.
-            let (u, p) = (PASSES as f64 / u_sum, PASSES as f64 / p_sum);
+            let events = n * PASSES as u64;
+            let (u, p) = (rate(events, u_time), rate(events, p_time));
             upcast.push(u);
             plain.push(p);
             ratios.push(u / p);
