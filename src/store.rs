@@ -245,8 +245,9 @@ impl Statements {
         // transaction id, for the expected version and the per-stream order
         // rule) joined in laterally; no row qualifies, and none is written,
         // when either check fails.
-        let insert = format!(
-            "INSERT INTO {events} (event_id, aggregate_type, aggregate_id, aggregate_version, \
+        let insert_returning = |returning: &str| {
+            format!(
+                "INSERT INTO {events} (event_id, aggregate_type, aggregate_id, aggregate_version, \
                                    event_type, event_version, payload, metadata) \
              SELECT e.event_id, $1, $2, coalesce(h.v, 0) + e.n, e.event_type, e.event_version, \
                     e.payload::jsonb, e.metadata::jsonb \
@@ -261,8 +262,13 @@ impl Statements {
              WHERE ($3::bigint IS NULL OR coalesce(h.v, 0) = $3::bigint) \
                AND (h.tx IS NULL OR h.tx <= pg_current_xact_id()) \
              ORDER BY e.n \
-             RETURNING global_position, aggregate_version, transaction_id"
-        );
+             RETURNING {returning}"
+            )
+        };
+        // The rows form reads each row's transaction id; the summary takes
+        // it once, from the statement's transaction (the same id).
+        let insert = insert_returning("global_position, aggregate_version, transaction_id");
+        let insert_summarised = insert_returning("global_position, aggregate_version");
         let append_sql = |report: Report, notify: bool| {
             match report {
             // Every row asks for the same notification; PostgreSQL sends
@@ -270,12 +276,12 @@ impl Statements {
             Report::Rows if notify => format!("{insert}, pg_notify($9, transaction_id::text)"),
             Report::Rows => insert.clone(),
             Report::Summary => format!(
-                "WITH ins AS ({insert}) \
-                 SELECT count(*), coalesce(min(global_position), 0), coalesce(max(global_position), 0), \
-                        coalesce(max(aggregate_version), 0), min(transaction_id){} \
+                "WITH ins AS ({insert_summarised}) \
+                 SELECT count(*), min(global_position), max(global_position), \
+                        max(aggregate_version), CASE WHEN count(*) > 0 THEN pg_current_xact_id() END{} \
                  FROM ins",
                 if notify {
-                    ", CASE WHEN count(*) > 0 THEN pg_notify($9, min(transaction_id)::text)::text END"
+                    ", CASE WHEN count(*) > 0 THEN pg_notify($9, pg_current_xact_id()::text)::text END"
                 } else {
                     ""
                 }
