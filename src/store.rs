@@ -515,9 +515,9 @@ impl EventStore {
         expected: ExpectedVersion,
         events: &[NewEvent],
     ) -> Result<AppendResult> {
-        let request = self.request(aggregate_type, aggregate_id, expected, events)?;
         if let Some(combiner) = &self.combiner {
             if events.len() <= COMBINE_UP_TO {
+                let request = self.request(aggregate_type, aggregate_id, expected, events)?;
                 return combiner.submit(request).await.unwrap_or_else(|_| {
                     Err(Error::new(
                         Kind::Other,
@@ -530,11 +530,21 @@ impl EventStore {
                 });
             }
         }
+        // Not queued: the statement's parameters borrow the caller's
+        // events instead of copying every string.
+        let stamped = self.check(aggregate_type, aggregate_id, events)?;
+        let params = AppendParams::borrowed(
+            aggregate_type,
+            aggregate_id,
+            expected,
+            events,
+            stamped.as_deref(),
+        );
         let client = self.pool.get().await?;
         let stmt = client
             .prepare_cached(&self.sql.append_quiet[Report::for_batch(events.len()) as usize])
             .await?;
-        let result = append_one(&**client, &self.sql, Some(&stmt), &request).await?;
+        let result = append_one(&**client, &self.sql, Some(&stmt), &params).await?;
         drop(client);
         if let Some(n) = &self.notifier {
             n.announce(result.transaction_id);
@@ -558,18 +568,27 @@ impl EventStore {
         expected: ExpectedVersion,
         events: &[NewEvent],
     ) -> Result<AppendResult> {
-        let request = self.request(aggregate_type, aggregate_id, expected, events)?;
-        append_one(client, &self.sql, None, &request).await
+        let stamped = self.check(aggregate_type, aggregate_id, events)?;
+        let params = AppendParams::borrowed(
+            aggregate_type,
+            aggregate_id,
+            expected,
+            events,
+            stamped.as_deref(),
+        );
+        append_one(client, &self.sql, None, &params).await
     }
 
-    /// Checks an append's events and takes them in the statement's shape.
-    fn request(
+    /// Checks an append's events (at least one; known to the registry, if
+    /// any) and returns their metadata when tracing stamped it (feature
+    /// `otel`: events without a `traceparent` get the current span's, so
+    /// the trace continues into the projections).
+    fn check(
         &self,
         aggregate_type: &str,
         aggregate_id: &str,
-        expected: ExpectedVersion,
         events: &[NewEvent],
-    ) -> Result<AppendRequest> {
+    ) -> Result<Option<Vec<String>>> {
         if events.is_empty() {
             return Err(Error::config(
                 "append called with no events: pass at least one",
@@ -584,10 +603,19 @@ impl EventStore {
                 })?;
             }
         }
-        // Inside a traced span (feature `otel`), events without a
-        // `traceparent` get the span's, so the trace continues into the
-        // projections.
-        let metadata = match crate::otel::stamp_metadata(events) {
+        Ok(crate::otel::stamp_metadata(events))
+    }
+
+    /// Checks an append's events and copies them in the statement's shape,
+    /// for the queue of shared statements.
+    fn request(
+        &self,
+        aggregate_type: &str,
+        aggregate_id: &str,
+        expected: ExpectedVersion,
+        events: &[NewEvent],
+    ) -> Result<AppendRequest> {
+        let metadata = match self.check(aggregate_type, aggregate_id, events)? {
             Some(m) => m,
             None => events.iter().map(|e| e.metadata.clone()).collect(),
         };
@@ -745,6 +773,61 @@ pub(crate) struct AppendRequest {
     metadata: Vec<String>,
 }
 
+impl AppendRequest {
+    /// The statement's parameters, borrowed from this request.
+    fn params(&self) -> AppendParams<'_> {
+        AppendParams {
+            aggregate_type: &self.aggregate_type,
+            aggregate_id: &self.aggregate_id,
+            expected: self.expected,
+            ids: self.ids.clone(),
+            types: self.types.iter().map(String::as_str).collect(),
+            versions: self.versions.clone(),
+            payloads: self.payloads.iter().map(String::as_str).collect(),
+            metadata: self.metadata.iter().map(String::as_str).collect(),
+        }
+    }
+}
+
+/// One append's statement parameters, borrowing their strings (from the
+/// caller's events or from a queued [`AppendRequest`]).
+struct AppendParams<'a> {
+    aggregate_type: &'a str,
+    aggregate_id: &'a str,
+    expected: ExpectedVersion,
+    ids: Vec<Uuid>,
+    types: Vec<&'a str>,
+    versions: Vec<i32>,
+    payloads: Vec<&'a str>,
+    metadata: Vec<&'a str>,
+}
+
+impl<'a> AppendParams<'a> {
+    /// The parameters of `events`, with `stamped` metadata in place of
+    /// theirs when given (see [`EventStore::check`]).
+    fn borrowed(
+        aggregate_type: &'a str,
+        aggregate_id: &'a str,
+        expected: ExpectedVersion,
+        events: &'a [NewEvent],
+        stamped: Option<&'a [String]>,
+    ) -> AppendParams<'a> {
+        AppendParams {
+            aggregate_type,
+            aggregate_id,
+            expected,
+            ids: events.iter().map(|e| e.event_id).collect(),
+            types: events.iter().map(|e| e.event_type.as_str()).collect(),
+            versions: events.iter().map(|e| e.event_version).collect(),
+            payloads: events.iter().map(|e| e.payload.as_str()).collect(),
+            metadata: match stamped {
+                Some(m) => m.iter().map(String::as_str).collect(),
+                None => events.iter().map(|e| e.metadata.as_str()).collect(),
+            },
+        }
+    }
+}
+
 /// Runs one append as one statement: prepared when `stmt` is given (the
 /// quiet append), otherwise as a typed unnamed statement that notifies in
 /// the caller's transaction (still one round trip).
@@ -752,7 +835,7 @@ async fn append_one<C: GenericClient>(
     client: &C,
     sql: &Statements,
     stmt: Option<&tokio_postgres::Statement>,
-    r: &AppendRequest,
+    r: &AppendParams<'_>,
 ) -> Result<AppendResult> {
     let expected_param = r.expected.as_param();
     let mut params: Vec<&(dyn ToSql + Sync)> = vec![
@@ -783,7 +866,7 @@ async fn append_one<C: GenericClient>(
                 .await
         }
     };
-    let rows = result.map_err(|e| map_append_error(e, &r.aggregate_type, &r.aggregate_id))?;
+    let rows = result.map_err(|e| map_append_error(e, r.aggregate_type, r.aggregate_id))?;
     let written = match report {
         Report::Rows => Report::rows(&rows)?,
         Report::Summary => Report::summary(&rows)?,
@@ -800,7 +883,7 @@ async fn append_one<C: GenericClient>(
 async fn describe_conflict<C: GenericClient>(
     client: &C,
     sql: &Statements,
-    r: &AppendRequest,
+    r: &AppendParams<'_>,
 ) -> Error {
     let (aggregate_type, aggregate_id) = (&r.aggregate_type, &r.aggregate_id);
     let q = format!(
@@ -913,7 +996,7 @@ impl AppendFlush {
                             crate::metrics::with(|m| m.events_appended.inc_by(r.ids.len() as u64));
                             Ok(result)
                         }
-                        None => Err(describe_conflict(&**client, &self.sql, r).await),
+                        None => Err(describe_conflict(&**client, &self.sql, &r.params()).await),
                     });
                 }
                 out
@@ -951,7 +1034,7 @@ impl AppendFlush {
         let stmt = client
             .prepare_cached(&self.sql.append_quiet[Report::for_batch(r.ids.len()) as usize])
             .await?;
-        append_one(&***client, &self.sql, Some(&stmt), r).await
+        append_one(&***client, &self.sql, Some(&stmt), &r.params()).await
     }
 
     /// The combined statement; per request, what it wrote (`None`: a check
