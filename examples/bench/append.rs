@@ -2,7 +2,7 @@
 //! multi-row INSERT of the same rows, with one or eight writers) and
 //! `append_copy_bulk` (against one binary COPY).
 
-use crate::events::{append_plan, plan_events, Batch, Part, AGGREGATE_TYPE};
+use crate::events::{append_plan, plan_events, stamp_ids, Batch, Part, AGGREGATE_TYPE};
 use crate::raw::{raw_appends, raw_copy, RAW_INSERT};
 use crate::setup::Bench;
 use crate::stats::{ev_s, mark, median, rate, round};
@@ -116,8 +116,34 @@ impl Bench {
             let (mut lib, mut raw, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
             let mut events = 0;
             for rep in 0..self.reps {
-                let lib_plan = Arc::new(append_plan(&mut self.rng, "L", writers, batch, total));
-                let raw_plan = Arc::new(append_plan(&mut self.rng, "R", writers, batch, total));
+                let mut lib_plan = append_plan(&mut self.rng, "L", writers, batch, total);
+                let mut raw_plan = append_plan(&mut self.rng, "R", writers, batch, total);
+                // Which side runs first in each part.
+                let order = |index: usize| {
+                    [
+                        (rep as usize + index) % 2 == 0,
+                        (rep as usize + index) % 2 == 1,
+                    ]
+                };
+                // Event ids in the order they will be written (see
+                // `stamp_ids`): neither side's inserts land below the other's.
+                for index in 0..PARTS {
+                    let part = Part {
+                        index,
+                        parts: PARTS,
+                    };
+                    for run_lib in order(index) {
+                        stamp_ids(
+                            if run_lib {
+                                &mut lib_plan
+                            } else {
+                                &mut raw_plan
+                            },
+                            part,
+                        );
+                    }
+                }
+                let (lib_plan, raw_plan) = (Arc::new(lib_plan), Arc::new(raw_plan));
                 events = plan_events(&lib_plan) as u64;
                 truncate().await;
                 let (mut lib_time, mut raw_time) = (Duration::ZERO, Duration::ZERO);
@@ -126,10 +152,7 @@ impl Bench {
                         index,
                         parts: PARTS,
                     };
-                    for run_lib in [
-                        (rep as usize + index) % 2 == 0,
-                        (rep as usize + index) % 2 == 1,
-                    ] {
+                    for run_lib in order(index) {
                         if run_lib {
                             lib_time += library_appends(store, &lib_plan, part).await;
                         } else {

@@ -35,11 +35,13 @@ pub struct Batch {
 }
 
 /// Per writer, its batches: `total` events split evenly, batches of `batch`
-/// events rotating over the writer's own streams (named after `prefix`, so
-/// that two plans can be written into one table side by side).
+/// events rotating over the writer's own streams (their names end in
+/// `side`, so that two plans can be written into one table side by side
+/// with their streams interleaved in the stream index, neither side's all
+/// after the other's).
 pub fn append_plan(
     rng: &mut StdRng,
-    prefix: &str,
+    side: &str,
     writers: usize,
     batch: usize,
     total: usize,
@@ -51,7 +53,7 @@ pub fn append_plan(
             (0..batches_per_writer)
                 .map(|k| {
                     let s = k % STREAMS_PER_WRITER;
-                    let stream = format!("{prefix}w{w}-s{s}");
+                    let stream = format!("w{w}-s{s}{side}");
                     let expected = versions[s];
                     versions[s] += batch as i64;
                     let payloads: Vec<String> = (0..batch)
@@ -81,6 +83,37 @@ pub fn append_plan(
                 .collect()
         })
         .collect()
+}
+
+/// Gives the events of part `part` of `plan` fresh UUIDv7 ids (time
+/// ordered), writers interleaved batch by batch as they would run.
+///
+/// Called part by part in the order the case will write them, so that
+/// every side's ids are newer than every id already in the table, as in
+/// an application that stamps its events when it appends them. Ids drawn
+/// once per plan put one side's ids all below the other's: its inserts
+/// landed in the middle of the `event_id` index (a descent from the root
+/// and a middle page split) while the other side's went to its right end.
+pub fn stamp_ids(plan: &mut [Vec<Batch>], part: Part) {
+    let longest = plan.iter().map(|w| part.of(w).len()).max().unwrap_or(0);
+    for k in 0..longest {
+        for writer in plan.iter_mut() {
+            let n = writer.len();
+            let start = n * part.index / part.parts;
+            let end = n * (part.index + 1) / part.parts;
+            if start + k >= end {
+                continue;
+            }
+            let b = &mut writer[start + k];
+            b.ids = (0..b.ids.len()).map(|_| Uuid::now_v7()).collect();
+            let events = std::mem::take(&mut b.events);
+            b.events = events
+                .into_iter()
+                .zip(&b.ids)
+                .map(|(e, id)| e.with_event_id(*id))
+                .collect();
+        }
+    }
 }
 
 /// The number of events in a plan.
