@@ -42,6 +42,10 @@
 //!   Each repetition writes the library's and the raw plan alternately in
 //!   8 parts into one table; the ratio is the median of the repetitions'
 //!   ratios (slow and fast spells of the disk weigh on both sides alike).
+//!   Event ids (UUIDv7) are drawn part by part in the order the sides will
+//!   write them, and the two sides' stream names interleave, so both sides'
+//!   inserts land at the right end of the `event_id` index, as an
+//!   application's would (`events::stamp_ids`).
 //! * `append_copy_bulk`: the library's 1000-event batches (the
 //!   `append_batch_1000` figure) against a raw binary `COPY events FROM
 //!   STDIN` of the same rows: the ceiling for bulk loading.
