@@ -31,6 +31,7 @@ impl crate::setup::Bench {
 
 #[cfg(feature = "otel")]
 mod imp {
+    use crate::catchup::LibRunner;
     use crate::projections::Noop;
     use crate::setup::{Bench, Seeded};
     use crate::stats::{ev_s, median, rate, round};
@@ -153,15 +154,17 @@ mod imp {
                     .await
                     .expect("cannot add traceparents");
             }
-            let noop = || {
+            let runner = LibRunner::of(
+                &s.store,
                 Arc::new(Noop {
                     name: "bench_noop".into(),
-                })
-            };
+                }),
+                self.catchup_config(),
+            );
             // Warm-up of both sides.
             for on in [false, true] {
                 projectionist::otel::set_spans_enabled(on);
-                self.library_catchup(s, noop(), self.catchup_config()).await;
+                self.library_catchup(s, &runner).await;
             }
             projectionist::otel::set_spans_enabled(false);
             flush(t).await;
@@ -173,7 +176,7 @@ mod imp {
                     let traced = (side == 0) == (rep % 2 == 0);
                     projectionist::otel::set_spans_enabled(traced);
                     let before = t.spans.load(Ordering::Relaxed);
-                    let d = self.library_catchup(s, noop(), self.catchup_config()).await;
+                    let d = self.library_catchup(s, &runner).await;
                     projectionist::otel::set_spans_enabled(false);
                     if traced {
                         on.push(rate(s.events, d));
