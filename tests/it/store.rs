@@ -574,14 +574,15 @@ async fn a_burst_of_appends_shares_notifications_and_the_last_one_arrives() {
     );
 }
 
-/// Small appends report their rows, large ones a summary row (a speed
-/// choice inside the store): both report the same positions, version and
-/// transaction, both refuse a wrong expected version without writing, in
+/// A single event has its own statement (scalar parameters), small appends
+/// report their rows, large ones a summary row (speed choices inside the
+/// store): all report the same positions, version and
+/// transaction, all refuse a wrong expected version without writing, in
 /// autocommit and in a caller's transaction.
 #[tokio::test]
 async fn appends_of_every_size_report_what_they_wrote() {
     let env = env().await;
-    for (i, n) in [1usize, 10, 32, 33, 100].into_iter().enumerate() {
+    for (i, n) in [1usize, 2, 10, 32, 33, 100].into_iter().enumerate() {
         let stream = format!("sized-{n}");
         let batch: Vec<NewEvent> = (0..n).map(|k| deposit(k as i64)).collect();
         let r = env
@@ -639,7 +640,7 @@ async fn appends_of_every_size_report_what_they_wrote() {
     }
     assert_eq!(
         env.scalar_i64("SELECT count(*) FROM events").await,
-        2 * (1 + 10 + 32 + 33 + 100)
+        2 * (1 + 2 + 10 + 32 + 33 + 100)
     );
 }
 
