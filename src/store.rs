@@ -16,6 +16,7 @@ use crate::ident::Ident;
 use crate::page::{PageReader, ReadBatch, ReadFilter};
 use crate::registry::Registry;
 use deadpool_postgres::Pool;
+use std::borrow::Cow;
 use std::sync::Arc;
 use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::GenericClient;
@@ -245,22 +246,29 @@ impl Statements {
         // transaction id, for the expected version and the per-stream order
         // rule) joined in laterally; no row qualifies, and none is written,
         // when either check fails.
-        let insert_returning = |returning: &str| {
-            format!(
-                "INSERT INTO {events} (event_id, aggregate_type, aggregate_id, aggregate_version, \
-                                   event_type, event_version, payload, metadata) \
-             SELECT e.event_id, $1, $2, coalesce(h.v, 0) + e.n, e.event_type, e.event_version, \
-                    e.payload::jsonb, e.metadata::jsonb \
-             FROM (SELECT) AS one \
+        let into = format!(
+            "INSERT INTO {events} (event_id, aggregate_type, aggregate_id, aggregate_version, \
+                                   event_type, event_version, payload, metadata)"
+        );
+        let head = format!(
+            "FROM (SELECT) AS one \
              LEFT JOIN LATERAL ( \
                 SELECT aggregate_version AS v, transaction_id AS tx FROM {events} \
                 WHERE aggregate_type = $1 AND aggregate_id = $2 \
                 ORDER BY aggregate_version DESC LIMIT 1 \
-             ) h ON true \
+             ) h ON true"
+        );
+        let checks = "WHERE ($3::bigint IS NULL OR coalesce(h.v, 0) = $3::bigint) \
+               AND (h.tx IS NULL OR h.tx <= pg_current_xact_id())";
+        let insert_returning = |returning: &str| {
+            format!(
+                "{into} \
+             SELECT e.event_id, $1, $2, coalesce(h.v, 0) + e.n, e.event_type, e.event_version, \
+                    e.payload::jsonb, e.metadata::jsonb \
+             {head} \
              CROSS JOIN unnest($4::uuid[], $5::text[], $6::int4[], $7::text[], $8::text[]) \
                   WITH ORDINALITY AS e(event_id, event_type, event_version, payload, metadata, n) \
-             WHERE ($3::bigint IS NULL OR coalesce(h.v, 0) = $3::bigint) \
-               AND (h.tx IS NULL OR h.tx <= pg_current_xact_id()) \
+             {checks} \
              ORDER BY e.n \
              RETURNING {returning}"
             )
@@ -272,18 +280,11 @@ impl Statements {
         // (same positions, `$4`..`$8`) instead of arrays unnested with
         // their ordinality and sorted by it.
         let insert_one = format!(
-            "INSERT INTO {events} (event_id, aggregate_type, aggregate_id, aggregate_version, \
-                               event_type, event_version, payload, metadata) \
+            "{into} \
              SELECT $4::uuid, $1, $2, coalesce(h.v, 0) + 1, $5::text, $6::int4, \
                     $7::text::jsonb, $8::text::jsonb \
-             FROM (SELECT) AS one \
-             LEFT JOIN LATERAL ( \
-                SELECT aggregate_version AS v, transaction_id AS tx FROM {events} \
-                WHERE aggregate_type = $1 AND aggregate_id = $2 \
-                ORDER BY aggregate_version DESC LIMIT 1 \
-             ) h ON true \
-             WHERE ($3::bigint IS NULL OR coalesce(h.v, 0) = $3::bigint) \
-               AND (h.tx IS NULL OR h.tx <= pg_current_xact_id()) \
+             {head} \
+             {checks} \
              RETURNING global_position, aggregate_version, transaction_id"
         );
         let insert_summarised = insert_returning("global_position, aggregate_version");
@@ -554,14 +555,7 @@ impl EventStore {
         }
         // Not queued: the statement's parameters borrow the caller's
         // events instead of copying every string.
-        let stamped = self.check(aggregate_type, aggregate_id, events)?;
-        let params = AppendParams::borrowed(
-            aggregate_type,
-            aggregate_id,
-            expected,
-            events,
-            stamped.as_deref(),
-        );
+        let params = self.borrowed(aggregate_type, aggregate_id, expected, events)?;
         let client = self.pool.get().await?;
         let stmt = client
             .prepare_cached(&self.sql.append_quiet[Report::for_batch(events.len()) as usize])
@@ -590,15 +584,37 @@ impl EventStore {
         expected: ExpectedVersion,
         events: &[NewEvent],
     ) -> Result<AppendResult> {
+        let params = self.borrowed(aggregate_type, aggregate_id, expected, events)?;
+        append_one(client, &self.sql, None, &params).await
+    }
+
+    /// Checks an append's events and returns its statement's parameters,
+    /// borrowing the events' strings (all but metadata that tracing
+    /// stamped, see [`EventStore::check`]).
+    fn borrowed<'a>(
+        &self,
+        aggregate_type: &'a str,
+        aggregate_id: &'a str,
+        expected: ExpectedVersion,
+        events: &'a [NewEvent],
+    ) -> Result<AppendParams<'a>> {
         let stamped = self.check(aggregate_type, aggregate_id, events)?;
-        let params = AppendParams::borrowed(
+        Ok(AppendParams {
             aggregate_type,
             aggregate_id,
             expected,
-            events,
-            stamped.as_deref(),
-        );
-        append_one(client, &self.sql, None, &params).await
+            ids: events.iter().map(|e| e.event_id).collect(),
+            types: events.iter().map(|e| e.event_type.as_str()).collect(),
+            versions: events.iter().map(|e| e.event_version).collect(),
+            payloads: events.iter().map(|e| e.payload.as_str()).collect(),
+            metadata: match stamped {
+                Some(m) => m.into_iter().map(Cow::Owned).collect(),
+                None => events
+                    .iter()
+                    .map(|e| Cow::Borrowed(e.metadata.as_str()))
+                    .collect(),
+            },
+        })
     }
 
     /// Checks an append's events (at least one; known to the registry, if
@@ -817,7 +833,11 @@ impl AppendRequest {
             types: self.types.iter().map(String::as_str).collect(),
             versions: self.versions.clone(),
             payloads: self.payloads.iter().map(String::as_str).collect(),
-            metadata: self.metadata.iter().map(String::as_str).collect(),
+            metadata: self
+                .metadata
+                .iter()
+                .map(|m| Cow::Borrowed(m.as_str()))
+                .collect(),
         }
     }
 }
@@ -832,33 +852,8 @@ struct AppendParams<'a> {
     types: Vec<&'a str>,
     versions: Vec<i32>,
     payloads: Vec<&'a str>,
-    metadata: Vec<&'a str>,
-}
-
-impl<'a> AppendParams<'a> {
-    /// The parameters of `events`, with `stamped` metadata in place of
-    /// theirs when given (see [`EventStore::check`]).
-    fn borrowed(
-        aggregate_type: &'a str,
-        aggregate_id: &'a str,
-        expected: ExpectedVersion,
-        events: &'a [NewEvent],
-        stamped: Option<&'a [String]>,
-    ) -> AppendParams<'a> {
-        AppendParams {
-            aggregate_type,
-            aggregate_id,
-            expected,
-            ids: events.iter().map(|e| e.event_id).collect(),
-            types: events.iter().map(|e| e.event_type.as_str()).collect(),
-            versions: events.iter().map(|e| e.event_version).collect(),
-            payloads: events.iter().map(|e| e.payload.as_str()).collect(),
-            metadata: match stamped {
-                Some(m) => m.iter().map(String::as_str).collect(),
-                None => events.iter().map(|e| e.metadata.as_str()).collect(),
-            },
-        }
-    }
+    /// Owned where tracing stamped it.
+    metadata: Vec<Cow<'a, str>>,
 }
 
 /// Runs one append as one statement: prepared when `stmt` is given (the
