@@ -867,28 +867,27 @@ async fn append_one<C: GenericClient>(
 ) -> Result<AppendResult> {
     let expected_param = r.expected.as_param();
     let report = Report::for_batch(r.ids.len());
-    let mut params: Vec<&(dyn ToSql + Sync)> = match report {
-        Report::One => vec![
-            &r.aggregate_type,
-            &r.aggregate_id,
-            &expected_param,
-            &r.ids[0],
-            &r.types[0],
-            &r.versions[0],
-            &r.payloads[0],
-            &r.metadata[0],
-        ],
-        Report::Rows | Report::Summary => vec![
-            &r.aggregate_type,
-            &r.aggregate_id,
-            &expected_param,
-            &r.ids,
-            &r.types,
-            &r.versions,
-            &r.payloads,
-            &r.metadata,
-        ],
+    // `$4`..`$8`: the events' columns, as scalars for one event, as arrays
+    // otherwise.
+    let (columns, types): ([&(dyn ToSql + Sync); 5], _) = match report {
+        Report::One => (
+            [
+                &r.ids[0],
+                &r.types[0],
+                &r.versions[0],
+                &r.payloads[0],
+                &r.metadata[0],
+            ],
+            &APPEND_ONE_PARAM_TYPES,
+        ),
+        Report::Rows | Report::Summary => (
+            [&r.ids, &r.types, &r.versions, &r.payloads, &r.metadata],
+            &APPEND_PARAM_TYPES,
+        ),
     };
+    let mut params: Vec<&(dyn ToSql + Sync)> =
+        vec![&r.aggregate_type, &r.aggregate_id, &expected_param];
+    params.extend(columns);
     let result = match stmt {
         Some(stmt) => client.query(stmt, &params).await,
         None => {
@@ -896,10 +895,6 @@ async fn append_one<C: GenericClient>(
             if let Some(c) = &channel {
                 params.push(c);
             }
-            let types = match report {
-                Report::One => &APPEND_ONE_PARAM_TYPES,
-                Report::Rows | Report::Summary => &APPEND_PARAM_TYPES,
-            };
             let typed: Vec<(&(dyn ToSql + Sync), Type)> =
                 params.iter().copied().zip(types.iter().cloned()).collect();
             client
@@ -1294,7 +1289,6 @@ impl Notifier {
     }
 }
 
-/// Parameter types of the append statement, in order.
 /// The parameter types of [`Report::One`]'s statement, in order.
 const APPEND_ONE_PARAM_TYPES: [Type; 9] = [
     Type::TEXT,
