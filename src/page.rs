@@ -13,6 +13,7 @@
 
 use crate::error::{Error, Kind, Result};
 use crate::event::{Cursor, StoredEvent, Xid8};
+use futures_util::StreamExt;
 use tokio_postgres::types::ToSql;
 
 /// A page of a gap-safe read of the whole log.
@@ -223,23 +224,36 @@ impl PageReader {
         }
         let mut page_params: Vec<&(dyn ToSql + Sync)> = vec![&tx, &after.global_position, &limit];
         page_params.extend(self.filter.params());
-        // Polled together, the four are sent back to back: one round trip.
-        // A failed statement makes the COMMIT a rollback; the connection is
+        // The events are decoded as their rows arrive, while the server
+        // is still producing the rest of the page, instead of after the
+        // last one.
+        let events = async {
+            let rows = client.query_raw(&page, page_params).await?;
+            let mut rows = std::pin::pin!(rows);
+            let mut events = Vec::with_capacity(usize::try_from(limit).unwrap_or(0).min(10_000));
+            while let Some(row) = rows.next().await {
+                events.push(StoredEvent::from_row_at(&row?, 0)?);
+            }
+            Ok::<_, Error>(events)
+        };
+        // Polled together, the four are sent back to back (each sends its
+        // request on its first poll, in this order): one round trip. A
+        // failed statement makes the COMMIT a rollback; the connection is
         // outside a transaction either way.
-        let (begun, header, rows, committed) = tokio::join!(
+        let (begun, header, events, committed) = tokio::join!(
             client.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY"),
             client.query(&header, &header_params),
-            client.query(&page, &page_params),
+            events,
             client.batch_execute("COMMIT"),
         );
         begun?;
         let header = header?;
-        let rows = rows?;
+        let events = events?;
         committed?;
         let header = header
             .first()
             .ok_or_else(|| Error::new(Kind::Other, "the gap-safe read returned no control row"))?;
-        decode_page(header, &rows, after, limit)
+        decode_page(header, events, after, limit)
     }
 }
 
@@ -291,10 +305,10 @@ pub(crate) fn filter_conditions(filter: &ReadFilter, last_fixed: usize) -> Strin
     conds
 }
 
-/// Decodes a page read: the control row and the event rows.
+/// Decodes a page read's control row and puts the page together.
 fn decode_page(
     header: &tokio_postgres::Row,
-    rows: &[tokio_postgres::Row],
+    events: Vec<StoredEvent>,
     after: Cursor,
     limit: i64,
 ) -> Result<(ReadBatch, Control)> {
@@ -311,10 +325,6 @@ fn decode_page(
         None => None,
     };
     let passed: bool = header.try_get(8)?;
-    let events = rows
-        .iter()
-        .map(|row| StoredEvent::from_row_at(row, 0))
-        .collect::<Result<Vec<_>>>()?;
     let last = events.last().map(StoredEvent::cursor).unwrap_or(after);
     let next_cursor = if (events.len() as i64) < limit {
         last.max(Cursor::below_watermark(watermark)).max(after)
