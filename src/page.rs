@@ -13,7 +13,9 @@
 
 use crate::error::{Error, Kind, Result};
 use crate::event::{Cursor, StoredEvent, Xid8};
+use crate::registry::Registry;
 use futures_util::StreamExt;
+use std::sync::Arc;
 use tokio_postgres::types::ToSql;
 
 /// A page of a gap-safe read of the whole log.
@@ -182,6 +184,8 @@ pub(crate) struct PageReader {
     query: PageQuery,
     filter: ReadFilter,
     slot: Option<(String, i32)>,
+    /// Upcasts each event as it arrives ([`PageReader::upcasting`]).
+    upcast: Option<Arc<Registry>>,
 }
 
 impl PageReader {
@@ -199,7 +203,16 @@ impl PageReader {
             query: gap_safe_query(events, &filter, slot.map(|(t, _, _)| t), metadata),
             filter,
             slot: slot.map(|(_, name, partition)| (name.to_owned(), partition)),
+            upcast: None,
         }
+    }
+
+    /// Upcasts every event read with `registry` as its row arrives, while
+    /// the server still sends the rest of the page. A failed upcast leaves
+    /// the event as stored and is reported in [`Control::upcast_failed`].
+    pub(crate) fn upcasting(mut self, registry: Arc<Registry>) -> PageReader {
+        self.upcast = Some(registry);
+        self
     }
 
     /// Reads up to `limit` events after `after` on `client`, a pooled
@@ -231,10 +244,17 @@ impl PageReader {
             let rows = client.query_raw(&page, page_params).await?;
             let mut rows = std::pin::pin!(rows);
             let mut events = Vec::with_capacity(usize::try_from(limit).unwrap_or(0).min(10_000));
+            let mut failed = Vec::new();
             while let Some(row) = rows.next().await {
-                events.push(StoredEvent::from_row_at(&row?, 0)?);
+                let mut event = StoredEvent::from_row_at(&row?, 0)?;
+                if let Some(registry) = &self.upcast {
+                    if let Err(e) = registry.upcast(&mut event) {
+                        failed.push((events.len(), e));
+                    }
+                }
+                events.push(event);
             }
-            Ok::<_, Error>(events)
+            Ok::<_, Error>((events, failed))
         };
         // Polled together, the four are sent back to back (each sends its
         // request on its first poll, in this order): one round trip. A
@@ -248,18 +268,22 @@ impl PageReader {
         );
         begun?;
         let header = header?;
-        let events = events?;
+        let (events, failed) = events?;
         committed?;
         let header = header
             .first()
             .ok_or_else(|| Error::new(Kind::Other, "the gap-safe read returned no control row"))?;
-        decode_page(header, events, after, limit)
+        let (page, mut control) = decode_page(header, events, after, limit)?;
+        if self.upcast.is_some() {
+            control.upcast_failed = Some(failed);
+        }
+        Ok((page, control))
     }
 }
 
 /// What a page read says besides the events: the crash epoch and the
 /// slot's stored checkpoint as of the page's snapshot.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Debug)]
 pub(crate) struct Control {
     /// The crash sentinel's epoch; `None` when crash recovery emptied it.
     pub(crate) epoch: Option<uuid::Uuid>,
@@ -269,6 +293,10 @@ pub(crate) struct Control {
     /// event, whether the slot's filter matches it or not. Always `false`
     /// for unfiltered reads (their page holds every such event).
     pub(crate) passed: bool,
+    /// With [`PageReader::upcasting`], the page's events whose upcast
+    /// failed (by index, ascending) and why; `None` when the reader does
+    /// not upcast (the events are as stored).
+    pub(crate) upcast_failed: Option<Vec<(usize, Error)>>,
 }
 
 /// A checkpoint row's cursor, state and epoch, as a page read saw it.
@@ -343,6 +371,7 @@ fn decode_page(
             epoch,
             checkpoint,
             passed,
+            upcast_failed: None,
         },
     ))
 }

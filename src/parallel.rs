@@ -236,7 +236,7 @@ pub(crate) async fn run(
         {
             wake.borrow_and_update();
             let limit = (max - in_flight) as i64;
-            let Some((page, passed)) = p.fetch(fetch_cursor, limit).await? else {
+            let Some((page, control)) = p.fetch(fetch_cursor, limit).await? else {
                 // The slot resynchronised (lost commits, a reset, a moved
                 // checkpoint): wait for running handlers, then start over
                 // from the stored checkpoint.
@@ -248,7 +248,8 @@ pub(crate) async fn run(
             };
             marks.saw(page.watermark);
             caught_up = (page.events.len() as i64) < limit;
-            let prepared = p.prepare(page.events);
+            let passed = control.passed;
+            let prepared = p.prepare(page.events, control.upcast_failed);
             // Feature `otel`: the page's batch span, open until its last
             // event is handled (none when traces are off).
             let batch = otel::batch_span(&otel::BatchStart {

@@ -331,12 +331,16 @@ impl Processor {
             checkpoints: sql.checkpoints.clone(),
             epoch: sql.epoch.clone(),
         };
-        let reader = Arc::new(PageReader::new(
+        let mut reader = PageReader::new(
             &sql.events,
             filter,
             Some((&tables, &name, slot.partition)),
             projection.reads_metadata(),
-        ));
+        );
+        if let Some(registry) = &registry {
+            reader = reader.upcasting(registry.clone());
+        }
+        let reader = Arc::new(reader);
         let checkpoints = Checkpoints::for_slots(&sql.checkpoints, &sql.assignments, &sql.epoch);
         let client = pool.get().await?;
         refuse_retired(&**client, &sql.versions, &projection).await?;
@@ -379,8 +383,14 @@ impl Processor {
     /// Upcasts a page's events with the store's registry and applies the
     /// projection's [`UnknownEvents`] choice: passes over unknown events
     /// (`Ignore`), or cuts the page before the first one (the slot stops
-    /// there once everything before it is committed).
-    pub(crate) fn prepare(&self, events: Vec<StoredEvent>) -> Prepared {
+    /// there once everything before it is committed). `upcast_failed` is
+    /// the page's [`Control::upcast_failed`]: when the read upcast the
+    /// events already, they are not upcast again.
+    pub(crate) fn prepare(
+        &self,
+        events: Vec<StoredEvent>,
+        upcast_failed: Option<Vec<(usize, Error)>>,
+    ) -> Prepared {
         let mut prepared = Prepared {
             events: Vec::with_capacity(events.len()),
             broken: Vec::new(),
@@ -394,8 +404,15 @@ impl Processor {
             return prepared;
         };
         let strict = self.unknown_events != UnknownEvents::StopOnUnknownVersion;
-        for mut event in events {
-            if let Err(e) = registry.upcast(&mut event) {
+        let read_upcast = upcast_failed.is_some();
+        let mut failed = upcast_failed.unwrap_or_default().into_iter().peekable();
+        for (index, mut event) in events.into_iter().enumerate() {
+            let upcast = match failed.next_if(|(i, _)| *i == index) {
+                Some((_, e)) => Err(e),
+                None if read_upcast => Ok(()),
+                None => registry.upcast(&mut event),
+            };
+            if let Err(e) = upcast {
                 prepared.broken.push((prepared.events.len(), e));
             } else if let Some(unknown) = registry.unknown(&event, strict) {
                 if self.unknown_events == UnknownEvents::Ignore {
@@ -655,7 +672,7 @@ impl Processor {
         }
         let mut caught_up = (page.events.len() as i64) < self.batch_size;
         let mut next = page.next_cursor;
-        let prepared = self.prepare(std::mem::take(&mut page.events));
+        let prepared = self.prepare(std::mem::take(&mut page.events), control.upcast_failed);
         page.events = prepared.events;
         // The last event handled or passed over (`UnknownEvents::Ignore`):
         // stored as the last event dealt with, so that status never takes
@@ -1020,14 +1037,15 @@ impl Processor {
     /// Reads up to `limit` events after `after` (no transaction), checking
     /// the slot first: `Ok(None)` means the processor resynchronised with
     /// its slot (lost commits, a reset, a moved checkpoint) and every
-    /// in-memory position after [`Processor::cursor`] is void. The flag
-    /// says whether the range read holds any event, matching or not (see
-    /// `Control::passed`).
+    /// in-memory position after [`Processor::cursor`] is void. The control
+    /// says whether the range read holds any event, matching or not
+    /// (`Control::passed`), and which upcasts failed (for
+    /// [`Processor::prepare`]).
     pub(crate) async fn fetch(
         &mut self,
         after: Cursor,
         limit: i64,
-    ) -> Result<Option<(ReadBatch, bool)>> {
+    ) -> Result<Option<(ReadBatch, Control)>> {
         let client = self.pool.get().await?;
         let (page, control) = self.reader.read(&client, after, limit).await?;
         self.server_started = Some(page.server_started);
@@ -1039,7 +1057,7 @@ impl Processor {
         if self.epoch.is_none() {
             self.epoch = control.epoch;
         }
-        Ok(Some((page, control.passed)))
+        Ok(Some((page, control)))
     }
 
     /// Moves the checkpoint to `next` in a transaction of its own (the

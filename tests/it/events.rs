@@ -976,3 +976,74 @@ async fn status_counts_passed_over_and_renamed_events_right() {
         "{s:?}"
     );
 }
+
+/// Stores `MoneyDeposited` version 1 without its `amount`: the bank's
+/// upcaster fails on it.
+async fn broken_v1_deposit(env: &Env, stream: &str) -> i64 {
+    env.client()
+        .await
+        .query_one(
+            "INSERT INTO events (aggregate_type, aggregate_id, aggregate_version, event_type, event_version, payload) \
+             VALUES ('Account', $1, (SELECT coalesce(max(aggregate_version), 0) + 1 FROM events WHERE aggregate_id = $1), \
+                     'MoneyDeposited', 1, '{\"currency\": \"EUR\"}') \
+             RETURNING global_position",
+            &[&stream],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+#[tokio::test]
+async fn an_event_its_upcaster_fails_on_is_dead_lettered_and_the_rest_are_handled() {
+    let env = env().await;
+    let store = bank_store(&env);
+    // Pages of 3: a broken event heads the third page (position 7) and
+    // sits inside the second (position 5), between handled events.
+    let mut broken = Vec::new();
+    for i in 1..=10 {
+        if i == 5 || i == 7 {
+            broken.push(broken_v1_deposit(&env, "a").await);
+        } else {
+            deposit(&store, if i % 2 == 0 { "a" } else { "b" }, i).await;
+        }
+    }
+    let all: Vec<i64> = positions_below(&env, i64::MAX).await;
+    let good: Vec<i64> = all
+        .iter()
+        .copied()
+        .filter(|p| !broken.contains(p))
+        .collect();
+    let sequential = Cents::new(&env, "seq_upcast_cents", UnknownEvents::default(), false).await;
+    let concurrent = Cents::new(&env, "conc_upcast_cents", UnknownEvents::default(), true).await;
+    let projections = vec![sequential.registered(), concurrent.registered()];
+    let runner = Runner::new(
+        store.clone(),
+        RunnerConfig::default().batch_size(3).unwrap(),
+    )
+    .with_projections(&projections)
+    .unwrap();
+    wait_until(
+        Duration::from_secs(30),
+        "every good event handled",
+        || async {
+            runner.run_once().await.unwrap();
+            positions(&env, "seq_upcast_cents").await == good
+                && positions(&env, "conc_upcast_cents").await == good
+        },
+    )
+    .await;
+    for name in ["seq_upcast_cents", "conc_upcast_cents"] {
+        let letters = dead_letter::list(&store, Some(name)).await.unwrap();
+        let at: Vec<i64> = letters.iter().map(|d| d.global_position).collect();
+        assert_eq!(at, broken, "{name}");
+        for d in &letters {
+            assert!(d.error.contains("\"amount\""), "{name}: {}", d.error);
+        }
+    }
+    let s = projectionist::status(&store, &projections).await.unwrap();
+    assert!(
+        s.iter().all(|s| s.state == "running" && s.lag_events == 0),
+        "{s:?}"
+    );
+}
