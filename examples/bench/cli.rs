@@ -103,6 +103,7 @@ pub const CASES: &[&str] = &[
     "append_batch_100_8_writers",
     "append_batch_1_32_writers",
     "append_copy_bulk",
+    "append_breakdown",
     "catchup_noop",
     "catchup_large_payload",
     "catchup_read_model",
@@ -119,7 +120,12 @@ pub const CASES: &[&str] = &[
     "catchup_traced",
 ];
 
-/// The cases an `--only` entry selects: itself, or every case it prefixes.
+/// Diagnostics that run only when `--only` names them exactly: neither a
+/// full run nor a prefix selects them.
+pub const OPT_IN: &[&str] = &["append_breakdown"];
+
+/// The cases an `--only` entry selects: itself, or every case it prefixes
+/// (except the [`OPT_IN`] diagnostics).
 pub fn matching(entry: &str) -> Vec<&'static str> {
     let entry = entry.trim();
     if let Some(c) = CASES.iter().find(|c| **c == entry) {
@@ -128,14 +134,18 @@ pub fn matching(entry: &str) -> Vec<&'static str> {
     CASES
         .iter()
         .copied()
-        .filter(|c| !entry.is_empty() && c.starts_with(entry))
+        .filter(|c| !entry.is_empty() && c.starts_with(entry) && !OPT_IN.contains(c))
         .collect()
 }
 
 /// The cases `only` selects (all when empty), in run order.
 pub fn select(only: &[String]) -> Vec<&'static str> {
     if only.is_empty() {
-        return CASES.to_vec();
+        return CASES
+            .iter()
+            .copied()
+            .filter(|c| !OPT_IN.contains(c))
+            .collect();
     }
     let picked: Vec<&str> = only.iter().flat_map(|e| matching(e)).collect();
     CASES

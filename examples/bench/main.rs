@@ -49,6 +49,13 @@
 //! * `append_copy_bulk`: the library's 1000-event batches (the
 //!   `append_batch_1000` figure) against a raw binary `COPY events FROM
 //!   STDIN` of the same rows: the ceiling for bulk loading.
+//! * `append_breakdown` (diagnostic, only when `--only` names it): a lone
+//!   writer's single-event append through seven paths, from
+//!   `EventStore::append` with the defaults down to a raw `INSERT …
+//!   VALUES`, in blocks shuffled per round; the mean per append of each
+//!   path and the step to the next one say what the notification, the
+//!   shared-append queue, the store's code, the pool and the library's
+//!   statement each cost (`breakdown.rs`).
 //! * `catchup_noop`: `Runner::run_once` of a projection whose `handle_batch`
 //!   does nothing, over `--events` seeded events (default batch size),
 //!   against a raw keyset-paged read (`WHERE global_position > $1 ORDER BY
@@ -183,6 +190,7 @@
 //! child), `traced` (traces on and off) and `scale` (`--scale`).
 
 mod append;
+mod breakdown;
 mod catchup;
 mod cli;
 mod events;
@@ -268,6 +276,9 @@ impl Bench {
         self.server_info(&client).await;
         if APPEND_CASES.iter().any(|c| self.wants(c.0)) || self.wants("append_copy_bulk") {
             self.append_cases(&db, &store, &client).await;
+        }
+        if self.wants("append_breakdown") {
+            self.append_breakdown().await;
         }
         if ["wakeup_notify_ms", "wakeup_poll_ms", "wakeup_raw_listen_ms"]
             .iter()
