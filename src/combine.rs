@@ -87,6 +87,21 @@ impl<F: Flush> Combiner<F> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Takes a lane for a request the caller runs itself, on its own task,
+    /// when one is free and nothing queues (what [`Combiner::submit`] does
+    /// first, without handing the request over): requests arriving while
+    /// the guard lives queue, and dropping it hands them on as a lane's end
+    /// does. `None`: submit the request instead.
+    pub(crate) fn try_lane(self: &Arc<Self>) -> Option<LaneGuard<F>> {
+        let mut s = self.lock();
+        if s.in_flight < self.lanes && s.queue.is_empty() {
+            s.in_flight += 1;
+            Some(LaneGuard(Some(self.clone())))
+        } else {
+            None
+        }
+    }
+
     /// Runs `item`, alone or in a batch with others.
     pub(crate) async fn submit(self: &Arc<Self>, item: F::Item) -> Result<F::Output, Lost> {
         let (tx, mut rx) = oneshot::channel();
@@ -190,7 +205,7 @@ impl<F: Flush> Combiner<F> {
 
 /// Ends a lane: starts a spawned lane for the queue, or frees the lane.
 /// `None` when the lane goes on by itself.
-struct LaneGuard<F: Flush>(Option<Arc<Combiner<F>>>);
+pub(crate) struct LaneGuard<F: Flush>(Option<Arc<Combiner<F>>>);
 
 impl<F: Flush> Drop for LaneGuard<F> {
     fn drop(&mut self) {

@@ -538,8 +538,17 @@ impl EventStore {
         expected: ExpectedVersion,
         events: &[NewEvent],
     ) -> Result<AppendResult> {
-        if let Some(combiner) = &self.combiner {
-            if events.len() <= COMBINE_UP_TO {
+        // While a lane is free and nothing queues, the append runs right
+        // here, holding that lane (appends arriving meanwhile queue behind
+        // it, as behind any lane): no copy of its events, no hand-over.
+        let mut lane = None;
+        if let Some(combiner) = self
+            .combiner
+            .as_ref()
+            .filter(|_| events.len() <= COMBINE_UP_TO)
+        {
+            lane = combiner.try_lane();
+            if lane.is_none() {
                 let request = self.request(aggregate_type, aggregate_id, expected, events)?;
                 return combiner.submit(request).await.unwrap_or_else(|_| {
                     Err(Error::new(
@@ -565,6 +574,8 @@ impl EventStore {
         if let Some(n) = &self.notifier {
             n.announce(result.transaction_id);
         }
+        // Hands what queued meanwhile to a lane of its own.
+        drop(lane);
         Ok(result)
     }
 
