@@ -274,9 +274,7 @@ impl PageReader {
             .first()
             .ok_or_else(|| Error::new(Kind::Other, "the gap-safe read returned no control row"))?;
         let (page, mut control) = decode_page(header, events, after, limit)?;
-        if self.upcast.is_some() {
-            control.upcast_failed = Some(failed);
-        }
+        control.upcast_failed = failed;
         Ok((page, control))
     }
 }
@@ -294,9 +292,9 @@ pub(crate) struct Control {
     /// for unfiltered reads (their page holds every such event).
     pub(crate) passed: bool,
     /// With [`PageReader::upcasting`], the page's events whose upcast
-    /// failed (by index, ascending) and why; `None` when the reader does
-    /// not upcast (the events are as stored).
-    pub(crate) upcast_failed: Option<Vec<(usize, Error)>>,
+    /// failed (by index, ascending) and why; they are left as stored, as
+    /// every event is by a reader that does not upcast.
+    pub(crate) upcast_failed: Vec<(usize, Error)>,
 }
 
 /// A checkpoint row's cursor, state and epoch, as a page read saw it.
@@ -371,7 +369,7 @@ fn decode_page(
             epoch,
             checkpoint,
             passed,
-            upcast_failed: None,
+            upcast_failed: Vec::new(),
         },
     ))
 }

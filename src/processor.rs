@@ -380,16 +380,17 @@ impl Processor {
         &self.name
     }
 
-    /// Upcasts a page's events with the store's registry and applies the
+    /// Sets aside a page's events whose upcast failed and applies the
     /// projection's [`UnknownEvents`] choice: passes over unknown events
     /// (`Ignore`), or cuts the page before the first one (the slot stops
-    /// there once everything before it is committed). `upcast_failed` is
-    /// the page's [`Control::upcast_failed`]: when the read upcast the
-    /// events already, they are not upcast again.
+    /// there once everything before it is committed). The page's reader
+    /// upcast the events as it read them (the processor's reader upcasts
+    /// whenever the store has a registry); `upcast_failed` is its
+    /// [`Control::upcast_failed`].
     pub(crate) fn prepare(
         &self,
         events: Vec<StoredEvent>,
-        upcast_failed: Option<Vec<(usize, Error)>>,
+        upcast_failed: Vec<(usize, Error)>,
     ) -> Prepared {
         let mut prepared = Prepared {
             events: Vec::with_capacity(events.len()),
@@ -404,15 +405,9 @@ impl Processor {
             return prepared;
         };
         let strict = self.unknown_events != UnknownEvents::StopOnUnknownVersion;
-        let read_upcast = upcast_failed.is_some();
-        let mut failed = upcast_failed.unwrap_or_default().into_iter().peekable();
-        for (index, mut event) in events.into_iter().enumerate() {
-            let upcast = match failed.next_if(|(i, _)| *i == index) {
-                Some((_, e)) => Err(e),
-                None if read_upcast => Ok(()),
-                None => registry.upcast(&mut event),
-            };
-            if let Err(e) = upcast {
+        let mut failed = upcast_failed.into_iter().peekable();
+        for (index, event) in events.into_iter().enumerate() {
+            if let Some((_, e)) = failed.next_if(|(i, _)| *i == index) {
                 prepared.broken.push((prepared.events.len(), e));
             } else if let Some(unknown) = registry.unknown(&event, strict) {
                 if self.unknown_events == UnknownEvents::Ignore {
