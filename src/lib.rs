@@ -75,7 +75,7 @@ pub use runner::{
 };
 pub use store::{
     AppendResult, EventStore, ExpectedVersion, StoreConfig, DEFAULT_APPEND_LANES,
-    DEFAULT_NOTIFY_CHANNEL, DEFAULT_NOTIFY_INTERVAL,
+    DEFAULT_NOTIFY_CHANNEL, DEFAULT_NOTIFY_INTERVAL, DEFAULT_NOTIFY_MAX_INTERVAL,
 };
 pub use typed::{Event, EventType};
 pub use wait::{WaitTarget, Waiter};

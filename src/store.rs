@@ -67,6 +67,7 @@ pub struct StoreConfig {
     pub(crate) ca_file: Option<std::path::PathBuf>,
     pub(crate) registry: Option<Arc<Registry>>,
     pub(crate) notify_interval: std::time::Duration,
+    pub(crate) notify_max_interval: std::time::Duration,
     pub(crate) append_lanes: usize,
 }
 
@@ -75,6 +76,9 @@ pub const DEFAULT_APPEND_LANES: usize = 1;
 
 /// The default of [`StoreConfig::notify_interval`]: 1 ms.
 pub const DEFAULT_NOTIFY_INTERVAL: std::time::Duration = std::time::Duration::from_millis(1);
+
+/// The default of [`StoreConfig::notify_max_interval`]: 8 ms.
+pub const DEFAULT_NOTIFY_MAX_INTERVAL: std::time::Duration = std::time::Duration::from_millis(8);
 
 impl Default for StoreConfig {
     fn default() -> StoreConfig {
@@ -88,6 +92,7 @@ impl Default for StoreConfig {
             ca_file: None,
             registry: None,
             notify_interval: DEFAULT_NOTIFY_INTERVAL,
+            notify_max_interval: DEFAULT_NOTIFY_MAX_INTERVAL,
             append_lanes: DEFAULT_APPEND_LANES,
         }
     }
@@ -118,13 +123,33 @@ impl StoreConfig {
     /// transaction id covers them all). An append after a quiet spell is
     /// announced at once; during a burst of appends a projection learns of
     /// them up to this much later (it is busy reading them anyway), and the
-    /// server handles one NOTIFY per interval instead of one per append —
-    /// 10-15% of a single-event append on the benchmark machine. Zero sends
-    /// one notification per append (still coalescing what commits while one
-    /// is sent). Appends in a caller's transaction notify inside it and are
-    /// not affected. Default: [`DEFAULT_NOTIFY_INTERVAL`] (1 ms).
+    /// server handles one NOTIFY per interval instead of one per append.
+    /// Each NOTIFY is a transaction of its own on the server (it takes a
+    /// transaction id); while a burst lasts the wait grows, see
+    /// [`StoreConfig::notify_max_interval`]. Zero sends one notification
+    /// per append (still coalescing what commits while one is sent).
+    /// Appends in a caller's transaction notify inside it and are not
+    /// affected. Default: [`DEFAULT_NOTIFY_INTERVAL`] (1 ms).
     pub fn notify_interval(mut self, interval: std::time::Duration) -> StoreConfig {
         self.notify_interval = interval;
+        self
+    }
+
+    /// How long the wait after a notification may grow during a sustained
+    /// burst. After a notification that announced a single append the
+    /// wait is [`StoreConfig::notify_interval`]; after each one that
+    /// announced several it is twice the previous wait, up to this. So appends a few milliseconds apart are each announced at
+    /// once, while a writer appending thousands of events a second sends
+    /// one notification per this much time instead of one per
+    /// `notify_interval` (on the benchmark machine a lone single-event
+    /// writer sent one per ~6 appends at 1 ms, one per ~35 at 8 ms; each
+    /// costs a round trip, a server transaction and a transaction id). A
+    /// dispatcher already busy with the burst reads on regardless; one that
+    /// caught up learns of new appends up to this much later while the
+    /// burst lasts. Values below `notify_interval` mean a fixed
+    /// `notify_interval`. Default: [`DEFAULT_NOTIFY_MAX_INTERVAL`] (8 ms).
+    pub fn notify_max_interval(mut self, max: std::time::Duration) -> StoreConfig {
+        self.notify_max_interval = max;
         self
     }
 
@@ -441,10 +466,10 @@ impl EventStore {
         let mut sql = Statements::new(&config.schema, config.notify_channel.as_ref());
         sql.registry = config.registry.clone();
         let sql = Arc::new(sql);
-        let notifier = config
-            .notify_channel
-            .as_ref()
-            .map(|c| Arc::new(Notifier::new(c, config.notify_interval, &pg, &tls, &pool)));
+        let notifier = config.notify_channel.as_ref().map(|c| {
+            let quiet = Quiet::new(config.notify_interval, config.notify_max_interval);
+            Arc::new(Notifier::new(c, quiet, &pg, &tls, &pool))
+        });
         let mut store = EventStore {
             pool,
             pg,
@@ -1204,12 +1229,16 @@ struct Notifier {
     channel: String,
     /// The newest committed appending transaction not yet announced.
     pending: std::sync::atomic::AtomicU64,
+    /// How many appends committed since the last notification was sent
+    /// (whether a burst is on, see [`Quiet`]).
+    appends: std::sync::atomic::AtomicU64,
     /// Wakes the task: an append to announce, or the notifier is gone.
     signal: Arc<tokio::sync::Notify>,
     started: std::sync::OnceLock<()>,
     /// The quiet time after each notification (see
-    /// [`StoreConfig::notify_interval`]).
-    interval: std::time::Duration,
+    /// [`StoreConfig::notify_interval`] and
+    /// [`StoreConfig::notify_max_interval`]).
+    quiet: Quiet,
     /// A pool of one connection of its own. On the store's pool, each
     /// notification took the connection the writer had just returned, and
     /// the writer's next append ran on another one (another server
@@ -1229,7 +1258,7 @@ impl Drop for Notifier {
 impl Notifier {
     fn new(
         channel: &Ident,
-        interval: std::time::Duration,
+        quiet: Quiet,
         pg: &tokio_postgres::Config,
         tls: &crate::tls::MakeRustlsConnect,
         store_pool: &Pool,
@@ -1237,9 +1266,10 @@ impl Notifier {
         Notifier {
             channel: channel.as_str().to_owned(),
             pending: std::sync::atomic::AtomicU64::new(0),
+            appends: std::sync::atomic::AtomicU64::new(0),
             signal: Arc::new(tokio::sync::Notify::new()),
             started: std::sync::OnceLock::new(),
-            interval,
+            quiet,
             // Building a pool only fails on an invalid size; 1 is valid.
             // Should it fail, sharing the store's pool still works.
             pool: db::pool(pg, tls, 1).unwrap_or_else(|_| store_pool.clone()),
@@ -1247,8 +1277,9 @@ impl Notifier {
     }
 
     fn announce(self: &Arc<Self>, transaction_id: u64) {
-        self.pending
-            .fetch_max(transaction_id, std::sync::atomic::Ordering::SeqCst);
+        use std::sync::atomic::Ordering::SeqCst;
+        self.pending.fetch_max(transaction_id, SeqCst);
+        self.appends.fetch_add(1, SeqCst);
         self.started.get_or_init(|| {
             // Weak: the notifier (and its connection) goes with the last
             // store clone, not when this task next looks.
@@ -1256,14 +1287,17 @@ impl Notifier {
             let pool = self.pool.weak();
             let signal = self.signal.clone();
             let channel = self.channel.clone();
-            let interval = self.interval;
+            let mut quiet = self.quiet;
             tokio::spawn(async move {
                 loop {
-                    let tx = match me.upgrade() {
-                        Some(n) => n.pending.swap(0, std::sync::atomic::Ordering::SeqCst),
+                    let (tx, appends) = match me.upgrade() {
+                        Some(n) => (n.pending.swap(0, SeqCst), n.appends.swap(0, SeqCst)),
                         None => return,
                     };
                     if tx == 0 {
+                        // A quiet spell: the next append is announced at
+                        // once, and the wait starts short again.
+                        quiet.reset();
                         // Wake on the next append or when the notifier is
                         // dropped; look again now and then regardless.
                         tokio::select! {
@@ -1285,9 +1319,10 @@ impl Notifier {
                     .await;
                     drop(pool);
                     // Appends committed while this one was sent, or within
-                    // the interval after it, share the next notification.
-                    if !interval.is_zero() {
-                        tokio::time::sleep(interval).await;
+                    // the quiet time after it, share the next notification.
+                    let wait = quiet.after(appends);
+                    if !wait.is_zero() {
+                        tokio::time::sleep(wait).await;
                     }
                     if let Err(e) = sent {
                         // Readers also poll: a lost notification only delays them.
@@ -1297,6 +1332,43 @@ impl Notifier {
             });
         });
         self.signal.notify_one();
+    }
+}
+
+/// The notifier's quiet time after each notification: after one that
+/// announced a single append (or a quiet spell), the start,
+/// [`StoreConfig::notify_interval`]; after each one that announced several
+/// (a burst is on), twice the previous wait, up to
+/// [`StoreConfig::notify_max_interval`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Quiet {
+    base: std::time::Duration,
+    max: std::time::Duration,
+    current: std::time::Duration,
+}
+
+impl Quiet {
+    fn new(base: std::time::Duration, max: std::time::Duration) -> Quiet {
+        Quiet {
+            base,
+            max: max.max(base),
+            current: base,
+        }
+    }
+
+    /// The wait after a notification that covered `appends` appends.
+    fn after(&mut self, appends: u64) -> std::time::Duration {
+        self.current = if appends > 1 {
+            (self.current * 2).min(self.max)
+        } else {
+            self.base
+        };
+        self.current
+    }
+
+    /// A quiet spell: the next wait is the shortest again.
+    fn reset(&mut self) {
+        self.current = self.base;
     }
 }
 
@@ -1351,4 +1423,39 @@ fn map_append_error(e: tokio_postgres::Error, aggregate_type: &str, aggregate_id
         }
     }
     Error::from(e)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Quiet;
+    use std::time::Duration;
+
+    const MS: Duration = Duration::from_millis(1);
+
+    /// A burst doubles the wait up to the maximum; a notification of a
+    /// single append, or a quiet spell, sets it back to the start.
+    #[test]
+    fn the_quiet_time_grows_during_a_burst_and_resets_after_it() {
+        let mut q = Quiet::new(MS, 8 * MS);
+        assert_eq!(q.after(1), MS, "a lone append: the shortest wait");
+        let burst: Vec<Duration> = (0..5).map(|_| q.after(6)).collect();
+        assert_eq!(burst, [2 * MS, 4 * MS, 8 * MS, 8 * MS, 8 * MS]);
+        assert_eq!(q.after(1), MS, "the burst is over");
+        q.after(3);
+        q.reset();
+        assert_eq!(
+            q.after(2),
+            2 * MS,
+            "after a quiet spell a burst starts over"
+        );
+    }
+
+    /// A maximum below the start, or a zero start, keeps the wait fixed.
+    #[test]
+    fn the_quiet_time_stays_fixed_when_it_cannot_grow() {
+        let mut q = Quiet::new(50 * MS, 8 * MS);
+        assert!((0..4).all(|_| q.after(10) == 50 * MS));
+        let mut zero = Quiet::new(Duration::ZERO, 8 * MS);
+        assert!((0..4).all(|_| zero.after(10).is_zero()));
+    }
 }

@@ -72,6 +72,11 @@ pub struct Args {
     /// store and the wake-up cases' writer. Default: the library's default.
     #[arg(long)]
     pub notify_interval_ms: Option<f64>,
+    /// Diagnostic: how long the quiet time may grow during a burst, in
+    /// milliseconds (`StoreConfig::notify_max_interval`), for the same
+    /// stores. Default: the library's default.
+    #[arg(long)]
+    pub notify_max_interval_ms: Option<f64>,
     /// Run the scale benchmark instead of the cases (issue 12; not in CI):
     /// seeds `--scale-events` events with SQL, then measures status,
     /// /metrics and /readyz with the whole log as lag over 16 slots,

@@ -94,13 +94,16 @@ impl Bench {
     }
 
     /// A writer's store configuration: the library's defaults, with
-    /// `--notify-interval-ms` when given.
+    /// `--notify-interval-ms` and `--notify-max-interval-ms` when given.
     pub fn writer_store_config(&self) -> StoreConfig {
-        let config = StoreConfig::default();
-        match self.args.notify_interval_ms {
-            Some(ms) => config.notify_interval(Duration::from_secs_f64(ms / 1000.0)),
-            None => config,
+        let mut config = StoreConfig::default();
+        if let Some(ms) = self.args.notify_interval_ms {
+            config = config.notify_interval(Duration::from_secs_f64(ms / 1000.0));
         }
+        if let Some(ms) = self.args.notify_max_interval_ms {
+            config = config.notify_max_interval(Duration::from_secs_f64(ms / 1000.0));
+        }
+        config
     }
 
     /// The runner configuration of the catch-up cases (`--batch-size`).

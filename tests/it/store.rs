@@ -512,14 +512,36 @@ async fn nul_bytes_and_large_payloads() {
 /// transaction: a listener never misses the end of a burst.
 #[tokio::test]
 async fn a_burst_of_appends_shares_notifications_and_the_last_one_arrives() {
+    burst_of_appends(
+        projectionist::StoreConfig::default().notify_interval(Duration::from_millis(50)),
+        "burst_test",
+    )
+    .await;
+}
+
+/// The same while the quiet time grows during the burst (a short start, a
+/// long maximum): the burst's end is still announced, once the grown wait
+/// is over.
+#[tokio::test]
+async fn a_burst_announces_its_end_while_the_quiet_time_grows() {
+    burst_of_appends(
+        projectionist::StoreConfig::default()
+            .notify_interval(Duration::from_millis(1))
+            .notify_max_interval(Duration::from_millis(300)),
+        "burst_grow_test",
+    )
+    .await;
+}
+
+/// Appends a burst through a store notifying `channel` and checks what a
+/// listener hears: fewer notifications than appends, each naming a newer
+/// transaction, the last naming the last append's.
+async fn burst_of_appends(config: projectionist::StoreConfig, channel: &str) {
     use futures_util::StreamExt;
     let env = env().await;
     let store = projectionist::EventStore::connect_config(
         env.db.config(),
-        projectionist::StoreConfig::default()
-            .notify_channel(Some("burst_test"))
-            .unwrap()
-            .notify_interval(Duration::from_millis(50)),
+        config.notify_channel(Some(channel)).unwrap(),
     )
     .unwrap();
     let (listener, mut connection) = env
@@ -537,14 +559,17 @@ async fn a_burst_of_appends_shares_notifications_and_the_last_one_arrives() {
             }
         }
     });
-    listener.batch_execute("LISTEN burst_test").await.unwrap();
+    listener
+        .batch_execute(&format!("LISTEN {channel}"))
+        .await
+        .unwrap();
     const APPENDS: usize = 40;
     let mut last = 0;
     for i in 0..APPENDS {
         let r = store
             .append(
                 "Account",
-                &format!("burst-{}", i % 4),
+                &format!("{channel}-{}", i % 4),
                 ExpectedVersion::Any,
                 &[deposit(i as i64)],
             )
