@@ -136,17 +136,19 @@ impl StoreConfig {
     }
 
     /// How long the wait after a notification may grow during a sustained
-    /// burst. After a notification that announced a single append the
-    /// wait is [`StoreConfig::notify_interval`]; after each one that
-    /// announced several it is twice the previous wait, up to this. So appends a few milliseconds apart are each announced at
-    /// once, while a writer appending thousands of events a second sends
-    /// one notification per this much time instead of one per
-    /// `notify_interval` (on the benchmark machine a lone single-event
-    /// writer sent one per ~6 appends at 1 ms, one per ~35 at 8 ms; each
-    /// costs a round trip, a server transaction and a transaction id). A
-    /// dispatcher already busy with the burst reads on regardless; one that
-    /// caught up learns of new appends up to this much later while the
-    /// burst lasts. Values below `notify_interval` mean a fixed
+    /// burst. After a notification that announced a single event the wait
+    /// is [`StoreConfig::notify_interval`]; after each one that announced
+    /// several (several appends, or an append of several events) it is
+    /// twice the previous wait, up to this. The wait only holds back
+    /// appends that commit during it: single-event appends a few
+    /// milliseconds apart are each announced at once, while a writer
+    /// appending thousands of events a second sends one notification per
+    /// this much time instead of one per `notify_interval` (on the
+    /// benchmark machine a lone single-event writer sent one per ~6 appends
+    /// at 1 ms; each costs a round trip, a server transaction and a
+    /// transaction id). A dispatcher already busy with the burst reads on
+    /// regardless; one that caught up learns of new appends up to this
+    /// much later while the burst lasts. Values below `notify_interval` mean a fixed
     /// `notify_interval`. Default: [`DEFAULT_NOTIFY_MAX_INTERVAL`] (8 ms).
     pub fn notify_max_interval(mut self, max: std::time::Duration) -> StoreConfig {
         self.notify_max_interval = max;
@@ -597,7 +599,7 @@ impl EventStore {
         let result = append_one(&**client, &self.sql, Some(&stmt), &params).await?;
         drop(client);
         if let Some(n) = &self.notifier {
-            n.announce(result.transaction_id);
+            n.announce(result.transaction_id, events.len() as u64);
         }
         // Hands what queued meanwhile to a lane of its own.
         drop(lane);
@@ -1033,7 +1035,8 @@ impl crate::combine::Flush for AppendFlush {
                     .map(|r| r.transaction_id)
                     .max()
                 {
-                    n.announce(tx);
+                    let events = batch.iter().map(|r| r.ids.len() as u64).sum();
+                    n.announce(tx, events);
                 }
             }
             results
@@ -1229,9 +1232,9 @@ struct Notifier {
     channel: String,
     /// The newest committed appending transaction not yet announced.
     pending: std::sync::atomic::AtomicU64,
-    /// How many appends committed since the last notification was sent
-    /// (whether a burst is on, see [`Quiet`]).
-    appends: std::sync::atomic::AtomicU64,
+    /// How many events were appended since the last notification was
+    /// sent (whether a burst is on, see [`Quiet`]).
+    events: std::sync::atomic::AtomicU64,
     /// Wakes the task: an append to announce, or the notifier is gone.
     signal: Arc<tokio::sync::Notify>,
     started: std::sync::OnceLock<()>,
@@ -1266,7 +1269,7 @@ impl Notifier {
         Notifier {
             channel: channel.as_str().to_owned(),
             pending: std::sync::atomic::AtomicU64::new(0),
-            appends: std::sync::atomic::AtomicU64::new(0),
+            events: std::sync::atomic::AtomicU64::new(0),
             signal: Arc::new(tokio::sync::Notify::new()),
             started: std::sync::OnceLock::new(),
             quiet,
@@ -1276,10 +1279,12 @@ impl Notifier {
         }
     }
 
-    fn announce(self: &Arc<Self>, transaction_id: u64) {
+    /// Announces the commit of `transaction_id`, which appended `events`
+    /// events.
+    fn announce(self: &Arc<Self>, transaction_id: u64, events: u64) {
         use std::sync::atomic::Ordering::SeqCst;
         self.pending.fetch_max(transaction_id, SeqCst);
-        self.appends.fetch_add(1, SeqCst);
+        self.events.fetch_add(events, SeqCst);
         self.started.get_or_init(|| {
             // Weak: the notifier (and its connection) goes with the last
             // store clone, not when this task next looks.
@@ -1290,8 +1295,8 @@ impl Notifier {
             let mut quiet = self.quiet;
             tokio::spawn(async move {
                 loop {
-                    let (tx, appends) = match me.upgrade() {
-                        Some(n) => (n.pending.swap(0, SeqCst), n.appends.swap(0, SeqCst)),
+                    let (tx, events) = match me.upgrade() {
+                        Some(n) => (n.pending.swap(0, SeqCst), n.events.swap(0, SeqCst)),
                         None => return,
                     };
                     if tx == 0 {
@@ -1320,7 +1325,7 @@ impl Notifier {
                     drop(pool);
                     // Appends committed while this one was sent, or within
                     // the quiet time after it, share the next notification.
-                    let wait = quiet.after(appends);
+                    let wait = quiet.after(events);
                     if !wait.is_zero() {
                         tokio::time::sleep(wait).await;
                     }
@@ -1336,10 +1341,10 @@ impl Notifier {
 }
 
 /// The notifier's quiet time after each notification: after one that
-/// announced a single append (or a quiet spell), the start,
+/// announced a single event (or a quiet spell), the start,
 /// [`StoreConfig::notify_interval`]; after each one that announced several
-/// (a burst is on), twice the previous wait, up to
-/// [`StoreConfig::notify_max_interval`].
+/// (a burst is on: several appends, or an append of several events), twice
+/// the previous wait, up to [`StoreConfig::notify_max_interval`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Quiet {
     base: std::time::Duration,
@@ -1356,9 +1361,9 @@ impl Quiet {
         }
     }
 
-    /// The wait after a notification that covered `appends` appends.
-    fn after(&mut self, appends: u64) -> std::time::Duration {
-        self.current = if appends > 1 {
+    /// The wait after a notification that announced `events` events.
+    fn after(&mut self, events: u64) -> std::time::Duration {
+        self.current = if events > 1 {
             (self.current * 2).min(self.max)
         } else {
             self.base
@@ -1432,12 +1437,13 @@ mod tests {
 
     const MS: Duration = Duration::from_millis(1);
 
-    /// A burst doubles the wait up to the maximum; a notification of a
-    /// single append, or a quiet spell, sets it back to the start.
+    /// A burst (notifications of several events) doubles the wait up to
+    /// the maximum; a notification of a single event, or a quiet spell,
+    /// sets it back to the start.
     #[test]
     fn the_quiet_time_grows_during_a_burst_and_resets_after_it() {
         let mut q = Quiet::new(MS, 8 * MS);
-        assert_eq!(q.after(1), MS, "a lone append: the shortest wait");
+        assert_eq!(q.after(1), MS, "a lone event: the shortest wait");
         let burst: Vec<Duration> = (0..5).map(|_| q.after(6)).collect();
         assert_eq!(burst, [2 * MS, 4 * MS, 8 * MS, 8 * MS, 8 * MS]);
         assert_eq!(q.after(1), MS, "the burst is over");

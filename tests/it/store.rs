@@ -515,13 +515,15 @@ async fn a_burst_of_appends_shares_notifications_and_the_last_one_arrives() {
     burst_of_appends(
         projectionist::StoreConfig::default().notify_interval(Duration::from_millis(50)),
         "burst_test",
+        1,
     )
     .await;
 }
 
 /// The same while the quiet time grows during the burst (a short start, a
-/// long maximum): the burst's end is still announced, once the grown wait
-/// is over.
+/// long maximum; appends of two events, so every notification announces
+/// several): the burst's end is still announced, once the grown wait is
+/// over.
 #[tokio::test]
 async fn a_burst_announces_its_end_while_the_quiet_time_grows() {
     burst_of_appends(
@@ -529,14 +531,16 @@ async fn a_burst_announces_its_end_while_the_quiet_time_grows() {
             .notify_interval(Duration::from_millis(1))
             .notify_max_interval(Duration::from_millis(300)),
         "burst_grow_test",
+        2,
     )
     .await;
 }
 
-/// Appends a burst through a store notifying `channel` and checks what a
-/// listener hears: fewer notifications than appends, each naming a newer
-/// transaction, the last naming the last append's.
-async fn burst_of_appends(config: projectionist::StoreConfig, channel: &str) {
+/// Appends a burst (appends of `events` events) through a store notifying
+/// `channel` and checks what a listener hears: fewer notifications than
+/// appends, each naming a newer transaction, the last naming the last
+/// append's.
+async fn burst_of_appends(config: projectionist::StoreConfig, channel: &str, events: i64) {
     use futures_util::StreamExt;
     let env = env().await;
     let store = projectionist::EventStore::connect_config(
@@ -571,7 +575,9 @@ async fn burst_of_appends(config: projectionist::StoreConfig, channel: &str) {
                 "Account",
                 &format!("{channel}-{}", i % 4),
                 ExpectedVersion::Any,
-                &[deposit(i as i64)],
+                &(0..events)
+                    .map(|k| deposit(i as i64 * events + k))
+                    .collect::<Vec<_>>(),
             )
             .await
             .unwrap();
