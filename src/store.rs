@@ -960,8 +960,14 @@ async fn describe_conflict<C: GenericClient>(
     r: &AppendParams<'_>,
 ) -> Error {
     let (aggregate_type, aggregate_id) = (&r.aggregate_type, &r.aggregate_id);
+    // A head written by a transaction id at or above the snapshot's xmax
+    // comes from another cluster, unless this very transaction wrote it
+    // (an `append_in` after another one to the same stream): its own id
+    // is at or above xmax whenever no later transaction has completed.
     let q = format!(
-        "SELECT aggregate_version, transaction_id >= pg_snapshot_xmax(pg_current_snapshot()) \
+        "SELECT aggregate_version, \
+                transaction_id >= pg_snapshot_xmax(pg_current_snapshot()) \
+                AND transaction_id IS DISTINCT FROM pg_current_xact_id_if_assigned() \
          FROM {} WHERE aggregate_type = $1 AND aggregate_id = $2 \
          ORDER BY aggregate_version DESC LIMIT 1",
         sql.events

@@ -646,7 +646,35 @@ async fn appends_of_every_size_report_what_they_wrote() {
             )
             .await
             .unwrap();
+        // A stale expected version (below the head, which is now 2n):
+        // refused without writing, in a caller's transaction too, which
+        // stays usable.
+        let e = env
+            .store
+            .append_in(
+                &tx,
+                "Account",
+                &stream,
+                ExpectedVersion::Exact(n as i64),
+                &batch,
+            )
+            .await
+            .unwrap_err();
+        assert!(e.is_conflict(), "{n} events, in a transaction: {e:?}");
         tx.commit().await.unwrap();
+        let e = env
+            .store
+            .append("Account", &stream, ExpectedVersion::Exact(n as i64), &batch)
+            .await
+            .unwrap_err();
+        assert!(e.is_conflict(), "{n} events, stale version: {e:?}");
+        assert!(
+            e.to_string().contains(&format!(
+                "expected version {n}, but the stream is at version {}",
+                2 * n
+            )),
+            "{e}"
+        );
         for (r, from) in [(r, 1), (r2, n as i64 + 1)] {
             let rows = c
                 .query(
