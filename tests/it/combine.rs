@@ -61,8 +61,13 @@ async fn shared_appends_keep_each_appends_checks_and_outcome() {
             let mut version = 0i64;
             for k in 0..APPENDS {
                 let (stream, expected, events, bad) = match k % 4 {
-                    // A wrong expected version: must fail alone.
-                    1 => (own.clone(), ExpectedVersion::Exact(version + 5), vec![event(1)], "conflict"),
+                    // A wrong expected version, above the stream's head or
+                    // (every eighth append, once the stream exists) below
+                    // it: must fail alone.
+                    1 => {
+                        let wrong = if k % 8 == 5 && version > 0 { version - 1 } else { version + 5 };
+                        (own.clone(), ExpectedVersion::Exact(wrong), vec![event(1)], "conflict")
+                    }
                     // An event id stored before, among good ones, in every
                     // eighth append: must fail alone (the others of its
                     // statement then run alone too, so it is not in every
