@@ -144,9 +144,10 @@ impl StoreConfig {
     /// milliseconds apart are each announced at once, while a writer
     /// appending thousands of events a second sends one notification per
     /// this much time instead of one per `notify_interval` (on the
-    /// benchmark machine a lone single-event writer sent one per ~6 appends
-    /// at 1 ms; each costs a round trip, a server transaction and a
-    /// transaction id). A dispatcher already busy with the burst reads on
+    /// benchmark machine a lone single-event writer sent one notification
+    /// per ~8 appends with a fixed 1 ms, one per ~34 with the defaults;
+    /// each costs a round trip, a server transaction and a transaction
+    /// id). A dispatcher already busy with the burst reads on
     /// regardless; one that caught up learns of new appends up to this
     /// much later while the burst lasts. Values below `notify_interval` mean a fixed
     /// `notify_interval`. Default: [`DEFAULT_NOTIFY_MAX_INTERVAL`] (8 ms).
