@@ -76,6 +76,12 @@ impl Bench {
             "ratio = projectionist ÷ raw SQL (medians). Targets refer to a stock server \
              (fsync and synchronous_commit on)."
         );
+        if self.json.contains_key("append_breakdown") {
+            println!(
+                "append_breakdown rows: means per append over the rounds (not medians); their \
+                 ratio = the raw unnest INSERT's mean ÷ the path's."
+            );
+        }
         if let Some(path) = &self.args.json {
             let text = serde_json::to_string_pretty(&Value::Object(self.json.clone()))
                 .expect("JSON serialisation cannot fail");
