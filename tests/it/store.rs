@@ -635,31 +635,25 @@ async fn appends_of_every_size_report_what_they_wrote() {
         let mut c = env.client().await;
         let tx = c.transaction().await.unwrap();
         let more: Vec<NewEvent> = (0..n).map(|k| deposit(1000 + k as i64)).collect();
-        let r2 = env
-            .store
-            .append_in(
-                &tx,
-                "Account",
-                &stream,
-                ExpectedVersion::Exact(n as i64),
-                &more,
-            )
-            .await
-            .unwrap();
-        // A stale expected version (below the head, which is now 2n):
-        // refused without writing, in a caller's transaction too, which
-        // stays usable.
-        let e = env
-            .store
-            .append_in(
-                &tx,
-                "Account",
-                &stream,
-                ExpectedVersion::Exact(n as i64),
-                &batch,
-            )
-            .await
-            .unwrap_err();
+        // Twice with the same expected version: the second time it is
+        // stale (below the head, which is then 2n) and refused without
+        // writing, and the caller's transaction stays usable.
+        let mut results = Vec::new();
+        for events in [&more, &batch] {
+            results.push(
+                env.store
+                    .append_in(
+                        &tx,
+                        "Account",
+                        &stream,
+                        ExpectedVersion::Exact(n as i64),
+                        events,
+                    )
+                    .await,
+            );
+        }
+        let e = results.pop().unwrap().unwrap_err();
+        let r2 = results.pop().unwrap().unwrap();
         assert!(e.is_conflict(), "{n} events, in a transaction: {e:?}");
         tx.commit().await.unwrap();
         let e = env
