@@ -409,6 +409,16 @@ impl Statements {
     pub(crate) fn head(&self) -> &str {
         &self.head
     }
+
+    /// Sets the store's event registry: `read_all` then upcasts each event
+    /// as its row arrives.
+    fn set_registry(&mut self, registry: Option<Arc<Registry>>) {
+        if let Some(r) = &registry {
+            self.read_all = PageReader::new(&self.events, ReadFilter::default(), None, true)
+                .upcasting(r.clone());
+        }
+        self.registry = registry;
+    }
 }
 
 /// The event store. Cheap to clone; all clones share one pool.
@@ -474,7 +484,7 @@ impl EventStore {
         config: StoreConfig,
     ) -> EventStore {
         let mut sql = Statements::new(&config.schema, config.notify_channel.as_ref());
-        sql.registry = config.registry.clone();
+        sql.set_registry(config.registry.clone());
         let sql = Arc::new(sql);
         let notifier = config.notify_channel.as_ref().map(|c| {
             let quiet = Quiet::new(config.notify_interval, config.notify_max_interval);
@@ -539,7 +549,7 @@ impl EventStore {
     pub fn with_registry(mut self, registry: Registry) -> Result<EventStore> {
         self.config = self.config.registry(registry)?;
         let mut sql = Statements::new(&self.config.schema, self.config.notify_channel.as_ref());
-        sql.registry = self.config.registry.clone();
+        sql.set_registry(self.config.registry.clone());
         self.sql = Arc::new(sql);
         self.combiner = self.combiner();
         Ok(self)
@@ -754,9 +764,11 @@ impl EventStore {
             return Err(Error::config("read_all limit must be at least 1"));
         }
         let client = self.pool.get().await?;
-        let (mut page, _) = self.sql.read_all.read(&client, after, limit).await?;
-        for e in &mut page.events {
-            self.upcast(e)?;
+        // The reader upcasts (when the store has a registry) as the rows
+        // arrive; the first failure fails the read, as a stream read's does.
+        let (page, control) = self.sql.read_all.read(&client, after, limit).await?;
+        if let Some((_, e)) = control.upcast_failed.into_iter().next() {
+            return Err(e);
         }
         Ok(page)
     }

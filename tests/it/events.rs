@@ -1046,4 +1046,21 @@ async fn an_event_its_upcaster_fails_on_is_dead_lettered_and_the_rest_are_handle
         s.iter().all(|s| s.state == "running" && s.lag_events == 0),
         "{s:?}"
     );
+    // `read_all` upcasts as well: the events before the first broken one
+    // read in their current shape; a read reaching it fails, naming why.
+    let ahead = good.iter().filter(|p| **p < broken[0]).count();
+    let page = store
+        .read_all(projectionist::Cursor::START, ahead as i64)
+        .await
+        .unwrap();
+    assert_eq!(page.events.len(), ahead);
+    for e in &page.events {
+        e.typed::<BankEvent>()
+            .unwrap_or_else(|err| panic!("event {} not upcast: {err}", e.global_position));
+    }
+    let err = store
+        .read_all(projectionist::Cursor::START, 100)
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("\"amount\""), "{err}");
 }
