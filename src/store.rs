@@ -149,8 +149,9 @@ impl StoreConfig {
     /// each costs a round trip, a server transaction and a transaction
     /// id). A dispatcher already busy with the burst reads on
     /// regardless; one that caught up learns of new appends up to this
-    /// much later while the burst lasts. Values below `notify_interval` mean a fixed
-    /// `notify_interval`. Default: [`DEFAULT_NOTIFY_MAX_INTERVAL`] (8 ms).
+    /// much later while the burst lasts. Values below `notify_interval`
+    /// mean a fixed `notify_interval`. Default:
+    /// [`DEFAULT_NOTIFY_MAX_INTERVAL`] (8 ms).
     pub fn notify_max_interval(mut self, max: std::time::Duration) -> StoreConfig {
         self.notify_max_interval = max;
         self
@@ -260,7 +261,13 @@ pub(crate) struct Statements {
 }
 
 impl Statements {
-    pub(crate) fn new(schema: &Ident, notify_channel: Option<&Ident>) -> Statements {
+    /// The statements of `schema`; with `registry`, every reader upcasts
+    /// (`read_all` as each row arrives).
+    pub(crate) fn new(
+        schema: &Ident,
+        notify_channel: Option<&Ident>,
+        registry: Option<Arc<Registry>>,
+    ) -> Statements {
         let notify = notify_channel.is_some();
         let s = schema.quoted();
         let events = format!("{s}.events");
@@ -381,7 +388,10 @@ impl Statements {
              WHERE aggregate_type = $1 AND aggregate_id = $2 AND aggregate_version >= $3 \
              ORDER BY aggregate_version LIMIT $4"
         );
-        let read_all = PageReader::new(&events, ReadFilter::default(), None, true);
+        let mut read_all = PageReader::new(&events, ReadFilter::default(), None, true);
+        if let Some(r) = &registry {
+            read_all = read_all.upcasting(r.clone());
+        }
         let head = format!(
             "SELECT coalesce((SELECT max(global_position) FROM {events}), 0), \
                     pg_snapshot_xmin(pg_current_snapshot())"
@@ -402,22 +412,12 @@ impl Statements {
             read_stream,
             read_all,
             head,
-            registry: None,
+            registry,
         }
     }
 
     pub(crate) fn head(&self) -> &str {
         &self.head
-    }
-
-    /// Sets the store's event registry: `read_all` then upcasts each event
-    /// as its row arrives.
-    fn set_registry(&mut self, registry: Option<Arc<Registry>>) {
-        if let Some(r) = &registry {
-            self.read_all = PageReader::new(&self.events, ReadFilter::default(), None, true)
-                .upcasting(r.clone());
-        }
-        self.registry = registry;
     }
 }
 
@@ -483,9 +483,11 @@ impl EventStore {
         tls: crate::tls::MakeRustlsConnect,
         config: StoreConfig,
     ) -> EventStore {
-        let mut sql = Statements::new(&config.schema, config.notify_channel.as_ref());
-        sql.set_registry(config.registry.clone());
-        let sql = Arc::new(sql);
+        let sql = Arc::new(Statements::new(
+            &config.schema,
+            config.notify_channel.as_ref(),
+            config.registry.clone(),
+        ));
         let notifier = config.notify_channel.as_ref().map(|c| {
             let quiet = Quiet::new(config.notify_interval, config.notify_max_interval);
             Arc::new(Notifier::new(c, quiet, &pg, &tls, &pool))
@@ -548,9 +550,11 @@ impl EventStore {
     /// inconsistent.
     pub fn with_registry(mut self, registry: Registry) -> Result<EventStore> {
         self.config = self.config.registry(registry)?;
-        let mut sql = Statements::new(&self.config.schema, self.config.notify_channel.as_ref());
-        sql.set_registry(self.config.registry.clone());
-        self.sql = Arc::new(sql);
+        self.sql = Arc::new(Statements::new(
+            &self.config.schema,
+            self.config.notify_channel.as_ref(),
+            self.config.registry.clone(),
+        ));
         self.combiner = self.combiner();
         Ok(self)
     }
